@@ -1,0 +1,56 @@
+"""pytest-nsbox: a fresh Linux container for every test, built from kernel primitives.
+
+Use the ``nsbox`` fixture in pytest, or ``Box`` directly::
+
+    from pytest_nsbox import Box
+
+    with Box(hostname="web") as box:
+        print(box.run("hostname").stdout)
+"""
+
+from __future__ import annotations
+
+from .box import Box, live_boxes
+from .errors import (
+    BoxError,
+    CgroupError,
+    CommandFailedError,
+    CommandNotFoundError,
+    CommandTimeoutError,
+    ConfigError,
+    HostUnsupportedError,
+    ImageError,
+    MountError,
+    NetworkError,
+    NsboxError,
+    StateError,
+    SyscallError,
+)
+from .overlay import Changes, OverlayRoot
+from .process import BoxProcess, RunResult
+from .spec import BoxSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Box",
+    "BoxError",
+    "BoxProcess",
+    "BoxSpec",
+    "CgroupError",
+    "Changes",
+    "CommandFailedError",
+    "CommandNotFoundError",
+    "CommandTimeoutError",
+    "ConfigError",
+    "HostUnsupportedError",
+    "ImageError",
+    "MountError",
+    "NetworkError",
+    "NsboxError",
+    "OverlayRoot",
+    "RunResult",
+    "StateError",
+    "SyscallError",
+    "live_boxes",
+]

@@ -1,0 +1,61 @@
+"""Messages between the host, the zygote and a box's init.
+
+Each message is one JSON object in one ``SOCK_SEQPACKET`` datagram, with file descriptors
+beside it (``SCM_RIGHTS``). Seqpacket keeps message boundaries and reports EOF when the
+peer dies, which is how every side notices that another one is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+# A datagram must fit the socket buffer (about 200 KiB by default); anything larger, such as a
+# long shell script, travels in a memfd whose descriptor rides along as the last fd.
+_INLINE_LIMIT = 64 * 1024
+_RECV_SIZE = _INLINE_LIMIT + 1024
+_MAX_FDS = 8
+
+Message = dict[str, Any]
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of seqpacket sockets, close-on-exec."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def send(sock: socket.socket, message: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
+    """Send one message and its descriptors (the caller still owns and closes ``fds``)."""
+    data = json.dumps(message, separators=(",", ":")).encode()
+    fds = list(fds)
+    spill = -1
+    if len(data) > _INLINE_LIMIT:
+        spill = os.memfd_create("nsbox-message", os.MFD_CLOEXEC)
+        os.write(spill, data)
+        fds.append(spill)
+        data = b'{"$spill":1}'
+    try:
+        socket.send_fds(sock, [data], fds)
+    finally:
+        if spill >= 0:
+            os.close(spill)
+
+
+def recv(sock: socket.socket) -> tuple[Message | None, list[int]]:
+    """Receive one message; ``(None, [])`` means the peer has gone (EOF)."""
+    data, fds, _flags, _addr = socket.recv_fds(sock, _RECV_SIZE, _MAX_FDS)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    message: Message = json.loads(data)
+    if message.get("$spill"):
+        spill = fds.pop()
+        try:
+            size = os.fstat(spill).st_size
+            message = json.loads(os.pread(spill, size, 0))
+        finally:
+            os.close(spill)
+    return message, fds

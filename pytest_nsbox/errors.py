@@ -1,0 +1,189 @@
+"""The one exception tree of pytest-nsbox.
+
+Every error the project raises is an ``NsboxError``, so ``except NsboxError`` catches all of
+ours and nothing else. Where a standard exception already means the same thing, ours also
+derives from it, so code written against ``subprocess`` or ``os`` keeps working::
+
+    NsboxError
+    ├── ConfigError (ValueError)          bad option, marker or argument; names where it came from
+    ├── HostUnsupportedError             this host cannot make boxes; names the missing capability
+    ├── ImageError                       an image that cannot be used, and why
+    ├── SyscallError (OSError)           a kernel call failed: operation, arguments, errno name
+    │   └── MountError                   mount/umount/pivot_root, with source, target and flags
+    ├── CgroupError                      a cgroup file that could not be read or written
+    ├── NetworkError                     links, addresses and leases
+    ├── StateError                       cross-process state: locks and ledgers
+    └── BoxError                         a box that failed to start, or was used wrongly
+        ├── CommandNotFoundError (FileNotFoundError)   the program is not in the box
+        ├── CommandFailedError (subprocess.CalledProcessError)   run(check=True), non-zero exit
+        └── CommandTimeoutError (subprocess.TimeoutExpired)      run(timeout=...) ran out
+
+A message says what failed, on which path, box or interface, and what to do about it.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import subprocess
+
+__all__ = [
+    "BoxError",
+    "CgroupError",
+    "CommandFailedError",
+    "CommandNotFoundError",
+    "CommandTimeoutError",
+    "ConfigError",
+    "HostUnsupportedError",
+    "ImageError",
+    "MountError",
+    "NetworkError",
+    "NsboxError",
+    "StateError",
+    "SyscallError",
+]
+
+_OUTPUT_TAIL = 2000
+
+
+class NsboxError(Exception):
+    """Base of every error raised by pytest-nsbox."""
+
+
+class ConfigError(NsboxError, ValueError):
+    """A bad option, marker argument or ``Box()`` argument.
+
+    The plugin turns it into ``pytest.UsageError`` for command-line options and into a test
+    failure for a marker, so the message must name where the value came from.
+    """
+
+
+class HostUnsupportedError(NsboxError):
+    """This host cannot make boxes (not root, no overlayfs, ...).
+
+    The plugin skips box tests with this message, or fails them under ``--nsbox-strict``.
+    """
+
+
+class ImageError(NsboxError):
+    """An image that cannot be used: unreadable, malformed, hostile or of an unknown format."""
+
+
+class SyscallError(NsboxError, OSError):
+    """A kernel call failed.
+
+    It is an ``OSError`` whose ``errno`` is the kernel's, so callers may test for ``ENOENT``
+    and friends; the message adds the operation and its arguments, which a bare errno lacks.
+    """
+
+    def __init__(self, err: int, operation: str, detail: str = "", hint: str = "") -> None:
+        name = _errno.errorcode.get(err, str(err))
+        text = f"{operation} failed: {name} ({_strerror(err)})"
+        if detail:
+            text += f": {detail}"
+        if hint:
+            text += f"; {hint}"
+        super().__init__(err, text)
+        self.operation = operation
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+
+class MountError(SyscallError):
+    """mount, umount2 or pivot_root failed; the message names source, target and flags."""
+
+
+class CgroupError(NsboxError):
+    """A cgroup could not be created, configured, read or removed."""
+
+
+class NetworkError(NsboxError):
+    """A link, address, route or lease could not be set up or released."""
+
+
+class StateError(NsboxError):
+    """Cross-process state (locks, ledger) is unusable."""
+
+
+class BoxError(NsboxError):
+    """A box failed to start, died, or was used after ``stop()``."""
+
+
+class CommandNotFoundError(BoxError, FileNotFoundError):
+    """The program given to ``run``/``spawn`` does not exist in the box (or is not executable)."""
+
+    def __init__(self, program: str, box_id: str, reason: str, search_path: str | None) -> None:
+        where = f" on PATH={search_path}" if search_path and "/" not in program else ""
+        message = (
+            f"box {box_id}: cannot run {program!r}: {reason}{where}; "
+            "install it in the image or give the full path of a program that exists in the box"
+        )
+        FileNotFoundError.__init__(self, _errno.ENOENT, message)
+        self.program = program
+        self.box_id = box_id
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+
+class CommandFailedError(BoxError, subprocess.CalledProcessError):
+    """``run(check=True)`` saw a non-zero exit; it is a ``subprocess.CalledProcessError``."""
+
+    def __init__(
+        self,
+        returncode: int,
+        cmd: object,
+        output: object = None,
+        stderr: object = None,
+        *,
+        box_id: str = "?",
+    ) -> None:
+        subprocess.CalledProcessError.__init__(self, returncode, cmd, output, stderr)
+        self.box_id = box_id
+
+    def __str__(self) -> str:
+        text = f"box {self.box_id}: " + subprocess.CalledProcessError.__str__(self)
+        tail = _tail(self.stderr) or _tail(self.output)
+        if tail:
+            text += f"\n--- last output ---\n{tail}"
+        return text
+
+
+class CommandTimeoutError(BoxError, subprocess.TimeoutExpired):
+    """``run(timeout=...)`` ran out; its process group was killed. Carries the output so far."""
+
+    def __init__(
+        self,
+        cmd: object,
+        timeout: float,
+        output: object = None,
+        stderr: object = None,
+        *,
+        box_id: str = "?",
+    ) -> None:
+        subprocess.TimeoutExpired.__init__(self, cmd, timeout, output, stderr)
+        self.box_id = box_id
+
+    def __str__(self) -> str:
+        text = (
+            f"box {self.box_id}: command {self.cmd!r} timed out after {self.timeout} seconds; "
+            "its process group was killed"
+        )
+        tail = _tail(self.stderr) or _tail(self.output)
+        if tail:
+            text += f"\n--- output so far ---\n{tail}"
+        return text
+
+
+def _strerror(err: int) -> str:
+    return os.strerror(err)
+
+
+def _tail(data: object) -> str:
+    if not data:
+        return ""
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", "replace")
+    text = str(data)
+    return text[-_OUTPUT_TAIL:]

@@ -1,0 +1,326 @@
+"""The box's PID 1: builds the box's root, then starts commands for the host and reaps.
+
+It runs in a process the zygote forked into fresh namespaces. Everything it needs after
+``pivot_root`` must already be imported here: once the image is the root, the host's Python
+library is out of sight, and a lazy import would fail in the middle of a test.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+from typing import Any
+
+from . import channel, syscalls
+from .syscalls import MNT_DETACH, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_SLAVE
+
+# The scratch tmpfs (upper, work, merged root, generated /etc files) is mounted over /proc of
+# the box's copy of the host mounts: every host has that directory, it never holds image layers
+# or caches, and the box mounts its own /proc later, inside the new root.
+SCRATCH = "/proc"
+
+_DEVICES = (  # name, major, minor: the set Docker gives a container, nothing from the host.
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+)
+_DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+)
+
+
+def boot(config: dict[str, Any], sock: socket.socket) -> None:
+    """Become the box: set up the root, tell the host, serve until the host goes. Never returns."""
+    status = 0
+    try:
+        syscalls.set_process_name("nsbox-init")
+        # Why: die with the keeper process, which dies with the zygote, which dies with pytest.
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # the zygote ignores it; commands must not
+        os.umask(0o022)
+        ready = build_root(config)
+        channel.send(sock, {"ready": ready})
+        Server(sock, config).serve()
+    except BaseException as exc:  # noqa: BLE001 - report anything to the host, then die
+        status = 1
+        try:
+            channel.send(sock, {"error": _describe(exc)})
+        except OSError:
+            pass
+    finally:
+        os._exit(status)
+
+
+def build_root(config: dict[str, Any]) -> dict[str, Any]:
+    """Mount the box's filesystems and pivot into them; returns what the host needs to know."""
+    # Read before /proc is covered: this procfs still belongs to the host's pid namespace,
+    # so /proc/self names our pid as the host sees it.
+    host_pid = int(os.readlink("/proc/self"))
+
+    # 1. A tmpfs for upper+work: they must share one filesystem that is not overlayfs.
+    syscalls.mount("nsbox", SCRATCH, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    for name in ("upper", "work", "root", "etc"):
+        os.mkdir(f"{SCRATCH}/{name}", 0o755)
+    scratch_fd = os.open(SCRATCH, os.O_PATH | os.O_DIRECTORY)
+    root = f"{SCRATCH}/root"
+
+    # 2. The overlay: image layers below (top first), the throwaway upper on top.
+    lowers = ":".join(escape_overlay_path(p) for p in config["lowers"])
+    syscalls.mount(
+        "nsbox",
+        root,
+        "overlay",
+        0,
+        f"lowerdir={lowers},upperdir={SCRATCH}/upper,workdir={SCRATCH}/work",
+    )
+
+    # 3. Kernel filesystems of the box's own namespaces: proc of its pid ns, sysfs of its
+    #    net ns (read-only: sysfs writes reach the real hardware).
+    _mount_dir("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount_dir("sysfs", f"{root}/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+    _build_dev(f"{root}/dev")
+
+    # 4. Identity files, bind-mounted from the scratch so they never show up in the diff.
+    hostname = config["hostname"]
+    _bind_file(f"{SCRATCH}/etc/hostname", f"{root}/etc/hostname", f"{hostname}\n")
+    _bind_file(f"{SCRATCH}/etc/hosts", f"{root}/etc/hosts", hosts_file(hostname))
+
+    # 5. Size-capped scratch space the test asked for (filling it gives ENOSPC).
+    for path, size in config["tmpfs"].items():
+        data = "mode=1777" + (f",size={size}" if size else "")
+        _mount_dir("tmpfs", f"{root}{path}", "tmpfs", MS_NOSUID | MS_NODEV, data)
+
+    syscalls.sethostname(hostname)
+    syscalls.set_link_up("lo")
+
+    # 6. Swap roots: the overlay becomes /, the host's tree is detached from the box's view.
+    os.chdir(root)
+    syscalls.pivot_root(".", ".")
+    # Why slave: the detach below must not propagate to any peer of the old root.
+    syscalls.mount(None, ".", None, MS_SLAVE | MS_REC)
+    syscalls.umount2(".", MNT_DETACH)
+    os.chdir("/")
+
+    # Our stdio came from the zygote; the box's own /dev/null is what PID 1 should hold.
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    return {"host_pid": host_pid, "scratch_fd": scratch_fd}
+
+
+def escape_overlay_path(path: str) -> str:
+    """Escape a layer path for overlay's option string, where ``\\``, ``,`` and ``:`` separate."""
+    return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
+def hosts_file(hostname: str) -> str:
+    """``/etc/hosts`` of a box without a network: its name resolves to loopback."""
+    return (
+        "127.0.0.1\tlocalhost\n"
+        f"127.0.1.1\t{hostname}\n"
+        "::1\tlocalhost ip6-localhost ip6-loopback\n"
+    )
+
+
+def _mount_dir(source: str, target: str, fstype: str, flags: int, data: str | None = None) -> None:
+    os.makedirs(target, exist_ok=True)
+    syscalls.mount(source, target, fstype, flags, data)
+
+
+def _build_dev(dev: str) -> None:
+    _mount_dir("nsbox-dev", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=65536k")
+    for name, major, minor in _DEVICES:
+        path = f"{dev}/{name}"
+        try:
+            os.mknod(path, 0o666 | 0o020000, os.makedev(major, minor))
+            os.chmod(path, 0o666)  # mknod applies the umask
+        except PermissionError:
+            # Why: without CAP_MKNOD (some CI containers) bind the host's node instead.
+            open(path, "w").close()
+            syscalls.mount(f"/dev/{name}", path, None, MS_BIND)
+    for name, target in _DEV_LINKS:
+        os.symlink(target, f"{dev}/{name}")
+    _mount_dir(
+        "devpts",
+        f"{dev}/pts",
+        "devpts",
+        MS_NOSUID | MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620,gid=5",
+    )
+    _mount_dir("shm", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k")
+    _mount_dir("mqueue", f"{dev}/mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def _bind_file(source: str, target: str, content: str) -> None:
+    with open(source, "w") as handle:
+        handle.write(content)
+    if not os.path.lexists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "w").close()
+    syscalls.mount(source, target, None, MS_BIND)
+
+
+def _describe(exc: BaseException) -> dict[str, Any]:
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "errno": getattr(exc, "errno", None),
+        "filename": getattr(exc, "filename", None),
+    }
+
+
+class Server:
+    """PID 1's loop: start commands the host asks for, report their exits, reap orphans."""
+
+    def __init__(self, sock: socket.socket, config: dict[str, Any]) -> None:
+        self.sock = sock
+        self.hostname: str = config["hostname"]
+        self.box_env: dict[str, str] = config["env"]
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+
+    def serve(self) -> None:
+        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_write)
+        # A Python-level handler is required for the wakeup fd to be written; the reaping
+        # itself happens in the loop, outside signal context.
+        signal.signal(signal.SIGCHLD, lambda _sig, _frame: None)
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        poller.register(wake_read, select.POLLIN)
+        while True:
+            for fd, _event in poller.poll():
+                if fd == wake_read:
+                    try:
+                        while os.read(wake_read, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    continue
+                message, fds = channel.recv(self.sock)
+                if message is None:
+                    return  # the host is gone: PID 1 exits and the kernel kills the box
+                try:
+                    self.handle(message, fds)
+                finally:
+                    for passed in fds:
+                        os.close(passed)
+            self.reap()
+
+    def handle(self, message: dict[str, Any], fds: list[int]) -> None:
+        op = message.get("op")
+        reply: dict[str, Any] = {"id": message.get("id")}
+        try:
+            if op == "exec":
+                reply["pid"] = self.start(message, fds)
+            elif op == "kill":
+                reply["ok"] = self.kill(message["pid"], message["sig"], message.get("group", False))
+            elif op == "ping":
+                reply["ok"] = True
+            else:
+                raise ValueError(f"unknown request {op!r}")
+        except OSError as exc:
+            reply["error"] = _describe(exc)
+        except (ValueError, KeyError, LookupError) as exc:
+            reply["error"] = _describe(exc)
+        channel.send(self.sock, reply)
+
+    def start(self, message: dict[str, Any], fds: list[int]) -> int:
+        uid, gid, groups, home = resolve_user(message.get("user"))
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+        env.update(HOSTNAME=self.hostname, HOME=home)
+        env.update(self.box_env)
+        env.update(message.get("env") or {})
+        stdin, stdout, stderr = fds
+        process = subprocess.Popen(
+            message["argv"],
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=message.get("cwd") or "/",
+            env=env,
+            start_new_session=True,  # its own process group, so a timeout can kill all of it
+            user=uid,
+            group=gid,
+            extra_groups=groups,
+            close_fds=True,
+        )
+        self.children[process.pid] = process
+        return process.pid
+
+    def kill(self, pid: int, sig: int, group: bool) -> bool:
+        try:
+            if group:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            process = self.children.pop(pid, None)
+            if process is not None:
+                process.returncode = os.waitstatus_to_exitcode(status)  # keeps Popen quiet
+                channel.send(self.sock, {"exit": pid, "status": status})
+
+
+def resolve_user(user: Any) -> tuple[int | None, int | None, list[int] | None, str]:
+    """Turn ``None``, ``1000``, ``"nobody"``, ``"1000:1000"`` or ``"app:staff"`` into ids.
+
+    Names are looked up in the box's own ``/etc/passwd`` and ``/etc/group``, parsed here
+    rather than through NSS, which may try to load libraries the image does not have.
+    """
+    if user is None:
+        return None, None, None, "/root"
+    text = str(user)
+    name, _, group_part = text.partition(":")
+    passwd = _read_table("/etc/passwd")
+    entry = next((row for row in passwd if row[0] == name or (name.isdigit() and row[2] == name)), None)
+    if entry is None and not name.isdigit():
+        raise LookupError(f"user {name!r} not found in the box's /etc/passwd")
+    uid = int(entry[2]) if entry else int(name)
+    gid = int(entry[3]) if entry else uid
+    home = entry[5] if entry and len(entry) > 5 and entry[5] else "/"
+    groups_table = _read_table("/etc/group")
+    if group_part:
+        match = next((row for row in groups_table if row[0] == group_part), None)
+        if match is not None:
+            gid = int(match[2])
+        elif group_part.isdigit():
+            gid = int(group_part)
+        else:
+            raise LookupError(f"group {group_part!r} not found in the box's /etc/group")
+    username = entry[0] if entry else None
+    extra = sorted(
+        {int(row[2]) for row in groups_table if username and len(row) > 3 and username in row[3].split(",")}
+    )
+    return uid, gid, extra, home
+
+
+def _read_table(path: str) -> list[list[str]]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return [line.rstrip("\n").split(":") for line in handle if line.count(":") >= 2]
+    except FileNotFoundError:
+        return []
+
+
+__all__ = ["SCRATCH", "Server", "boot", "build_root", "escape_overlay_path", "hosts_file", "resolve_user"]

@@ -1,0 +1,134 @@
+"""What this host can do, detected once per process.
+
+Each check is cheap (a file read or two) and names what is missing in words a CI log reader
+can act on; ``nsbox doctor`` prints them all, box fixtures skip (or fail) on the first gap.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import dataclass
+
+from .errors import HostUnsupportedError
+
+_CAP_SYS_ADMIN = 21
+_NAMESPACES = ("mnt", "pid", "net", "uts", "ipc", "cgroup")
+_OPENAT2_KERNEL = (5, 6)
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One thing boxes need: whether this host has it, and what it found."""
+
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+
+@functools.cache
+def capabilities() -> tuple[Capability, ...]:
+    """Every check, in the order ``nsbox doctor`` prints them."""
+    return (
+        _check_linux(),
+        _check_root(),
+        _check_namespaces(),
+        _check_overlay(),
+        _check_kernel(),
+        _check_arch(),
+        _check_cgroups(),
+    )
+
+
+def missing() -> list[Capability]:
+    """The required capabilities this host lacks (empty: boxes can be made)."""
+    return [c for c in capabilities() if c.required and not c.ok]
+
+
+def require_box_support() -> None:
+    """Raise ``HostUnsupportedError`` naming every missing capability."""
+    gaps = missing()
+    if gaps:
+        raise HostUnsupportedError(
+            "this host cannot make boxes: "
+            + "; ".join(f"{c.name}: {c.detail}" for c in gaps)
+            + " (run `nsbox doctor` for details)"
+        )
+
+
+def kernel_version() -> tuple[int, int]:
+    parts = platform.release().split(".")
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def _check_linux() -> Capability:
+    ok = platform.system() == "Linux"
+    return Capability("linux", ok, platform.system() if ok else f"{platform.system()} is not Linux")
+
+
+def _effective_caps() -> int:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def _check_root() -> Capability:
+    if os.geteuid() != 0:
+        return Capability("root", False, f"running as uid {os.geteuid()}; run pytest as root (sudo -E)")
+    if not _effective_caps() & (1 << _CAP_SYS_ADMIN):
+        return Capability(
+            "root", False, "root without CAP_SYS_ADMIN (an unprivileged container?): run it with --privileged"
+        )
+    return Capability("root", True, "uid 0 with CAP_SYS_ADMIN")
+
+
+def _check_namespaces() -> Capability:
+    absent = [ns for ns in _NAMESPACES if not os.path.exists(f"/proc/self/ns/{ns}")]
+    if absent:
+        return Capability("namespaces", False, f"the kernel lacks {', '.join(absent)} namespaces")
+    return Capability("namespaces", True, ", ".join(_NAMESPACES))
+
+
+def _check_overlay() -> Capability:
+    try:
+        with open("/proc/filesystems") as handle:
+            found = any(line.split()[-1] == "overlay" for line in handle if line.strip())
+    except OSError:
+        found = False
+    if not found and os.path.exists("/sys/module/overlay"):
+        found = True
+    detail = "overlay in /proc/filesystems" if found else "no overlayfs: `modprobe overlay` as root"
+    return Capability("overlayfs", found, detail)
+
+
+def _check_kernel() -> Capability:
+    version = kernel_version()
+    ok = version >= _OPENAT2_KERNEL
+    detail = platform.release() + ("" if ok else " is older than 5.6 (openat2 is needed)")
+    return Capability("kernel", ok, detail)
+
+
+def _check_arch() -> Capability:
+    machine = platform.machine()
+    ok = machine in ("x86_64", "aarch64")
+    return Capability("architecture", ok, machine if ok else f"{machine}: pivot_root number unknown")
+
+
+def _check_cgroups() -> Capability:
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        detail = "v2 (unified)"
+    elif os.path.isdir("/sys/fs/cgroup/pids"):
+        detail = "v1" + (" with an empty v2 at /sys/fs/cgroup/unified" if os.path.isdir("/sys/fs/cgroup/unified") else "")
+    else:
+        detail = "none found"
+    return Capability("cgroups", True, detail, required=False)

@@ -1,0 +1,226 @@
+"""Commands running in a box, seen from the host: ``BoxProcess`` and ``RunResult``.
+
+Output goes to memfds rather than pipes. Why: a pipe fills at 64 KiB and then blocks a
+chatty server nobody is reading; and ``run()`` would have to wait for EOF, which never comes
+while a background child (``daemon &``) holds the pipe. A memfd never blocks the writer, and
+``run()`` returns when the command itself exits, as a test expects.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal as _signal
+import subprocess
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .box import Box
+
+
+class RunResult(subprocess.CompletedProcess):  # type: ignore[type-arg]
+    """A finished command: ``subprocess.CompletedProcess`` plus what a box knows about it.
+
+    ``duration`` is seconds from start to exit; ``signal`` is the signal that ended it (or
+    None), ``oom_killed`` is True when the memory cap's OOM killer ended it.
+    """
+
+    def __init__(
+        self,
+        args: Any,
+        returncode: int,
+        stdout: Any = None,
+        stderr: Any = None,
+        *,
+        duration: float = 0.0,
+        signal: int | None = None,
+        oom_killed: bool = False,
+    ) -> None:
+        super().__init__(args, returncode, stdout, stderr)
+        self.duration = duration
+        self.signal = signal
+        self.oom_killed = oom_killed
+
+    def __repr__(self) -> str:
+        extra = f", signal={self.signal}" if self.signal else ""
+        return (
+            f"RunResult(args={self.args!r}, returncode={self.returncode}{extra}, "
+            f"duration={self.duration:.3f}, stdout={self.stdout!r}, stderr={self.stderr!r})"
+        )
+
+
+class BoxProcess:
+    """A command started in a box with ``Box.spawn()`` (``run()`` uses one too).
+
+    ``pid`` is its pid inside the box; ``host_pid`` the same process as the host sees it.
+    ``stdout``/``stderr`` hold its output so far (the whole output once it has exited).
+    """
+
+    def __init__(self, box: Box, args: Any, pid: int, stdout_fd: int, stderr_fd: int, text: bool) -> None:
+        self.box = box
+        self.args = args
+        self.pid = pid
+        self.returncode: int | None = None
+        self.started = time.monotonic()
+        self.ended: float | None = None
+        self._text = text
+        self._fds: tuple[int, int] | None = (stdout_fd, stderr_fd)
+        self._output: tuple[bytes, bytes] = (b"", b"")
+        self._host_pid: int | None = None
+
+    def __repr__(self) -> str:
+        state = "running" if self.returncode is None else f"returncode={self.returncode}"
+        return f"<BoxProcess pid={self.pid} box={self.box.id} {state} args={self.args!r}>"
+
+    # ------------------------------------------------------------------- state and waiting
+
+    def poll(self) -> int | None:
+        """The return code if it has exited, else None (never blocks)."""
+        link = self.box._link
+        if self.returncode is None and link is not None:
+            link.drain()
+            status = link.exit_status(self.pid)
+            if status is not None or link.gone:
+                self._finish(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for exit; ``subprocess.TimeoutExpired`` if it is still running after ``timeout``."""
+        if self.returncode is None:
+            link = self.box._link
+            if link is None or link.gone:
+                self._finish(None)
+            else:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                status = link.wait_exit(self.pid, deadline)
+                if status is None and not link.gone:
+                    raise subprocess.TimeoutExpired(self.args, timeout or 0.0, self._read(0), self._read(1))
+                self._finish(status)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self, sig: int = _signal.SIGKILL, *, group: bool = False) -> bool:
+        """Send ``sig`` (default SIGKILL) to it, or to its whole process group; False if gone."""
+        if self.returncode is not None:
+            return False
+        return self.box._kill(self.pid, sig, group)
+
+    def terminate(self) -> bool:
+        """SIGTERM, as ``subprocess.Popen.terminate``."""
+        return self.kill(_signal.SIGTERM)
+
+    send_signal = kill
+
+    @property
+    def host_pid(self) -> int | None:
+        """Its pid in the host's pid namespace (None once it has exited)."""
+        if self._host_pid is None and self.returncode is None:
+            self._host_pid = self.box._host_pid_of(self.pid)
+        return self._host_pid
+
+    # ------------------------------------------------------------------------------ output
+
+    @property
+    def stdout(self) -> Any:
+        return self._decode(self._read(0))
+
+    @property
+    def stderr(self) -> Any:
+        return self._decode(self._read(1))
+
+    def wait_for_output(self, pattern: str | re.Pattern[str], timeout: float = 30.0, stream: str = "both") -> re.Match[str]:
+        """Wait until ``pattern`` (a regex) appears in its output; returns the match.
+
+        Raises ``TimeoutError`` naming the pattern and showing the output so far, or as soon
+        as the process exits without printing it.
+        """
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            text = self._searchable(stream)
+            match = regex.search(text)
+            if match:
+                return match
+            if self.poll() is not None:
+                raise TimeoutError(
+                    f"box {self.box.id}: {self.args!r} exited ({self.returncode}) without printing "
+                    f"{regex.pattern!r}; its output:\n{text[-2000:]}"
+                )
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"box {self.box.id}: {regex.pattern!r} did not appear in the output of "
+                    f"{self.args!r} within {timeout}s; output so far:\n{text[-2000:]}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def result(self) -> RunResult:
+        """The finished command as a ``RunResult`` (waits for it)."""
+        self.wait()
+        assert self.returncode is not None and self.ended is not None
+        return RunResult(
+            self.args,
+            self.returncode,
+            self.stdout,
+            self.stderr,
+            duration=self.ended - self.started,
+            signal=-self.returncode if self.returncode < 0 else None,
+        )
+
+    # --------------------------------------------------------------------------- internals
+
+    def _searchable(self, stream: str) -> str:
+        parts = {"stdout": (0,), "stderr": (1,), "both": (0, 1)}[stream]
+        return "".join(self._read(i).decode("utf-8", "replace") for i in parts)
+
+    def _read(self, index: int) -> bytes:
+        if self._fds is None:
+            return self._output[index]
+        fd = self._fds[index]
+        size = os.fstat(fd).st_size
+        chunks = []
+        offset = 0
+        while offset < size:
+            chunk = os.pread(fd, size - offset, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+
+    def _decode(self, data: bytes) -> Any:
+        return data.decode("utf-8", "replace") if self._text else data
+
+    def _finish(self, status: int | None) -> None:
+        """Record the exit (None: the box died under it, which counts as SIGKILL)."""
+        if self.returncode is not None:
+            return
+        self.ended = time.monotonic()
+        self.returncode = -_signal.SIGKILL if status is None else os.waitstatus_to_exitcode(status)
+        if self.box._link is not None:
+            self.box._link.forget(self.pid)
+        self.release()
+
+    def release(self) -> None:
+        """Keep the output in memory and close the memfds (called at exit and at box stop)."""
+        if self._fds is not None:
+            self._output = (self._read(0), self._read(1))
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = None
+        self.box._forget_process(self)
+
+
+def command_argv(cmd: str | Sequence[Any]) -> list[str]:
+    """A string runs under ``/bin/sh -c``; a sequence is the argv itself."""
+    if isinstance(cmd, str):
+        return ["/bin/sh", "-c", cmd]
+    if isinstance(cmd, bytes):
+        return ["/bin/sh", "-c", cmd.decode()]
+    argv = [os.fsdecode(os.fspath(a)) if isinstance(a, os.PathLike) else str(a) for a in cmd]
+    if not argv:
+        raise ValueError("an empty command: give a string or a non-empty list of arguments")
+    return argv

@@ -1,0 +1,185 @@
+"""What a box is made of, validated in one place.
+
+The marker, the fixture arguments and ``Box()`` all build a ``BoxSpec`` through
+``BoxSpec.create``, so a bad value gets the same message wherever it came from, and the
+message names that place (``@pytest.mark.nsbox(hostname=...)``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .errors import ConfigError
+
+HOSTNAME_MAX = 64  # HOST_NAME_MAX: sethostname(2) refuses longer names with EINVAL.
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_ENV_NAME_RE = re.compile(r"^[^=\0]+$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+NETWORK_MODES = ("none",)
+# Paths a tmpfs may not cover: the box's own kernel filesystems and its root.
+_RESERVED_MOUNTS = ("/", "/proc", "/sys", "/dev", "/dev/pts")
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def parse_size(value: object, what: str) -> int:
+    """Bytes from ``1048576``, ``"64M"``, ``"1.5G"`` or ``"512k"`` (powers of 1024, as docker)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size like 64M or a number of bytes, got {value!r}")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
+        number = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    else:
+        raise ConfigError(
+            f"{what}: expected a size like 64M, 512k, 1G or a number of bytes, got {value!r}"
+        )
+    if number <= 0:
+        raise ConfigError(f"{what}: a size must be positive, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class BoxSpec:
+    """Everything that decides how a box is built; frozen so a started box cannot drift."""
+
+    image: str | None = None
+    cache: str | None = None
+    hostname: str = "box"
+    network: str = "none"
+    limits: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    privileged: bool = False
+    tmpfs: Mapping[str, int | None] = field(default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def create(cls, source: str = "Box()", **options: Any) -> BoxSpec:
+        """Validate ``options`` and build a spec; errors name ``source`` and the bad option."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown option(s) {', '.join(unknown)}; "
+                f"known options are {', '.join(sorted(known))}"
+            )
+        values = dict(options)
+        return cls(
+            image=_path_or_none(values.get("image"), f"{source}: image"),
+            cache=_path_or_none(values.get("cache"), f"{source}: cache"),
+            hostname=_hostname(values.get("hostname", "box"), f"{source}: hostname"),
+            network=_network(values.get("network", "none"), f"{source}: network"),
+            limits=_limits(values.get("limits"), f"{source}: limits"),
+            env=_env(values.get("env"), f"{source}: env"),
+            privileged=_bool(values.get("privileged", False), f"{source}: privileged"),
+            tmpfs=_tmpfs(values.get("tmpfs"), f"{source}: tmpfs"),
+        )
+
+    def merged(self, source: str, **options: Any) -> BoxSpec:
+        """A copy with ``options`` applied on top (command-line defaults, then the marker)."""
+        current = {
+            "image": self.image,
+            "cache": self.cache,
+            "hostname": self.hostname,
+            "network": self.network,
+            "limits": dict(self.limits),
+            "env": dict(self.env),
+            "privileged": self.privileged,
+            "tmpfs": dict(self.tmpfs),
+        }
+        current.update(options)
+        return BoxSpec.create(source, **current)
+
+
+def _path_or_none(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what}: expected a path, got {value!r}")
+    return value
+
+
+def _hostname(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{what}: expected a string, got {value!r}")
+    if len(value) > HOSTNAME_MAX:
+        raise ConfigError(
+            f"{what}: {value[:20]!r}... is {len(value)} characters; the kernel allows at most "
+            f"{HOSTNAME_MAX}: use a shorter name"
+        )
+    if not _HOSTNAME_RE.match(value):
+        raise ConfigError(
+            f"{what}: {value!r} is not a valid hostname; use letters, digits and '-' "
+            "(dots between labels), not starting or ending with '-'"
+        )
+    return value
+
+
+def _network(value: object, what: str) -> str:
+    if value not in NETWORK_MODES:
+        raise ConfigError(
+            f"{what}: {value!r} is not a supported network mode; this version supports "
+            f"{', '.join(repr(m) for m in NETWORK_MODES)} (loopback only)"
+        )
+    return str(value)
+
+
+def _limits(value: object, what: str) -> Mapping[str, Any]:
+    if value is None or value == {}:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{what}: expected a dict such as {{'pids': 10}}, got {value!r}")
+    raise ConfigError(
+        f"{what}: resource limits ({', '.join(map(str, value))}) need cgroup support, "
+        "which this version of pytest-nsbox does not have yet; remove the limits"
+    )
+
+
+def _env(value: object, what: str) -> Mapping[str, str]:
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{what}: expected a dict of strings, got {value!r}")
+    result: dict[str, str] = {}
+    for name, item in value.items():
+        if not isinstance(name, str) or not _ENV_NAME_RE.match(name):
+            raise ConfigError(f"{what}: {name!r} is not a valid environment variable name")
+        if not isinstance(item, str) or "\0" in item:
+            raise ConfigError(
+                f"{what}: value of {name} must be a string without NUL bytes, got {item!r}"
+            )
+        result[name] = item
+    return MappingProxyType(result)
+
+
+def _bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what}: expected True or False, got {value!r}")
+    return value
+
+
+def _tmpfs(value: object, what: str) -> Mapping[str, int | None]:
+    if value is None:
+        return MappingProxyType({})
+    if isinstance(value, str):
+        value = {value: None}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{what}: expected a dict like {{'/data': '16M'}}, got {value!r}")
+    result: dict[str, int | None] = {}
+    for path, size in value.items():
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ConfigError(f"{what}: {path!r} must be an absolute path in the box")
+        clean = os.path.normpath(path)
+        if clean in _RESERVED_MOUNTS or "\0" in clean or "," in clean:
+            raise ConfigError(
+                f"{what}: cannot mount a tmpfs on {path!r}; the box sets that path up itself"
+            )
+        result[clean] = None if size is None else parse_size(size, f"{what}[{path!r}]")
+    return MappingProxyType(result)

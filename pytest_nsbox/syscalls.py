@@ -1,0 +1,258 @@
+"""The kernel calls Python 3.11 lacks, as errno-checked ctypes wrappers.
+
+This is the only module that touches ctypes. Every wrapper raises ``SyscallError`` (or
+``MountError``) naming the operation and its arguments, because a bare ``EINVAL`` from
+``mount`` says nothing about which of five arguments was wrong.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import platform
+import socket
+import struct
+
+from .errors import MountError, SyscallError
+
+# Namespace flags (linux/sched.h).
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# Mount flags (linux/mount.h).
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_MOVE = 0x2000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
+MS_SHARED = 0x100000
+MNT_DETACH = 0x2
+
+# prctl options (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PR_CAPBSET_DROP = 24
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+
+# openat2 resolve flags (linux/openat2.h).
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+
+_MOUNT_FLAG_NAMES = {
+    MS_RDONLY: "MS_RDONLY",
+    MS_NOSUID: "MS_NOSUID",
+    MS_NODEV: "MS_NODEV",
+    MS_NOEXEC: "MS_NOEXEC",
+    MS_REMOUNT: "MS_REMOUNT",
+    MS_BIND: "MS_BIND",
+    MS_MOVE: "MS_MOVE",
+    MS_REC: "MS_REC",
+    MS_PRIVATE: "MS_PRIVATE",
+    MS_SLAVE: "MS_SLAVE",
+    MS_SHARED: "MS_SHARED",
+}
+
+_CLONE_FLAG_NAMES = {
+    CLONE_NEWNS: "CLONE_NEWNS",
+    CLONE_NEWCGROUP: "CLONE_NEWCGROUP",
+    CLONE_NEWUTS: "CLONE_NEWUTS",
+    CLONE_NEWIPC: "CLONE_NEWIPC",
+    CLONE_NEWUSER: "CLONE_NEWUSER",
+    CLONE_NEWPID: "CLONE_NEWPID",
+    CLONE_NEWNET: "CLONE_NEWNET",
+}
+
+# Syscalls glibc does not wrap: pivot_root has no wrapper, openat2 came after glibc 2.36.
+# Numbers from 424 up are shared by every architecture; older ones are not.
+_SYSCALL_NUMBERS = {
+    "x86_64": {"pivot_root": 155},
+    "aarch64": {"pivot_root": 41},
+}
+_SYS_OPENAT2 = 437
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.unshare.restype = ctypes.c_int
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.setns.restype = ctypes.c_int
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.mount.restype = ctypes.c_int
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.umount2.restype = ctypes.c_int
+_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_libc.sethostname.restype = ctypes.c_int
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.prctl.restype = ctypes.c_int
+_libc.syscall.restype = ctypes.c_long
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+def _check(result: int, operation: str, detail: str = "", hint: str = "") -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise SyscallError(err, operation, detail, hint)
+    return result
+
+
+def flag_names(flags: int, names: dict[int, str]) -> str:
+    """Render a bit mask by its kernel names (``MS_BIND|MS_REC``), as errors must."""
+    parts = [name for bit, name in names.items() if flags & bit]
+    rest = flags & ~sum(bit for bit in names if flags & bit)
+    if rest:
+        parts.append(hex(rest))
+    return "|".join(parts) or "0"
+
+
+def unshare(flags: int) -> None:
+    """Move the caller into new namespaces (``CLONE_NEWPID`` affects only its children)."""
+    _check(_libc.unshare(flags), "unshare", flag_names(flags, _CLONE_FLAG_NAMES))
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """Join the namespace behind ``fd`` (a ``/proc/PID/ns/*`` file)."""
+    _check(_libc.setns(fd, nstype), "setns", f"fd {fd}, {flag_names(nstype, _CLONE_FLAG_NAMES)}")
+
+
+def mount(
+    source: str | None,
+    target: str,
+    fstype: str | None = None,
+    flags: int = 0,
+    data: str | None = None,
+) -> None:
+    """mount(2); the error names source, target, type, flags and data."""
+    result = _libc.mount(
+        None if source is None else os.fsencode(source),
+        os.fsencode(target),
+        None if fstype is None else os.fsencode(fstype),
+        flags,
+        None if data is None else os.fsencode(data),
+    )
+    if result < 0:
+        err = ctypes.get_errno()
+        detail = (
+            f"source={source!r} target={target!r} type={fstype!r} "
+            f"flags={flag_names(flags, _MOUNT_FLAG_NAMES)} data={data!r}"
+        )
+        hint = ""
+        if err == 28:  # ENOSPC
+            # Why: mount(2) says ENOSPC when the mount table is full, not when a disk is.
+            hint = "the mount table is full (fs.mount-max), not the disk"
+        elif err == 1 or err == 13:  # EPERM, EACCES
+            hint = "mounting needs CAP_SYS_ADMIN in the host's namespaces: run as root"
+        elif err == 19:  # ENODEV
+            hint = f"the kernel does not support filesystem type {fstype!r} (modprobe it?)"
+        raise MountError(err, "mount", detail, hint)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """umount2(2): ``MNT_DETACH`` lets busy mounts go once their last user does."""
+    result = _libc.umount2(os.fsencode(target), flags)
+    if result < 0:
+        err = ctypes.get_errno()
+        raise MountError(err, "umount2", f"target={target!r} flags={flags:#x}")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    """pivot_root(2); ``pivot_root(".", ".")`` stacks the old root on the new one (as runc does)."""
+    numbers = _SYSCALL_NUMBERS.get(platform.machine())
+    if numbers is None:
+        raise MountError(38, "pivot_root", f"no syscall number known for {platform.machine()}")
+    result = _libc.syscall(
+        ctypes.c_long(numbers["pivot_root"]),
+        ctypes.c_char_p(os.fsencode(new_root)),
+        ctypes.c_char_p(os.fsencode(put_old)),
+    )
+    if result < 0:
+        err = ctypes.get_errno()
+        raise MountError(
+            err,
+            "pivot_root",
+            f"new_root={new_root!r} put_old={put_old!r}",
+            "new_root must be a mount point in a private propagation tree" if err == 22 else "",
+        )
+
+
+def sethostname(name: str) -> None:
+    """Set the UTS namespace's hostname."""
+    raw = name.encode()
+    _check(_libc.sethostname(raw, len(raw)), "sethostname", repr(name))
+
+
+def prctl(option: int, arg2: int = 0) -> int:
+    """prctl(2) with one argument, which is all we use."""
+    return _check(_libc.prctl(option, arg2, 0, 0, 0), "prctl", f"option {option}, arg {arg2}")
+
+
+def set_process_name(name: str) -> None:
+    """Name this process in ``ps`` and ``/proc/PID/comm`` (15 bytes kept), for people debugging."""
+    buf = ctypes.create_string_buffer(name.encode()[:15])
+    _libc.prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)
+
+
+def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) -> int:
+    """openat2(2) (Linux 5.6+): with ``RESOLVE_IN_ROOT`` a path cannot climb out of ``dirfd``.
+
+    Why: the host reaches box files through ``/proc/PID/root``, where an absolute symlink
+    would otherwise resolve against the *host's* root.
+    """
+    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, resolve)
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(dirfd),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    if result < 0:
+        err = ctypes.get_errno()
+        raise SyscallError(err, "openat2", repr(path))
+    return int(result)
+
+
+# ioctl numbers for interface flags (linux/sockios.h) and IFF_UP (linux/if.h).
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+
+def set_link_up(name: str) -> None:
+    """Bring an interface up with SIOCSIFFLAGS.
+
+    Why an ioctl and not netlink: a box's loopback is the one link every box needs, and this
+    costs microseconds, where opening a netlink socket per box would cost milliseconds.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", name.encode(), 0)
+        try:
+            reply = fcntl.ioctl(sock.fileno(), _SIOCGIFFLAGS, request)
+            flags = struct.unpack("16sH14x", reply)[1] | _IFF_UP
+            fcntl.ioctl(sock.fileno(), _SIOCSIFFLAGS, struct.pack("16sH14x", name.encode(), flags))
+        except OSError as exc:
+            raise SyscallError(exc.errno or 0, "ioctl(SIOCSIFFLAGS)", f"interface {name!r}") from exc

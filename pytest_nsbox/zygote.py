@@ -1,0 +1,233 @@
+"""The zygote: a small single-threaded helper that forks every box.
+
+Why it exists: pytest-xdist workers are threaded (execnet), and ``fork()`` in a threaded
+process can deadlock on a lock some other thread held. So the pytest process never forks a
+box itself; once per process it *execs* this helper (``subprocess`` is fork-safe), and the
+helper, which never starts a thread, does all the forking.
+
+Process tree, each level dying with the one above it::
+
+    pytest ──(socket EOF / PDEATHSIG)── nsbox-zygote ──(PDEATHSIG)── nsbox-keeper
+        ──(PDEATHSIG)── nsbox-init (PID 1 of the box) ──(kernel)── the box's processes
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from . import channel, init, syscalls
+from .errors import BoxError
+from .syscalls import (
+    CLONE_NEWCGROUP,
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUTS,
+    MS_PRIVATE,
+    MS_REC,
+)
+
+BOX_NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWCGROUP
+
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+class Zygote:
+    """Host-side handle of the helper process of this pytest (or plain Python) process."""
+
+    def __init__(self) -> None:
+        ours, theirs = channel.socketpair()
+        # Why a memfd for stderr: the helper outlives the test that started it, so it must not
+        # write into pytest's capture files; if it crashes, its traceback is read from here.
+        self._log = os.memfd_create("nsbox-zygote-log", os.MFD_CLOEXEC)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_PARENT, env.get("PYTHONPATH")]))
+        # PDEATHSIG fires when the parent *thread* exits; only the main thread lives as long as
+        # the process. From other threads we rely on the socket's EOF alone.
+        pdeathsig = "1" if threading.current_thread() is threading.main_thread() else "0"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pytest_nsbox.zygote", str(theirs.fileno()), str(os.getpid()), pdeathsig],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            start_new_session=True,  # Ctrl-C goes to pytest, which tears boxes down in order
+            env=env,
+        )
+        theirs.close()
+        self._sock = ours
+        self._lock = threading.Lock()
+        self.owner_pid = os.getpid()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.owner_pid == os.getpid() and self.process.poll() is None
+
+    def spawn_box(self, config: dict[str, Any], box_end: socket.socket) -> None:
+        """Ask for a box; its init reports on ``box_end``'s peer (ready, or what failed)."""
+        with self._lock:
+            try:
+                channel.send(self._sock, {"op": "box", "config": config}, [box_end.fileno()])
+            except OSError as exc:
+                raise BoxError(
+                    f"the nsbox zygote (pid {self.pid}) is gone: {self.log() or exc}"
+                ) from exc
+
+    def log(self) -> str:
+        size = os.fstat(self._log).st_size
+        return os.pread(self._log, size, 0).decode("utf-8", "replace").strip()[-4000:]
+
+    def close(self) -> None:
+        """Stop the helper; any box still running dies with it (PDEATHSIG)."""
+        self._sock.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        os.close(self._log)
+
+
+_zygote: Zygote | None = None
+_zygote_lock = threading.Lock()
+
+
+def get() -> Zygote:
+    """The zygote of this process, started on first use (and again if it died or we forked)."""
+    global _zygote
+    with _zygote_lock:
+        if _zygote is None or not _zygote.alive():
+            if _zygote is not None and _zygote.owner_pid == os.getpid():
+                _zygote.close()
+            _zygote = Zygote()
+        return _zygote
+
+
+def current() -> Zygote | None:
+    """The running zygote, if this process has one (for leak checks and diagnostics)."""
+    return _zygote if _zygote is not None and _zygote.alive() else None
+
+
+def shutdown() -> None:
+    """Stop this process's zygote if it has one (pytest_unconfigure, atexit)."""
+    global _zygote
+    with _zygote_lock:
+        if _zygote is not None and _zygote.owner_pid == os.getpid():
+            _zygote.close()
+        _zygote = None
+
+
+# ---------------------------------------------------------------- the helper process itself
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of the helper: ``python -m pytest_nsbox.zygote FD PARENT_PID PDEATHSIG``."""
+    fd, parent, pdeathsig = int(argv[1]), int(argv[2]), argv[3] == "1"
+    syscalls.set_process_name("nsbox-zygote")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if pdeathsig:
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the line above: nobody to serve
+            os._exit(0)
+    _serve(socket.socket(fileno=fd))
+
+
+def _serve(sock: socket.socket) -> None:
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGCHLD, lambda _sig, _frame: None)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(wake_read, select.POLLIN)
+    while True:
+        for fd, _event in poller.poll():
+            if fd == wake_read:
+                try:
+                    while os.read(wake_read, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                continue
+            message, fds = channel.recv(sock)
+            if message is None:
+                os._exit(0)  # pytest is gone; every keeper dies with us (PDEATHSIG)
+            if message.get("op") == "box" and len(fds) == 1:
+                _fork_box(message["config"], fds[0], sock, (wake_read, wake_write))
+            for passed in fds:
+                os.close(passed)
+        _reap()
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _fork_box(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket, wake: tuple[int, int]) -> None:
+    zygote_pid = os.getpid()
+    try:
+        keeper = os.fork()
+    except OSError as exc:
+        _report(box_fd, exc, "fork of the box keeper")
+        return
+    if keeper:
+        return
+    # In the keeper: forget the zygote's plumbing first.
+    status = 0
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        zygote_sock.close()
+        for fd in wake:
+            os.close(fd)
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != zygote_pid:
+            os._exit(0)
+        syscalls.set_process_name("nsbox-keeper")
+        # 1. New namespaces; the pid namespace applies to the next child, which becomes PID 1.
+        syscalls.unshare(BOX_NAMESPACES)
+        # 2. Nothing mounted for the box may propagate back to the host.
+        syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE)
+        box_sock = socket.socket(fileno=box_fd)
+        pid1 = os.fork()
+        if pid1 == 0:
+            init.boot(config, box_sock)  # never returns
+        box_sock.close()
+        # 3. Stay as PID 1's parent: its PDEATHSIG is tied to us, and we reap it.
+        os.waitpid(pid1, 0)
+    except BaseException as exc:  # noqa: BLE001 - anything: tell the host, then exit
+        status = 1
+        _report(box_fd, exc, "box setup")
+    finally:
+        os._exit(status)
+
+
+def _report(box_fd: int, exc: BaseException, step: str) -> None:
+    try:
+        sock = socket.socket(fileno=os.dup(box_fd))
+        channel.send(sock, {"error": {"type": type(exc).__name__, "message": f"{step}: {exc}",
+                                      "errno": getattr(exc, "errno", None)}})
+        sock.close()
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    main(sys.argv)
