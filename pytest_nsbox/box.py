@@ -438,7 +438,7 @@ def _exec_failure(
         return BoxError(f"box {box_id}: cannot run {argv[0]!r}: working directory {cwd!r}: {message}")
     if error.get("errno") in (2, 13, 8, 20):  # ENOENT, EACCES, ENOEXEC, ENOTDIR
         search = (env or {}).get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        reason = {2: "no such file", 13: "permission denied (not executable?)", 8: "not an executable format"}.get(
+        reason = {2: "not found", 13: "permission denied (not executable?)", 8: "not an executable format"}.get(
             error["errno"], message
         )
         return CommandNotFoundError(argv[0], box_id, reason, search)

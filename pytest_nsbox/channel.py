@@ -7,6 +7,7 @@ peer dies, which is how every side notices that another one is gone.
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ from typing import Any
 _INLINE_LIMIT = 64 * 1024
 _RECV_SIZE = _INLINE_LIMIT + 1024
 _MAX_FDS = 8
+_FD_SIZE = array.array("i").itemsize
 
 Message = dict[str, Any]
 
@@ -45,7 +47,16 @@ def send(sock: socket.socket, message: Message, fds: list[int] | tuple[int, ...]
 
 def recv(sock: socket.socket) -> tuple[Message | None, list[int]]:
     """Receive one message; ``(None, [])`` means the peer has gone (EOF)."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, _RECV_SIZE, _MAX_FDS)
+    # MSG_CMSG_CLOEXEC: a passed descriptor must not leak into a command started later.
+    # (socket.recv_fds drops its flags argument before Python 3.13, so recvmsg directly.)
+    data, ancillary, _flags, _addr = sock.recvmsg(
+        _RECV_SIZE, socket.CMSG_SPACE(_MAX_FDS * _FD_SIZE), socket.MSG_CMSG_CLOEXEC
+    )
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD_SIZE
+            fds.extend(array.array("i", payload[:usable]))
     if not data:
         for fd in fds:
             os.close(fd)

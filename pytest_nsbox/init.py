@@ -15,7 +15,7 @@ import subprocess
 from typing import Any
 
 from . import channel, syscalls
-from .syscalls import MNT_DETACH, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_SLAVE
+from .syscalls import MNT_DETACH, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_SLAVE
 
 # The scratch tmpfs (upper, work, merged root, generated /etc files) is mounted over /proc of
 # the box's copy of the host mounts: every host has that directory, it never holds image layers
@@ -44,7 +44,7 @@ def boot(config: dict[str, Any], sock: socket.socket) -> None:
     status = 0
     try:
         syscalls.set_process_name("nsbox-init")
-        # Why: die with the keeper process, which dies with the zygote, which dies with pytest.
+        # Why: die with the zygote, which dies with pytest (and exits when its socket closes).
         syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # the zygote ignores it; commands must not
         os.umask(0o022)
@@ -66,6 +66,10 @@ def build_root(config: dict[str, Any]) -> dict[str, Any]:
     # Read before /proc is covered: this procfs still belongs to the host's pid namespace,
     # so /proc/self names our pid as the host sees it.
     host_pid = int(os.readlink("/proc/self"))
+
+    # 0. Nothing mounted for the box may propagate back to the host (our copy of the host's
+    #    mounts inherited its shared peer groups).
+    syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE)
 
     # 1. A tmpfs for upper+work: they must share one filesystem that is not overlayfs.
     syscalls.mount("nsbox", SCRATCH, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
@@ -134,7 +138,12 @@ def hosts_file(hostname: str) -> str:
 
 
 def _mount_dir(source: str, target: str, fstype: str, flags: int, data: str | None = None) -> None:
-    os.makedirs(target, exist_ok=True)
+    try:
+        os.mkdir(target, 0o755)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(target, exist_ok=True)
     syscalls.mount(source, target, fstype, flags, data)
 
 
@@ -187,7 +196,7 @@ class Server:
         self.sock = sock
         self.hostname: str = config["hostname"]
         self.box_env: dict[str, str] = config["env"]
-        self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.children: dict[int, subprocess.Popen[bytes] | None] = {}
 
     def serve(self) -> None:
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -241,13 +250,18 @@ class Server:
         env.update(HOSTNAME=self.hostname, HOME=home)
         env.update(self.box_env)
         env.update(message.get("env") or {})
+        cwd = message.get("cwd") or "/"
+        if cwd == "/" and uid is None:
+            pid = spawn_fast(message["argv"], env, fds)
+            self.children[pid] = None
+            return pid
         stdin, stdout, stderr = fds
         process = subprocess.Popen(
             message["argv"],
             stdin=stdin,
             stdout=stdout,
             stderr=stderr,
-            cwd=message.get("cwd") or "/",
+            cwd=cwd,
             env=env,
             start_new_session=True,  # its own process group, so a timeout can kill all of it
             user=uid,
@@ -276,10 +290,41 @@ class Server:
                 return
             if pid == 0:
                 return
-            process = self.children.pop(pid, None)
-            if process is not None:
-                process.returncode = os.waitstatus_to_exitcode(status)  # keeps Popen quiet
+            if pid in self.children:
+                process = self.children.pop(pid)
+                if process is not None:
+                    process.returncode = os.waitstatus_to_exitcode(status)  # keeps Popen quiet
                 channel.send(self.sock, {"exit": pid, "status": status})
+
+
+def spawn_fast(argv: list[str], env: dict[str, str], fds: list[int]) -> int:
+    """Start a command as root in ``/`` with ``posix_spawn`` (a vfork: no page-table copy).
+
+    Why: it is most commands, and ``subprocess.Popen`` costs about a millisecond more. Python
+    ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec: restore their defaults,
+    as ``Popen(restore_signals=True)`` would.
+    """
+    program = find_program(argv[0], env.get("PATH", ""))
+    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
+    return os.posix_spawn(
+        program,
+        argv,
+        env,
+        file_actions=actions,
+        setsid=True,  # its own process group, so a timeout can kill all of it
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+    )
+
+
+def find_program(name: str, search_path: str) -> str:
+    """Resolve ``name`` on the box's PATH as execvp would; FileNotFoundError names it."""
+    if "/" in name:
+        return name
+    for directory in search_path.split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    raise FileNotFoundError(2, f"{name}: command not found", name)
 
 
 def resolve_user(user: Any) -> tuple[int | None, int | None, list[int] | None, str]:
@@ -323,4 +368,14 @@ def _read_table(path: str) -> list[list[str]]:
         return []
 
 
-__all__ = ["SCRATCH", "Server", "boot", "build_root", "escape_overlay_path", "hosts_file", "resolve_user"]
+__all__ = [
+    "SCRATCH",
+    "Server",
+    "boot",
+    "build_root",
+    "escape_overlay_path",
+    "find_program",
+    "hosts_file",
+    "resolve_user",
+    "spawn_fast",
+]

@@ -38,6 +38,7 @@ MS_PRIVATE = 0x40000
 MS_SLAVE = 0x80000
 MS_SHARED = 0x100000
 MNT_DETACH = 0x2
+_SIGCHLD = 17
 
 # prctl options (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
@@ -77,12 +78,16 @@ _CLONE_FLAG_NAMES = {
 # Syscalls glibc does not wrap: pivot_root has no wrapper, openat2 came after glibc 2.36.
 # Numbers from 424 up are shared by every architecture; older ones are not.
 _SYSCALL_NUMBERS = {
-    "x86_64": {"pivot_root": 155},
-    "aarch64": {"pivot_root": 41},
+    "x86_64": {"pivot_root": 155, "clone": 56},
+    "aarch64": {"pivot_root": 41, "clone": 220},
 }
 _SYS_OPENAT2 = 437
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# Calls through PyDLL keep the GIL held, which a fork-like clone requires (as os.fork does).
+_libc_gil = ctypes.PyDLL(None, use_errno=True)
+_libc_gil.syscall.restype = ctypes.c_long
+_python = ctypes.pythonapi
 
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.unshare.restype = ctypes.c_int
@@ -132,6 +137,39 @@ def flag_names(flags: int, names: dict[int, str]) -> str:
 def unshare(flags: int) -> None:
     """Move the caller into new namespaces (``CLONE_NEWPID`` affects only its children)."""
     _check(_libc.unshare(flags), "unshare", flag_names(flags, _CLONE_FLAG_NAMES))
+
+
+def fork_into_namespaces(flags: int) -> int:
+    """Fork straight into new namespaces: ``clone(flags|SIGCHLD)`` with the stack shared
+    copy-on-write, exactly like ``fork()``. Returns 0 in the child, its pid in the parent.
+
+    Why not ``unshare`` then ``fork``: with ``CLONE_NEWPID`` that needs a second fork to get
+    a PID 1, and each Python fork costs a millisecond or more. Python's own fork bookkeeping
+    (``PyOS_BeforeFork``/``AfterFork``) runs around the call, as ``os.fork`` does; the caller
+    must be single-threaded (the zygote is).
+    """
+    numbers = _SYSCALL_NUMBERS.get(platform.machine())
+    if numbers is None:
+        raise SyscallError(38, "clone", f"no syscall number known for {platform.machine()}")
+    _python.PyOS_BeforeFork()
+    # x86_64 and aarch64 both take (flags, newsp, parent_tid, child_tid, tls); newsp=0 keeps
+    # the caller's stack, as fork does.
+    pid = _libc_gil.syscall(
+        ctypes.c_long(numbers["clone"]),
+        ctypes.c_ulong(flags | _SIGCHLD),
+        ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
+        ctypes.c_ulong(0),
+    )
+    if pid == 0:
+        _python.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    _python.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise SyscallError(err, "clone", flag_names(flags, _CLONE_FLAG_NAMES))
+    return int(pid)
 
 
 def setns(fd: int, nstype: int = 0) -> None:

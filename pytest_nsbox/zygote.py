@@ -7,8 +7,8 @@ helper, which never starts a thread, does all the forking.
 
 Process tree, each level dying with the one above it::
 
-    pytest ──(socket EOF / PDEATHSIG)── nsbox-zygote ──(PDEATHSIG)── nsbox-keeper
-        ──(PDEATHSIG)── nsbox-init (PID 1 of the box) ──(kernel)── the box's processes
+    pytest ──(socket EOF / PDEATHSIG)── nsbox-zygote ──(PDEATHSIG)── nsbox-init (PID 1 of
+        a box, one per box) ──(kernel: PID 1 died)── every other process of that box
 """
 
 from __future__ import annotations
@@ -32,13 +32,23 @@ from .syscalls import (
     CLONE_NEWNS,
     CLONE_NEWPID,
     CLONE_NEWUTS,
-    MS_PRIVATE,
-    MS_REC,
 )
 
 BOX_NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWCGROUP
 
-_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+# The helper needs only the standard library and this package's low-level modules. Why not
+# `python -m pytest_nsbox.zygote`: that runs the package's __init__ (psutil, the whole public
+# API) and `site`, and every byte of heap they add is copied into each box's page tables at
+# fork. -S skips site; the stub package below skips __init__.
+_BOOTSTRAP = """
+import sys, types
+package = types.ModuleType("pytest_nsbox")
+package.__path__ = [sys.argv[1]]
+sys.modules["pytest_nsbox"] = package
+from pytest_nsbox.zygote import main
+main(sys.argv[1:])
+"""
 
 
 class Zygote:
@@ -49,19 +59,16 @@ class Zygote:
         # Why a memfd for stderr: the helper outlives the test that started it, so it must not
         # write into pytest's capture files; if it crashes, its traceback is read from here.
         self._log = os.memfd_create("nsbox-zygote-log", os.MFD_CLOEXEC)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_PARENT, env.get("PYTHONPATH")]))
         # PDEATHSIG fires when the parent *thread* exits; only the main thread lives as long as
         # the process. From other threads we rely on the socket's EOF alone.
         pdeathsig = "1" if threading.current_thread() is threading.main_thread() else "0"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pytest_nsbox.zygote", str(theirs.fileno()), str(os.getpid()), pdeathsig],
+            [sys.executable, "-S", "-c", _BOOTSTRAP, _PACKAGE_DIR, str(theirs.fileno()), str(os.getpid()), pdeathsig],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self._log,
             start_new_session=True,  # Ctrl-C goes to pytest, which tears boxes down in order
-            env=env,
         )
         theirs.close()
         self._sock = ours
@@ -162,7 +169,7 @@ def _serve(sock: socket.socket) -> None:
                 continue
             message, fds = channel.recv(sock)
             if message is None:
-                os._exit(0)  # pytest is gone; every keeper dies with us (PDEATHSIG)
+                os._exit(0)  # pytest is gone; every box init dies with us (PDEATHSIG)
             if message.get("op") == "box" and len(fds) == 1:
                 _fork_box(message["config"], fds[0], sock, (wake_read, wake_write))
             for passed in fds:
@@ -181,42 +188,26 @@ def _reap() -> None:
 
 
 def _fork_box(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket, wake: tuple[int, int]) -> None:
-    zygote_pid = os.getpid()
     try:
-        keeper = os.fork()
+        # The child is born in the box's namespaces as PID 1 of its new pid namespace.
+        pid1 = syscalls.fork_into_namespaces(BOX_NAMESPACES)
     except OSError as exc:
-        _report(box_fd, exc, "fork of the box keeper")
+        _report(box_fd, exc, "clone into new namespaces")
         return
-    if keeper:
-        return
-    # In the keeper: forget the zygote's plumbing first.
-    status = 0
+    if pid1:
+        return  # the zygote reaps it in _reap() when it dies
     try:
+        # In the box: forget the zygote's plumbing before anything else.
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         zygote_sock.close()
         for fd in wake:
             os.close(fd)
-        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != zygote_pid:
-            os._exit(0)
-        syscalls.set_process_name("nsbox-keeper")
-        # 1. New namespaces; the pid namespace applies to the next child, which becomes PID 1.
-        syscalls.unshare(BOX_NAMESPACES)
-        # 2. Nothing mounted for the box may propagate back to the host.
-        syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE)
         box_sock = socket.socket(fileno=box_fd)
-        pid1 = os.fork()
-        if pid1 == 0:
-            init.boot(config, box_sock)  # never returns
-        box_sock.close()
-        # 3. Stay as PID 1's parent: its PDEATHSIG is tied to us, and we reap it.
-        os.waitpid(pid1, 0)
     except BaseException as exc:  # noqa: BLE001 - anything: tell the host, then exit
-        status = 1
         _report(box_fd, exc, "box setup")
-    finally:
-        os._exit(status)
+        os._exit(1)
+    init.boot(config, box_sock)  # never returns
 
 
 def _report(box_fd: int, exc: BaseException, step: str) -> None:
