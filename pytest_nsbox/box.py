@@ -112,7 +112,7 @@ class Box:
             if self._state != "created":
                 raise BoxError(f"box {self.id} was already started; make a new Box")
             probe.require_box_support()
-            config = {
+            config: dict[str, Any] = {
                 "id": self.id,
                 "hostname": self.spec.hostname,
                 "lowers": _lowers(self.spec),
@@ -129,7 +129,9 @@ class Box:
             self.pid = int(ready["host_pid"])
             self._pidfd = os.pidfd_open(self.pid)
             self._link = InitLink(ours, self.id)
-            self._files = BoxFiles(os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            self._files = BoxFiles(
+                os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            )
             self.root = OverlayRoot(
                 lowers=tuple(config["lowers"]),
                 upper=f"/proc/{self.pid}/fd/{ready['scratch_fd']}/upper",
@@ -287,7 +289,9 @@ class Box:
         delay = 0.005
         while not _listening(self.pid, port, protocol):
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"box {self.id}: nothing listens on {protocol} port {port} after {timeout}s")
+                raise TimeoutError(
+                    f"box {self.id}: nothing listens on {protocol} port {port} after {timeout}s"
+                )
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
 
@@ -438,9 +442,11 @@ def _exec_failure(
         return BoxError(f"box {box_id}: cannot run {argv[0]!r}: working directory {cwd!r}: {message}")
     if error.get("errno") in (2, 13, 8, 20):  # ENOENT, EACCES, ENOEXEC, ENOTDIR
         search = (env or {}).get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        reason = {2: "not found", 13: "permission denied (not executable?)", 8: "not an executable format"}.get(
-            error["errno"], message
-        )
+        reason = {
+            2: "not found",
+            13: "permission denied (not executable?)",
+            8: "not an executable format",
+        }.get(error["errno"], message)
         return CommandNotFoundError(argv[0], box_id, reason, search)
     return BoxError(f"box {box_id}: cannot run {argv!r}: {message}")
 

@@ -50,7 +50,12 @@ class BoxFiles:
         """Write (create or truncate) a file, making missing parent directories."""
         parent, name = self._parent(path, create=True)
         try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
+            fd = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                mode,
+                dir_fd=parent,
+            )
         finally:
             os.close(parent)
         with os.fdopen(fd, "wb") as handle:

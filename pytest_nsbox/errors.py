@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 import subprocess
+from typing import Any
 
 __all__ = [
     "BoxError",
@@ -133,9 +134,9 @@ class CommandFailedError(BoxError, subprocess.CalledProcessError):
     def __init__(
         self,
         returncode: int,
-        cmd: object,
-        output: object = None,
-        stderr: object = None,
+        cmd: Any,
+        output: Any = None,
+        stderr: Any = None,
         *,
         box_id: str = "?",
     ) -> None:
@@ -155,10 +156,10 @@ class CommandTimeoutError(BoxError, subprocess.TimeoutExpired):
 
     def __init__(
         self,
-        cmd: object,
+        cmd: Any,
         timeout: float,
-        output: object = None,
-        stderr: object = None,
+        output: Any = None,
+        stderr: Any = None,
         *,
         box_id: str = "?",
     ) -> None:

@@ -15,7 +15,17 @@ import subprocess
 from typing import Any
 
 from . import channel, syscalls
-from .syscalls import MNT_DETACH, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_SLAVE
+from .syscalls import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_SLAVE,
+)
 
 # The scratch tmpfs (upper, work, merged root, generated /etc files) is mounted over /proc of
 # the box's copy of the host mounts: every host has that directory, it never holds image layers
@@ -51,7 +61,7 @@ def boot(config: dict[str, Any], sock: socket.socket) -> None:
         ready = build_root(config)
         channel.send(sock, {"ready": ready})
         Server(sock, config).serve()
-    except BaseException as exc:  # noqa: BLE001 - report anything to the host, then die
+    except BaseException as exc:
         status = 1
         try:
             channel.send(sock, {"error": _describe(exc)})
@@ -130,11 +140,7 @@ def escape_overlay_path(path: str) -> str:
 
 def hosts_file(hostname: str) -> str:
     """``/etc/hosts`` of a box without a network: its name resolves to loopback."""
-    return (
-        "127.0.0.1\tlocalhost\n"
-        f"127.0.1.1\t{hostname}\n"
-        "::1\tlocalhost ip6-localhost ip6-loopback\n"
-    )
+    return f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 
 
 def _mount_dir(source: str, target: str, fstype: str, flags: int, data: str | None = None) -> None:

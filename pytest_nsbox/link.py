@@ -33,7 +33,9 @@ class InitLink:
         self._replies: dict[int, dict[str, Any]] = {}
         self._exits: dict[int, int] = {}
 
-    def request(self, message: dict[str, Any], fds: tuple[int, ...] = (), timeout: float = 30.0) -> dict[str, Any]:
+    def request(
+        self, message: dict[str, Any], fds: tuple[int, ...] = (), timeout: float = 30.0
+    ) -> dict[str, Any]:
         """Send a request and wait for its reply."""
         request_id = next(self._ids)
         message = dict(message, id=request_id)
@@ -46,9 +48,7 @@ class InitLink:
                 self.gone = True
                 raise BoxError(f"box {self.box_id}: its init is gone ({exc})") from exc
         if not self.wait_until(lambda: request_id in self._replies, time.monotonic() + timeout):
-            raise BoxError(
-                f"box {self.box_id}: init did not answer {message.get('op')!r} within {timeout}s"
-            )
+            raise BoxError(f"box {self.box_id}: init did not answer {message.get('op')!r} within {timeout}s")
         return self._replies.pop(request_id)
 
     def exit_status(self, pid: int) -> int | None:

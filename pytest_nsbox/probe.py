@@ -128,7 +128,9 @@ def _check_cgroups() -> Capability:
     if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
         detail = "v2 (unified)"
     elif os.path.isdir("/sys/fs/cgroup/pids"):
-        detail = "v1" + (" with an empty v2 at /sys/fs/cgroup/unified" if os.path.isdir("/sys/fs/cgroup/unified") else "")
+        detail = "v1" + (
+            " with an empty v2 at /sys/fs/cgroup/unified" if os.path.isdir("/sys/fs/cgroup/unified") else ""
+        )
     else:
         detail = "none found"
     return Capability("cgroups", True, detail, required=False)

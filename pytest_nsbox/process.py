@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .box import Box
 
 
-class RunResult(subprocess.CompletedProcess):  # type: ignore[type-arg]
+class RunResult(subprocess.CompletedProcess[Any]):
     """A finished command: ``subprocess.CompletedProcess`` plus what a box knows about it.
 
     ``duration`` is seconds from start to exit; ``signal`` is the signal that ended it (or
@@ -130,7 +130,9 @@ class BoxProcess:
     def stderr(self) -> Any:
         return self._decode(self._read(1))
 
-    def wait_for_output(self, pattern: str | re.Pattern[str], timeout: float = 30.0, stream: str = "both") -> re.Match[str]:
+    def wait_for_output(
+        self, pattern: str | re.Pattern[str], timeout: float = 30.0, stream: str = "both"
+    ) -> re.Match[str]:
         """Wait until ``pattern`` (a regex) appears in its output; returns the match.
 
         Raises ``TimeoutError`` naming the pattern and showing the output so far, or as soon

@@ -17,7 +17,9 @@ from typing import Any
 from .errors import ConfigError
 
 HOSTNAME_MAX = 64  # HOST_NAME_MAX: sethostname(2) refuses longer names with EINVAL.
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_HOSTNAME_RE = re.compile(
+    r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 _ENV_NAME_RE = re.compile(r"^[^=\0]+$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -37,9 +39,7 @@ def parse_size(value: object, what: str) -> int:
     elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
         number = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
     else:
-        raise ConfigError(
-            f"{what}: expected a size like 64M, 512k, 1G or a number of bytes, got {value!r}"
-        )
+        raise ConfigError(f"{what}: expected a size like 64M, 512k, 1G or a number of bytes, got {value!r}")
     if number <= 0:
         raise ConfigError(f"{what}: a size must be positive, got {value!r}")
     return number
@@ -152,9 +152,7 @@ def _env(value: object, what: str) -> Mapping[str, str]:
         if not isinstance(name, str) or not _ENV_NAME_RE.match(name):
             raise ConfigError(f"{what}: {name!r} is not a valid environment variable name")
         if not isinstance(item, str) or "\0" in item:
-            raise ConfigError(
-                f"{what}: value of {name} must be a string without NUL bytes, got {item!r}"
-            )
+            raise ConfigError(f"{what}: value of {name} must be a string without NUL bytes, got {item!r}")
         result[name] = item
     return MappingProxyType(result)
 
@@ -178,8 +176,6 @@ def _tmpfs(value: object, what: str) -> Mapping[str, int | None]:
             raise ConfigError(f"{what}: {path!r} must be an absolute path in the box")
         clean = os.path.normpath(path)
         if clean in _RESERVED_MOUNTS or "\0" in clean or "," in clean:
-            raise ConfigError(
-                f"{what}: cannot mount a tmpfs on {path!r}; the box sets that path up itself"
-            )
+            raise ConfigError(f"{what}: cannot mount a tmpfs on {path!r}; the box sets that path up itself")
         result[clean] = None if size is None else parse_size(size, f"{what}[{path!r}]")
     return MappingProxyType(result)

@@ -63,7 +63,16 @@ class Zygote:
         # the process. From other threads we rely on the socket's EOF alone.
         pdeathsig = "1" if threading.current_thread() is threading.main_thread() else "0"
         self.process = subprocess.Popen(
-            [sys.executable, "-S", "-c", _BOOTSTRAP, _PACKAGE_DIR, str(theirs.fileno()), str(os.getpid()), pdeathsig],
+            [
+                sys.executable,
+                "-S",
+                "-c",
+                _BOOTSTRAP,
+                _PACKAGE_DIR,
+                str(theirs.fileno()),
+                str(os.getpid()),
+                pdeathsig,
+            ],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -88,9 +97,7 @@ class Zygote:
             try:
                 channel.send(self._sock, {"op": "box", "config": config}, [box_end.fileno()])
             except OSError as exc:
-                raise BoxError(
-                    f"the nsbox zygote (pid {self.pid}) is gone: {self.log() or exc}"
-                ) from exc
+                raise BoxError(f"the nsbox zygote (pid {self.pid}) is gone: {self.log() or exc}") from exc
 
     def log(self) -> str:
         size = os.fstat(self._log).st_size
@@ -204,7 +211,7 @@ def _fork_box(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket, w
         for fd in wake:
             os.close(fd)
         box_sock = socket.socket(fileno=box_fd)
-    except BaseException as exc:  # noqa: BLE001 - anything: tell the host, then exit
+    except BaseException as exc:
         _report(box_fd, exc, "box setup")
         os._exit(1)
     init.boot(config, box_sock)  # never returns
@@ -213,8 +220,16 @@ def _fork_box(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket, w
 def _report(box_fd: int, exc: BaseException, step: str) -> None:
     try:
         sock = socket.socket(fileno=os.dup(box_fd))
-        channel.send(sock, {"error": {"type": type(exc).__name__, "message": f"{step}: {exc}",
-                                      "errno": getattr(exc, "errno", None)}})
+        channel.send(
+            sock,
+            {
+                "error": {
+                    "type": type(exc).__name__,
+                    "message": f"{step}: {exc}",
+                    "errno": getattr(exc, "errno", None),
+                }
+            },
+        )
         sock.close()
     except OSError:
         pass
