@@ -136,6 +136,7 @@ class Box:
                 lowers=tuple(config["lowers"]),
                 upper=f"/proc/{self.pid}/fd/{ready['scratch_fd']}/upper",
                 merged=f"/proc/{self.pid}/root",
+                made_by_box=frozenset(ready.get("made", ())),
             )
             self._state = "running"
             _live.add(self)

@@ -27,8 +27,13 @@ class BoxFiles:
         self.root_fd = root_fd
 
     def open(self, path: str, flags: int, mode: int = 0o644) -> int:
-        """A descriptor for a box path, resolved inside the box."""
-        return syscalls.openat2(self.root_fd, _relative(path), flags, mode, _RESOLVE)
+        """A descriptor for a box path, resolved inside the box (symlinks followed there)."""
+        try:
+            return syscalls.openat2(self.root_fd, _relative(path), flags, mode, _RESOLVE)
+        except OSError as exc:
+            # OSError(errno, ...) becomes FileNotFoundError, PermissionError, ... as callers
+            # of a file API expect; the message says the path is the box's.
+            raise OSError(exc.errno, f"{os.strerror(exc.errno or 0)} (in the box)", path) from None
 
     def exists(self, path: str) -> bool:
         try:
@@ -47,19 +52,19 @@ class BoxFiles:
             return handle.read()
 
     def write_bytes(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        """Write (create or truncate) a file, making missing parent directories."""
-        parent, name = self._parent(path, create=True)
+        """Write (create or truncate) a file, making missing parent directories.
+
+        A symlink on the way is followed inside the box, as a write by a box process would be.
+        """
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
-            fd = os.open(
-                name,
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                mode,
-                dir_fd=parent,
-            )
-        finally:
-            os.close(parent)
+            fd = self.open(path, flags, mode)
+        except FileNotFoundError:
+            os.close(self._parent(path, create=True)[0])
+            fd = self.open(path, flags, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            os.fchmod(handle.fileno(), mode)
 
     def makedirs(self, path: str) -> None:
         os.close(self._directory(path, create=True))

@@ -117,6 +117,14 @@ def build_root(config: dict[str, Any]) -> dict[str, Any]:
     syscalls.sethostname(hostname)
     syscalls.set_link_up("lo")
 
+    # What the steps above had to create in the upper layer (mount points an image lacked):
+    # the box's own doing, which diff() must not report as the test's.
+    made = [
+        os.path.join(top, name)[len(SCRATCH) + len("/upper") :]
+        for top, dirs, files in os.walk(f"{SCRATCH}/upper")
+        for name in dirs + files
+    ]
+
     # 6. Swap roots: the overlay becomes /, the host's tree is detached from the box's view.
     os.chdir(root)
     syscalls.pivot_root(".", ".")
@@ -130,7 +138,7 @@ def build_root(config: dict[str, Any]) -> dict[str, Any]:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
-    return {"host_pid": host_pid, "scratch_fd": scratch_fd}
+    return {"host_pid": host_pid, "scratch_fd": scratch_fd, "made": made}
 
 
 def escape_overlay_path(path: str) -> str:

@@ -35,11 +35,16 @@ class Changes:
 
 @dataclass(frozen=True)
 class OverlayRoot:
-    """The layers of a box's root: ``lowers`` (read-only, top first), ``upper``, ``merged``."""
+    """The layers of a box's root: ``lowers`` (read-only, top first), ``upper``, ``merged``.
+
+    ``made_by_box`` lists paths the box itself created in the upper layer while starting
+    (mount points such as ``/etc/hosts`` that the image lacked); ``diff()`` leaves them out.
+    """
 
     lowers: tuple[str, ...]
     upper: str
     merged: str
+    made_by_box: frozenset[str] = frozenset()
 
     def diff(self) -> Changes:
         """What the box changed, read from the upper layer (whiteouts are deletions).
@@ -57,6 +62,8 @@ class OverlayRoot:
             box_top = "/" if rel_top == "." else "/" + rel_top
             for name in sorted(dirs + files):
                 box_path = os.path.join(box_top, name)
+                if box_path in self.made_by_box:
+                    continue  # a mount point the box had to create, not a change of the test's
                 info = os.lstat(os.path.join(top, name))
                 below = self._exists_below(box_path)
                 if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0:

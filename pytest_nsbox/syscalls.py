@@ -260,7 +260,9 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) 
     Why: the host reaches box files through ``/proc/PID/root``, where an absolute symlink
     would otherwise resolve against the *host's* root.
     """
-    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, resolve)
+    # openat2 refuses a mode unless the call creates (O_TMPFILE includes O_DIRECTORY's bit).
+    creates = bool(flags & os.O_CREAT) or flags & os.O_TMPFILE == os.O_TMPFILE
+    how = _OpenHow(flags | os.O_CLOEXEC, mode if creates else 0, resolve)
     result = _libc.syscall(
         ctypes.c_long(_SYS_OPENAT2),
         ctypes.c_int(dirfd),

@@ -1,0 +1,81 @@
+"""Suite-wide checks: capability markers, and that a whole run leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import pytest
+
+from pytest_nsbox import live_boxes, probe, zygote
+from pytest_nsbox.plugin import STRICT
+
+_BASELINE = pytest.StashKey[dict[str, object]]()
+_CAPABILITY_CHECKS = {
+    "root": lambda: os.geteuid() == 0,
+    "boxes": lambda: not probe.missing(),
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "requires(*capabilities): skip unless this host has them: root, boxes")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    marker = item.get_closest_marker("requires")
+    if marker is None:
+        return
+    missing = [name for name in marker.args if not _CAPABILITY_CHECKS[name]()]
+    if missing:
+        reason = f"needs {', '.join(missing)}"
+        if missing == ["boxes"] or "boxes" in missing:
+            reason += ": " + "; ".join(f"{c.name}: {c.detail}" for c in probe.missing())
+        if item.config.stash.get(STRICT, False):
+            pytest.fail(f"--nsbox-strict: {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+def _mount_lines() -> list[str]:
+    with open("/proc/self/mountinfo") as handle:
+        return [" ".join(line.split()[3:5]) for line in handle]
+
+
+def _leftover_processes() -> list[psutil.Process]:
+    helper = zygote.current()
+    if helper is None:
+        return []
+    try:
+        return psutil.Process(helper.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_BASELINE] = {"mounts": _mount_lines()}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any box, mount or box process outlived the tests that made it."""
+    baseline = session.config.stash.get(_BASELINE, None)
+    if baseline is None or hasattr(session.config, "workerinput"):
+        return
+    problems = []
+    boxes = live_boxes()
+    if boxes:
+        problems.append(f"boxes still running: {boxes}")
+    deadline = time.monotonic() + 5
+    while _leftover_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the zygote reaps a killed init as soon as its SIGCHLD arrives
+    leftovers = _leftover_processes()
+    if leftovers:
+        problems.append(f"box processes still alive: {[(p.pid, p.name()) for p in leftovers]}")
+    extra = sorted(set(_mount_lines()) - set(baseline["mounts"]))  # type: ignore[arg-type]
+    if extra:
+        problems.append(f"mounts added on the host: {extra}")
+    if problems:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = "pytest-nsbox leak check failed:\n  " + "\n  ".join(problems)
+        if reporter is not None:
+            reporter.write_line(text, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

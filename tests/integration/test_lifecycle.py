@@ -1,0 +1,188 @@
+"""Box start and stop: idempotence, teardown under load, crash safety, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pytest_nsbox import Box, BoxError, ConfigError, ImageError
+
+pytestmark = pytest.mark.requires("boxes")
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _mount_count() -> int:
+    with open("/proc/self/mountinfo") as handle:
+        return sum(1 for _ in handle)
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_stop_is_idempotent_and_a_stopped_box_says_so() -> None:
+    box = Box().start()
+    init_pid = box.pid
+    assert init_pid is not None and psutil.pid_exists(init_pid)
+    box.stop()
+    box.stop()
+    assert _wait_gone(init_pid)
+    with pytest.raises(BoxError, match=f"box {box.id} is stopped"):
+        box.run("true")
+    with pytest.raises(BoxError, match="already started"):
+        box.start()
+
+
+def test_context_manager_starts_and_stops() -> None:
+    with Box(hostname="ctx") as box:
+        assert box.running and box.run("hostname").stdout == "ctx\n"
+        pid = box.pid
+    assert not box.running and pid is not None and _wait_gone(pid)
+
+
+def test_stop_does_not_hang_on_a_box_full_of_processes() -> None:
+    box = Box().start()
+    box.run("for i in $(seq 300); do sleep 1000 & done", timeout=60)
+    assert len(box.processes()) > 300
+    host_pids = [p.pid for p in box.processes()]
+    started = time.monotonic()
+    box.stop()
+    assert time.monotonic() - started < 10, "stop() must not hang (generous bound for a noisy CI)"
+    assert not [
+        pid for pid in host_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+    ]
+
+
+def test_a_hundred_boxes_leave_fds_mounts_and_children_as_they_were() -> None:
+    Box().start().stop()  # the helper process is started once, before the baseline
+    fds, mounts = _open_fds(), _mount_count()
+    children = sorted(p.pid for p in psutil.Process().children(recursive=False))
+    for _ in range(100):
+        box = Box().start()
+        box.run(["true"], check=True)
+        box.stop()
+    assert _open_fds() == fds
+    assert _mount_count() == mounts
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and sorted(p.pid for p in psutil.Process().children()) != children:
+        time.sleep(0.05)
+    assert sorted(p.pid for p in psutil.Process().children()) == children
+
+
+def test_every_box_process_dies_when_its_owner_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "owner.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, time
+            from pytest_nsbox import Box
+            box = Box().start()
+            sleeper = box.spawn(["sleep", "1000"])
+            print(box.pid, sleeper.host_pid, flush=True)
+            time.sleep(1000)
+            """
+        )
+    )
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        init_pid, sleeper_pid = map(int, owner.stdout.readline().split())
+        assert psutil.pid_exists(init_pid) and psutil.pid_exists(sleeper_pid)
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    assert _wait_gone(sleeper_pid), "the box's processes outlived the process that owned it"
+    assert _wait_gone(init_pid)
+
+
+def test_box_works_without_pytest(tmp_path: Path) -> None:
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "from pytest_nsbox import Box\n"
+        "with Box(hostname='plain') as box:\n"
+        "    print(box.run('hostname').stdout, end='')\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "plain\n"
+    assert "pytest" not in result.stderr
+
+
+def test_concurrent_commands_from_threads_share_one_box(nsbox: Box) -> None:
+    results: dict[int, str] = {}
+
+    def worker(index: int) -> None:
+        results[index] = nsbox.run(f"sleep 0.{index % 3}; echo {index}").stdout.strip()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == {i: str(i) for i in range(8)}
+
+
+def test_bad_arguments_are_refused_before_anything_starts() -> None:
+    with pytest.raises(ConfigError, match="at most 64"):
+        Box(hostname="h" * 65)
+    with pytest.raises(ConfigError, match=r"tmpfs\['/data'\]"):
+        Box(tmpfs={"/data": "lots"})
+    with pytest.raises(ImageError, match="does not exist"):
+        Box(image="/nonexistent/image").start()
+
+
+def test_a_size_capped_tmpfs_gives_enospc_and_keeps_what_fit(nsbox_factory) -> None:
+    box = nsbox_factory(tmpfs={"/data": "1M"})
+    result = box.run("dd if=/dev/zero of=/data/fill bs=64k count=64")
+    assert result.returncode != 0 and "No space left on device" in result.stderr
+    assert 0 < int(box.run("stat -c %s /data/fill").stdout) <= 1024 * 1024
+    assert box.run("df -k /data | tail -1").stdout.split()[1] == "1024"
+
+
+def _minimal_rootfs(root: Path) -> None:
+    """A root filesystem of dash and cat with their libraries, copied from the host."""
+    for program in ("/bin/dash", "/usr/bin/cat"):
+        real = os.path.realpath(program)
+        libraries = subprocess.run(["ldd", real], capture_output=True, text=True, check=True).stdout
+        paths = [real] + [p for p in libraries.split() if p.startswith("/")]
+        for path in paths:
+            target = root / path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.realpath(path), target)
+    (root / "bin").mkdir(exist_ok=True)
+    if not (root / "bin/sh").exists():
+        os.symlink(os.path.realpath("/bin/dash"), root / "bin/sh")
+    for directory in ("proc", "sys", "dev", "etc", "tmp"):
+        (root / directory).mkdir(exist_ok=True)
+    (root / "etc/os-release").write_text("ID=tiny\n")
+
+
+def test_a_root_filesystem_directory_as_the_image(tmp_path: Path) -> None:
+    rootfs = tmp_path / "rootfs"
+    _minimal_rootfs(rootfs)
+    before = sorted(str(p) for p in rootfs.rglob("*"))
+    with Box(image=rootfs, hostname="tiny") as box:
+        assert box.run("cat /etc/os-release").stdout == "ID=tiny\n"
+        assert box.run("cat /etc/hostname").stdout == "tiny\n"
+        assert not box.exists("/usr/bin/ls")  # the host's tree is not in this box
+        box.run("echo new > /tmp/new", check=True)
+        assert box.root is not None and box.root.diff().added == ["/tmp/new"]
+    assert sorted(str(p) for p in rootfs.rglob("*")) == before, "the image directory was written to"
