@@ -112,7 +112,11 @@ def build_root(config: dict[str, Any]) -> dict[str, Any]:
     # 5. Size-capped scratch space the test asked for (filling it gives ENOSPC).
     for path, size in config["tmpfs"].items():
         data = "mode=1777" + (f",size={size}" if size else "")
-        _mount_dir("tmpfs", f"{root}{path}", "tmpfs", MS_NOSUID | MS_NODEV, data)
+        try:
+            _mount_dir("tmpfs", f"{root}{path}", "tmpfs", MS_NOSUID | MS_NODEV, data)
+        except OSError as exc:
+            # Name the box path: the scratch path where it failed means nothing to a user.
+            raise OSError(exc.errno, f"cannot mount the tmpfs asked for at {path}: {exc.strerror}") from None
 
     syscalls.sethostname(hostname)
     syscalls.set_link_up("lo")

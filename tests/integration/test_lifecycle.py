@@ -186,3 +186,19 @@ def test_a_root_filesystem_directory_as_the_image(tmp_path: Path) -> None:
         box.run("echo new > /tmp/new", check=True)
         assert box.root is not None and box.root.diff().added == ["/tmp/new"]
     assert sorted(str(p) for p in rootfs.rglob("*")) == before, "the image directory was written to"
+
+
+def test_a_box_that_cannot_start_says_where_and_the_next_one_starts() -> None:
+    with pytest.raises(BoxError, match="tmpfs asked for at /etc/passwd/data: Not a directory"):
+        Box(tmpfs={"/etc/passwd/data": "1M"}).start()
+    with Box() as box:
+        assert box.run("true").returncode == 0
+
+
+def test_an_image_without_a_shell_names_the_missing_program(tmp_path: Path) -> None:
+    empty = tmp_path / "empty-root"
+    empty.mkdir()
+    with Box(image=empty) as box:
+        with pytest.raises(FileNotFoundError, match="'/bin/sh'"):
+            box.run("echo hi")
+    assert list(empty.iterdir()) == []
