@@ -73,6 +73,7 @@ class Box:
         self.pid: int | None = None
         self.root: OverlayRoot | None = None
         self.history: list[BoxProcess] = []
+        self._last_spawned: BoxProcess | None = None
         self._link: InitLink | None = None
         self._pidfd: int | None = None
         self._files: BoxFiles | None = None
@@ -174,8 +175,10 @@ class Box:
             except ProcessLookupError:
                 pass
             ready, _, _ = select.select([self._pidfd], [], [], STOP_TIMEOUT)
+            if self._link is not None:
+                self._link.drain()  # exits reported before the kill keep their real status
             for process in list(self._processes):
-                process._finish(None)
+                process._finish(self._link.exit_status(process.pid) if self._link else None)
             os.close(self._pidfd)
             self._pidfd = None
             if self._files is not None:
@@ -210,7 +213,7 @@ class Box:
         command's whole process group and raises ``CommandTimeoutError`` (a
         ``subprocess.TimeoutExpired``) with the output so far.
         """
-        process = self.spawn(cmd, input=input, env=env, cwd=cwd, user=user, text=text)
+        process = self._start_command(cmd, input=input, env=env, cwd=cwd, user=user, text=text)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -235,6 +238,20 @@ class Box:
         text: bool = True,
     ) -> BoxProcess:
         """Start a command in the background; see ``BoxProcess``."""
+        process = self._start_command(cmd, input=input, env=env, cwd=cwd, user=user, text=text)
+        self._last_spawned = process
+        return process
+
+    def _start_command(
+        self,
+        cmd: str | Sequence[Any],
+        *,
+        input: str | bytes | None,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        user: str | int | None,
+        text: bool,
+    ) -> BoxProcess:
         link = self._require_running()
         argv = command_argv(cmd)
         stdout = os.memfd_create("nsbox-stdout", os.MFD_CLOEXEC)
@@ -261,7 +278,7 @@ class Box:
         if "error" in reply:
             os.close(stdout)
             os.close(stderr)
-            raise _exec_failure(self.id, argv, cwd, env, reply["error"])
+            raise _exec_failure(self.id, argv, cwd, {**self.spec.env, **(env or {})}, reply["error"])
         process = BoxProcess(self, cmd, int(reply["pid"]), stdout, stderr, text)
         self._processes.add(process)
         self.history.append(process)
@@ -273,10 +290,9 @@ class Box:
     ) -> re.Match[str]:
         """Wait until ``pattern`` appears in the output of ``process`` (default: the last spawned)."""
         if process is None:
-            spawned = [p for p in self.history if p in self._processes or p.returncode is not None]
-            if not spawned:
+            process = self._last_spawned
+            if process is None:
                 raise BoxError(f"box {self.id}: nothing was spawned whose output could be watched")
-            process = spawned[-1]
         return process.wait_for_output(pattern, timeout)
 
     def wait_for_port(self, port: int, timeout: float = 30.0, *, protocol: str = "tcp") -> None:

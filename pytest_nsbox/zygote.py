@@ -176,12 +176,15 @@ def _serve(sock: socket.socket) -> None:
                 continue
             message, fds = channel.recv(sock)
             if message is None:
-                os._exit(0)  # pytest is gone; every box init dies with us (PDEATHSIG)
+                _shutdown()  # pytest is gone or done with us
             if message.get("op") == "box" and len(fds) == 1:
                 _fork_box(message["config"], fds[0], sock, (wake_read, wake_write))
             for passed in fds:
                 os.close(passed)
         _reap()
+
+
+_boxes: set[int] = set()  # pids of the box inits this zygote forked and has not reaped
 
 
 def _reap() -> None:
@@ -192,6 +195,26 @@ def _reap() -> None:
             return
         if pid == 0:
             return
+        _boxes.discard(pid)
+
+
+def _shutdown() -> None:
+    """Kill every box still running and reap them all before exiting.
+
+    Why not just exit: PDEATHSIG would kill them, but their zombies (and those of boxes the
+    host just stopped) would be left to the host's init, which may take its time reaping.
+    """
+    for pid in _boxes:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    os._exit(0)
 
 
 def _fork_box(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket, wake: tuple[int, int]) -> None:
@@ -202,7 +225,8 @@ def _fork_box(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket, w
         _report(box_fd, exc, "clone into new namespaces")
         return
     if pid1:
-        return  # the zygote reaps it in _reap() when it dies
+        _boxes.add(pid1)  # the zygote reaps it in _reap() when it dies
+        return
     try:
         # In the box: forget the zygote's plumbing before anything else.
         signal.set_wakeup_fd(-1)

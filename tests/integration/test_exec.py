@@ -149,8 +149,6 @@ def test_spawn_kill_and_host_pid(nsbox: Box) -> None:
 def test_wait_for_output_and_port(nsbox: Box) -> None:
     server = nsbox.spawn([sys.executable, "-u", "-m", "http.server", "8080", "--bind", "127.0.0.1"])
     nsbox.wait_for_port(8080, timeout=30)
-    match = nsbox.wait_for_output(r"Serving HTTP on (\S+) port (\d+)", timeout=30)
-    assert match.group(2) == "8080"
     page = nsbox.run(
         [
             sys.executable,
@@ -159,6 +157,9 @@ def test_wait_for_output_and_port(nsbox: Box) -> None:
         ]
     )
     assert page.stdout == "200\n"
+    # run() in between does not change which process the box-level helper watches
+    match = nsbox.wait_for_output(r"Serving HTTP on (\S+) port (\d+)", timeout=30)
+    assert match.group(2) == "8080"
     assert server.poll() is None
     with pytest.raises(TimeoutError, match="port 9999"):
         nsbox.wait_for_port(9999, timeout=0.2)
