@@ -10,7 +10,10 @@ from __future__ import annotations
 import array
 import json
 import os
+import select
+import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 # A datagram must fit the socket buffer (about 200 KiB by default); anything larger, such as a
@@ -70,3 +73,64 @@ def recv(sock: socket.socket) -> tuple[Message | None, list[int]]:
         finally:
             os.close(spill)
     return message, fds
+
+
+_wake_fds: tuple[int, int] | None = None
+
+
+def serve(
+    sock: socket.socket,
+    handle: Callable[[Message, list[int]], None],
+    reap: Callable[[], None],
+) -> None:
+    """Hand each message to ``handle`` and call ``reap`` after every SIGCHLD, until EOF.
+
+    The loop of both the zygote and a box's init: both wait on their socket and on their
+    children. ``handle`` may keep a passed fd only by duplicating it; all are closed after it.
+    """
+    global _wake_fds
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    _wake_fds = (wake_read, wake_write)
+    signal.set_wakeup_fd(wake_write)
+    # A Python-level handler is needed for the wakeup fd to be written; the reaping itself
+    # happens in the loop, outside signal context.
+    signal.signal(signal.SIGCHLD, lambda _sig, _frame: None)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(wake_read, select.POLLIN)
+    try:
+        while True:
+            for fd, _event in poller.poll():
+                if fd == wake_read:
+                    _drain(wake_read)
+                    continue
+                message, fds = recv(sock)
+                if message is None:
+                    return
+                try:
+                    handle(message, fds)
+                finally:
+                    for passed in fds:
+                        os.close(passed)
+            reap()
+    finally:
+        forget_signal_wakeup()
+
+
+def forget_signal_wakeup() -> None:
+    """Undo ``serve``'s signal plumbing: when the loop ends, and in a child forked inside it."""
+    global _wake_fds
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    if _wake_fds is not None:
+        for fd in _wake_fds:
+            os.close(fd)
+        _wake_fds = None
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass

@@ -8,7 +8,6 @@ library is out of sight, and a lazy import would fail in the middle of a test.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -217,32 +216,8 @@ class Server:
         self.children: dict[int, subprocess.Popen[bytes] | None] = {}
 
     def serve(self) -> None:
-        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wake_write)
-        # A Python-level handler is required for the wakeup fd to be written; the reaping
-        # itself happens in the loop, outside signal context.
-        signal.signal(signal.SIGCHLD, lambda _sig, _frame: None)
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
-        poller.register(wake_read, select.POLLIN)
-        while True:
-            for fd, _event in poller.poll():
-                if fd == wake_read:
-                    try:
-                        while os.read(wake_read, 512):
-                            pass
-                    except BlockingIOError:
-                        pass
-                    continue
-                message, fds = channel.recv(self.sock)
-                if message is None:
-                    return  # the host is gone: PID 1 exits and the kernel kills the box
-                try:
-                    self.handle(message, fds)
-                finally:
-                    for passed in fds:
-                        os.close(passed)
-            self.reap()
+        """Until the host goes: then PID 1 exits and the kernel kills the rest of the box."""
+        channel.serve(self.sock, self.handle, self.reap)
 
     def handle(self, message: dict[str, Any], fds: list[int]) -> None:
         op = message.get("op")

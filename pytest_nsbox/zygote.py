@@ -14,7 +14,6 @@ Process tree, each level dying with the one above it::
 from __future__ import annotations
 
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -159,29 +158,12 @@ def main(argv: list[str]) -> None:
 
 
 def _serve(sock: socket.socket) -> None:
-    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_write)
-    signal.signal(signal.SIGCHLD, lambda _sig, _frame: None)
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    poller.register(wake_read, select.POLLIN)
-    while True:
-        for fd, _event in poller.poll():
-            if fd == wake_read:
-                try:
-                    while os.read(wake_read, 512):
-                        pass
-                except BlockingIOError:
-                    pass
-                continue
-            message, fds = channel.recv(sock)
-            if message is None:
-                _shutdown()  # pytest is gone or done with us
-            if message.get("op") == "box" and len(fds) == 1:
-                _fork_box(message["config"], fds[0], sock, (wake_read, wake_write))
-            for passed in fds:
-                os.close(passed)
-        _reap()
+    def handle(message: dict[str, Any], fds: list[int]) -> None:
+        if message.get("op") == "box" and len(fds) == 1:
+            _fork_box(message["config"], fds[0], sock)
+
+    channel.serve(sock, handle, _reap)
+    _shutdown()  # EOF: pytest is gone, or done with us
 
 
 _boxes: set[int] = set()  # pids of the box inits this zygote forked and has not reaped
@@ -217,7 +199,7 @@ def _shutdown() -> None:
     os._exit(0)
 
 
-def _fork_box(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket, wake: tuple[int, int]) -> None:
+def _fork_box(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket) -> None:
     try:
         # The child is born in the box's namespaces as PID 1 of its new pid namespace.
         pid1 = syscalls.fork_into_namespaces(BOX_NAMESPACES)
@@ -229,11 +211,9 @@ def _fork_box(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket, w
         return
     try:
         # In the box: forget the zygote's plumbing before anything else.
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        channel.forget_signal_wakeup()
         zygote_sock.close()
-        for fd in wake:
-            os.close(fd)
+        # The fd is closed by the zygote's loop after we return, which in this child is never.
         box_sock = socket.socket(fileno=box_fd)
     except BaseException as exc:
         _report(box_fd, exc, "box setup")
