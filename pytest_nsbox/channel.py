@@ -20,7 +20,7 @@ from typing import Any
 # long shell script, travels in a memfd whose descriptor rides along as the last fd.
 _INLINE_LIMIT = 64 * 1024
 _RECV_SIZE = _INLINE_LIMIT + 1024
-_MAX_FDS = 8
+MAX_FDS = 8
 _FD_SIZE = array.array("i").itemsize
 
 Message = dict[str, Any]
@@ -35,6 +35,8 @@ def send(sock: socket.socket, message: Message, fds: list[int] | tuple[int, ...]
     """Send one message and its descriptors (the caller still owns and closes ``fds``)."""
     data = json.dumps(message, separators=(",", ":")).encode()
     fds = list(fds)
+    if len(fds) > MAX_FDS - 1:  # one slot stays free for a spilled message's memfd
+        raise ValueError(f"at most {MAX_FDS - 1} descriptors per message, got {len(fds)}")
     spill = -1
     if len(data) > _INLINE_LIMIT:
         spill = os.memfd_create("nsbox-message", os.MFD_CLOEXEC)
@@ -53,13 +55,17 @@ def recv(sock: socket.socket) -> tuple[Message | None, list[int]]:
     # MSG_CMSG_CLOEXEC: a passed descriptor must not leak into a command started later.
     # (socket.recv_fds drops its flags argument before Python 3.13, so recvmsg directly.)
     data, ancillary, _flags, _addr = sock.recvmsg(
-        _RECV_SIZE, socket.CMSG_SPACE(_MAX_FDS * _FD_SIZE), socket.MSG_CMSG_CLOEXEC
+        _RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE), socket.MSG_CMSG_CLOEXEC
     )
     fds: list[int] = []
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(payload) - len(payload) % _FD_SIZE
             fds.extend(array.array("i", payload[:usable]))
+    if _flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("a message or its descriptors were cut short: the peer sent more than allowed")
     if not data:
         for fd in fds:
             os.close(fd)

@@ -86,9 +86,14 @@ class SyscallError(NsboxError, OSError):
             text += f"; {hint}"
         super().__init__(err, text)
         self.operation = operation
+        self._parts = (err, operation, detail, hint)
 
     def __str__(self) -> str:
         return str(self.args[1])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # OSError pickles as (errno, strerror); rebuild from our own arguments instead.
+        return (type(self), self._parts)
 
 
 class MountError(SyscallError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 from dataclasses import dataclass
 
 from .errors import HostUnsupportedError
@@ -59,11 +60,8 @@ def require_box_support() -> None:
 
 
 def kernel_version() -> tuple[int, int]:
-    parts = platform.release().split(".")
-    try:
-        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
-    except (IndexError, ValueError):
-        return (0, 0)
+    match = re.match(r"(\d+)\.(\d+)", platform.release())
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
 def _check_linux() -> Capability:

@@ -222,7 +222,7 @@ def command_argv(cmd: str | Sequence[Any]) -> list[str]:
         return ["/bin/sh", "-c", cmd]
     if isinstance(cmd, bytes):
         return ["/bin/sh", "-c", cmd.decode()]
-    argv = [os.fsdecode(os.fspath(a)) if isinstance(a, os.PathLike) else str(a) for a in cmd]
+    argv = [os.fsdecode(a) if isinstance(a, (bytes, os.PathLike)) else str(a) for a in cmd]
     if not argv:
         raise ValueError("an empty command: give a string or a non-empty list of arguments")
     return argv

@@ -80,6 +80,21 @@ class BoxSpec:
             tmpfs=_tmpfs(values.get("tmpfs"), f"{source}: tmpfs"),
         )
 
+    def __hash__(self) -> int:
+        # The mappings are read-only views (unhashable as such): hash their sorted items.
+        return hash(
+            (
+                self.image,
+                self.cache,
+                self.hostname,
+                self.network,
+                repr(sorted(self.limits.items())),
+                tuple(sorted(self.env.items())),
+                self.privileged,
+                tuple(sorted(self.tmpfs.items(), key=lambda item: item[0])),
+            )
+        )
+
     def merged(self, source: str, **options: Any) -> BoxSpec:
         """A copy with ``options`` applied on top (command-line defaults, then the marker)."""
         current = {
@@ -174,7 +189,7 @@ def _tmpfs(value: object, what: str) -> Mapping[str, int | None]:
     for path, size in value.items():
         if not isinstance(path, str) or not path.startswith("/"):
             raise ConfigError(f"{what}: {path!r} must be an absolute path in the box")
-        clean = os.path.normpath(path)
+        clean = os.path.normpath("/" + path.lstrip("/"))  # normpath keeps a leading "//"
         if clean in _RESERVED_MOUNTS or "\0" in clean or "," in clean:
             raise ConfigError(f"{what}: cannot mount a tmpfs on {path!r}; the box sets that path up itself")
         result[clean] = None if size is None else parse_size(size, f"{what}[{path!r}]")

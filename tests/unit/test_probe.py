@@ -1,0 +1,139 @@
+"""Host capability detection and the error that names what is missing."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+
+import pytest
+
+from pytest_nsbox import probe
+from pytest_nsbox.errors import HostUnsupportedError, NsboxError
+from pytest_nsbox.probe import Capability
+
+EXPECTED_NAMES = ["linux", "root", "namespaces", "overlayfs", "kernel", "architecture", "cgroups"]
+
+
+def test_capabilities_are_capability_tuples_in_doctor_order() -> None:
+    caps = probe.capabilities()
+    assert isinstance(caps, tuple)
+    assert all(isinstance(c, Capability) for c in caps)
+    assert [c.name for c in caps] == EXPECTED_NAMES
+
+
+def test_only_cgroups_is_optional() -> None:
+    required = {c.name: c.required for c in probe.capabilities()}
+    assert required == {name: name != "cgroups" for name in EXPECTED_NAMES}
+
+
+def test_every_capability_has_a_boolean_verdict_and_a_detail() -> None:
+    for cap in probe.capabilities():
+        assert isinstance(cap.ok, bool)
+        assert isinstance(cap.detail, str)
+        assert cap.detail
+
+
+def test_capabilities_are_detected_once() -> None:
+    assert probe.capabilities() is probe.capabilities()
+
+
+def test_linux_capability_is_present_here() -> None:
+    linux = next(c for c in probe.capabilities() if c.name == "linux")
+    assert linux.ok is (platform.system() == "Linux")
+
+
+def test_root_capability_matches_the_effective_uid() -> None:
+    root = next(c for c in probe.capabilities() if c.name == "root")
+    if os.geteuid() != 0:
+        assert not root.ok
+        assert f"uid {os.geteuid()}" in root.detail
+    else:
+        assert root.ok == bool(probe._effective_caps() & (1 << 21))
+
+
+def test_missing_lists_required_capabilities_that_failed() -> None:
+    expected = [c for c in probe.capabilities() if c.required and not c.ok]
+    assert probe.missing() == expected
+
+
+def fake_capabilities(monkeypatch: pytest.MonkeyPatch, *caps: Capability) -> None:
+    monkeypatch.setattr(probe, "capabilities", lambda: caps)
+
+
+def test_require_box_support_names_the_missing_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_capabilities(
+        monkeypatch,
+        Capability("linux", True, "Linux"),
+        Capability("overlayfs", False, "no overlayfs: `modprobe overlay` as root"),
+    )
+    with pytest.raises(HostUnsupportedError) as info:
+        probe.require_box_support()
+    text = str(info.value)
+    assert text.startswith("this host cannot make boxes: overlayfs: no overlayfs")
+    assert "nsbox doctor" in text
+    assert "linux" not in text
+
+
+def test_require_box_support_names_every_missing_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_capabilities(
+        monkeypatch,
+        Capability("root", False, "running as uid 1000"),
+        Capability("kernel", False, "4.19 is older than 5.6"),
+    )
+    with pytest.raises(HostUnsupportedError, match=r"root: running as uid 1000; kernel: 4\.19 is older"):
+        probe.require_box_support()
+
+
+def test_require_box_support_ignores_optional_gaps(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_capabilities(
+        monkeypatch,
+        Capability("linux", True, "Linux"),
+        Capability("cgroups", False, "none found", required=False),
+    )
+    probe.require_box_support()
+    assert probe.missing() == []
+
+
+def test_host_unsupported_error_can_be_caught_as_nsbox_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_capabilities(monkeypatch, Capability("root", False, "not root"))
+    with pytest.raises(NsboxError):
+        probe.require_box_support()
+
+
+# ---------------------------------------------------------------------------- kernel_version
+
+
+@pytest.mark.parametrize(
+    ("release", "expected"),
+    [
+        ("6.18.44-fc-v782", (6, 18)),
+        ("5.6.0", (5, 6)),
+        ("5.10.0-28-amd64", (5, 10)),
+        ("4.19.0-rc7", (4, 19)),
+        ("5.15.90.1-microsoft-standard-WSL2", (5, 15)),
+        ("6.1+", (6, 1)),
+        ("garbage", (0, 0)),
+        ("", (0, 0)),
+    ],
+)
+def test_kernel_version_parses_the_release(
+    monkeypatch: pytest.MonkeyPatch, release: str, expected: tuple[int, int]
+) -> None:
+    monkeypatch.setattr(probe.platform, "release", lambda: release)
+    assert probe.kernel_version() == expected
+
+
+def test_kernel_version_of_this_host() -> None:
+    match = re.match(r"(\d+)\.(\d+)", platform.release())
+    assert match is not None
+    assert probe.kernel_version() == (int(match[1]), int(match[2]))
+
+
+def test_kernel_check_requires_openat2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(probe.platform, "release", lambda: "5.4.0-150-generic")
+    old = probe._check_kernel()
+    assert not old.ok
+    assert "older than 5.6" in old.detail
+    monkeypatch.setattr(probe.platform, "release", lambda: "5.6.0")
+    assert probe._check_kernel().ok

@@ -1,0 +1,206 @@
+"""command_argv, RunResult, and BoxProcess's output handling (with a stand-in box)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+from typing import Any
+
+import pytest
+
+from pytest_nsbox.process import BoxProcess, RunResult, command_argv
+
+# ---------------------------------------------------------------------------- command_argv
+
+
+def test_string_runs_under_sh_c() -> None:
+    assert command_argv("echo hi | wc -c") == ["/bin/sh", "-c", "echo hi | wc -c"]
+
+
+def test_bytes_string_runs_under_sh_c() -> None:
+    assert command_argv(b"echo hi") == ["/bin/sh", "-c", "echo hi"]
+
+
+def test_list_is_the_argv_itself() -> None:
+    assert command_argv(["ls", "-l", "/a b"]) == ["ls", "-l", "/a b"]
+
+
+def test_tuple_is_the_argv_itself() -> None:
+    assert command_argv(("true",)) == ["true"]
+
+
+def test_path_like_and_numbers_become_strings() -> None:
+    assert command_argv([pathlib.Path("/usr/bin/env"), pathlib.PurePosixPath("x/y"), 3]) == [
+        "/usr/bin/env",
+        "x/y",
+        "3",
+    ]
+
+
+def test_argv_is_a_new_list() -> None:
+    original = ["echo", "hi"]
+    argv = command_argv(original)
+    argv.append("more")
+    assert original == ["echo", "hi"]
+
+
+@pytest.mark.parametrize("empty", [[], ()])
+def test_empty_sequence_is_a_value_error(empty: Any) -> None:
+    with pytest.raises(ValueError, match="an empty command"):
+        command_argv(empty)
+
+
+def test_bytes_arguments_in_a_list_are_decoded() -> None:
+    assert command_argv([b"/bin/echo", b"hi"]) == ["/bin/echo", "hi"]
+
+
+# -------------------------------------------------------------------------------- RunResult
+
+
+def test_run_result_is_a_completed_process_with_box_extras() -> None:
+    result = RunResult(["x"], 0, "out", "err", duration=1.25, signal=None, oom_killed=False)
+    assert isinstance(result, subprocess.CompletedProcess)
+    assert (result.args, result.returncode, result.stdout, result.stderr) == (["x"], 0, "out", "err")
+    assert (result.duration, result.signal, result.oom_killed) == (1.25, None, False)
+
+
+def test_run_result_defaults() -> None:
+    result = RunResult("true", 0)
+    assert (result.stdout, result.stderr, result.duration, result.signal, result.oom_killed) == (
+        None,
+        None,
+        0.0,
+        None,
+        False,
+    )
+
+
+def test_run_result_check_returncode_raises_called_process_error() -> None:
+    RunResult("true", 0).check_returncode()
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        RunResult("false", 1, "", "boom").check_returncode()
+    assert info.value.returncode == 1
+    assert info.value.stderr == "boom"
+
+
+def test_run_result_killed_by_signal() -> None:
+    result = RunResult("sleep 9", -signal.SIGKILL, signal=signal.SIGKILL, oom_killed=True)
+    assert result.signal == signal.SIGKILL
+    assert result.oom_killed is True
+
+
+def test_run_result_repr_shows_signal_only_when_set() -> None:
+    assert repr(RunResult("true", 0, "", "", duration=0.0123)) == (
+        "RunResult(args='true', returncode=0, duration=0.012, stdout='', stderr='')"
+    )
+    killed = repr(RunResult("sleep 9", -9, signal=9))
+    assert "returncode=-9, signal=9," in killed
+
+
+# ---------------------------------------------------------------- BoxProcess, stand-in box
+
+
+class StandInBox:
+    """Just what BoxProcess touches on a box that is already gone (no link to its init)."""
+
+    id = "standin"
+    _link = None
+
+    def __init__(self) -> None:
+        self.forgotten: list[BoxProcess] = []
+
+    def _forget_process(self, process: BoxProcess) -> None:
+        self.forgotten.append(process)
+
+
+def memfd_with(data: bytes) -> int:
+    fd = os.memfd_create("test-output", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd
+
+
+def make_process(stdout: bytes, stderr: bytes, text: bool = True) -> tuple[BoxProcess, StandInBox]:
+    box = StandInBox()
+    process = BoxProcess(box, "cmd", 7, memfd_with(stdout), memfd_with(stderr), text)  # type: ignore[arg-type]
+    return process, box
+
+
+def test_box_process_reads_output_from_its_memfds() -> None:
+    process, _box = make_process(b"hello \xc3\xa9\n", b"warn\n")
+    try:
+        assert process.stdout == "hello é\n"
+        assert process.stderr == "warn\n"
+    finally:
+        process.release()
+
+
+def test_box_process_binary_output_is_bytes() -> None:
+    process, _box = make_process(b"\x00\xff", b"", text=False)
+    try:
+        assert process.stdout == b"\x00\xff"
+        assert process.stderr == b""
+    finally:
+        process.release()
+
+
+def test_box_process_sees_output_written_after_it_started() -> None:
+    process, _box = make_process(b"first\n", b"")
+    try:
+        assert process._fds is not None
+        os.write(process._fds[0], b"second\n")
+        assert process.stdout == "first\nsecond\n"
+    finally:
+        process.release()
+
+
+def test_box_process_release_keeps_output_and_closes_the_memfds() -> None:
+    process, box = make_process(b"out", b"err")
+    assert process._fds is not None
+    fds = process._fds
+    process.release()
+    assert process.stdout == "out"
+    assert process.stderr == "err"
+    assert box.forgotten == [process]
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_box_process_of_a_dead_box_counts_as_sigkilled() -> None:
+    process, box = make_process(b"partial", b"")
+    assert process.returncode is None
+    assert process.wait() == -signal.SIGKILL
+    result = process.result()
+    assert isinstance(result, RunResult)
+    assert (result.returncode, result.signal, result.stdout) == (-signal.SIGKILL, signal.SIGKILL, "partial")
+    assert result.duration >= 0
+    assert box.forgotten == [process]
+    assert process.kill() is False
+
+
+def test_box_process_wait_for_output_finds_a_match_already_printed() -> None:
+    process, _box = make_process(b"server listening on :8080\n", b"")
+    try:
+        match = process.wait_for_output(r"listening on :(\d+)", timeout=1)
+        assert match.group(1) == "8080"
+    finally:
+        process.release()
+
+
+def test_box_process_wait_for_output_searches_only_the_asked_stream() -> None:
+    process, _box = make_process(b"", b"ready\n")
+    try:
+        assert process.wait_for_output("ready", timeout=1, stream="stderr")
+        with pytest.raises(TimeoutError, match=r"'ready' did not appear in the output of 'cmd' within 0.05s"):
+            process.wait_for_output("ready", timeout=0.05, stream="stdout")
+    finally:
+        process.release()
+
+
+def test_box_process_wait_for_output_gives_up_when_the_process_exited() -> None:
+    process, _box = make_process(b"booting\n", b"")
+    process.wait()
+    with pytest.raises(TimeoutError, match=r"exited \(-9\) without printing 'ready'; its output:\nbooting"):
+        process.wait_for_output("ready", timeout=5)

@@ -1,0 +1,318 @@
+"""BoxSpec: every option is validated in one place, and errors name where a value came from."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import pytest
+
+from pytest_nsbox.errors import ConfigError
+from pytest_nsbox.spec import HOSTNAME_MAX, BoxSpec, parse_size
+
+MARKER = "@pytest.mark.nsbox(...)"
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def config_error(**options: object) -> str:
+    """Create a spec from the marker source and return the ConfigError's message."""
+    with pytest.raises(ConfigError) as info:
+        BoxSpec.create(MARKER, **options)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------------- defaults
+
+
+def test_defaults_are_a_loopback_only_box_named_box() -> None:
+    spec = BoxSpec.create()
+    assert spec == BoxSpec()
+    assert (spec.image, spec.cache, spec.hostname, spec.network) == (None, None, "box", "none")
+    assert (dict(spec.limits), dict(spec.env), dict(spec.tmpfs), spec.privileged) == ({}, {}, {}, False)
+
+
+def test_default_source_is_box_constructor() -> None:
+    with pytest.raises(ConfigError, match=r"^Box\(\): hostname"):
+        BoxSpec.create(hostname="bad_name")
+
+
+def test_error_message_starts_with_the_source_and_option() -> None:
+    assert config_error(hostname="bad_name").startswith(f"{MARKER}: hostname: ")
+
+
+def test_config_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        BoxSpec.create(MARKER, network="bridge")
+
+
+# ------------------------------------------------------------------------------ hostname
+
+
+def test_hostname_too_long_names_source_length_and_limit() -> None:
+    message = config_error(hostname="a" * (HOSTNAME_MAX + 1))
+    assert message.startswith(f"{MARKER}: hostname")
+    assert f"{HOSTNAME_MAX + 1} characters" in message
+    assert f"at most {HOSTNAME_MAX}" in message
+
+
+def test_hostname_of_exactly_the_kernel_limit_is_accepted() -> None:
+    name = "a" * 31 + "." + "b" * 32
+    assert len(name) == HOSTNAME_MAX
+    assert BoxSpec.create(MARKER, hostname=name).hostname == name
+
+
+@pytest.mark.parametrize("name", ["web", "web-1", "a", "db.internal", "X9", "1box"])
+def test_valid_hostnames_are_kept(name: str) -> None:
+    assert BoxSpec.create(MARKER, hostname=name).hostname == name
+
+
+@pytest.mark.parametrize(
+    "name", ["bad_name", "-lead", "trail-", "a..b", ".a", "a.", "", "with space", "héllo", "a/b"]
+)
+def test_invalid_hostname_characters_are_refused(name: str) -> None:
+    message = config_error(hostname=name)
+    assert message.startswith(f"{MARKER}: hostname: {name!r} is not a valid hostname")
+
+
+def test_label_longer_than_63_characters_is_refused() -> None:
+    assert "not a valid hostname" in config_error(hostname="a" * 64)
+
+
+def test_non_string_hostname_is_refused() -> None:
+    assert "expected a string, got 123" in config_error(hostname=123)
+
+
+# ------------------------------------------------------------------------ unknown options
+
+
+def test_unknown_options_are_all_listed_sorted_with_the_known_ones() -> None:
+    message = config_error(hostnam="web", colour="red")
+    assert message.startswith(f"{MARKER}: unknown option(s) colour, hostnam;")
+    assert "known options are cache, env, hostname, image, limits, network, privileged, tmpfs" in message
+
+
+# ----------------------------------------------------------------------------------- env
+
+
+def test_env_is_kept_as_given() -> None:
+    spec = BoxSpec.create(MARKER, env={"A": "1", "B": ""})
+    assert dict(spec.env) == {"A": "1", "B": ""}
+
+
+@pytest.mark.parametrize("value", [1, None, b"bytes", ["x"]])
+def test_env_non_string_value_is_refused_naming_the_variable(value: object) -> None:
+    message = config_error(env={"MY_VAR": value})
+    assert message.startswith(f"{MARKER}: env: value of MY_VAR must be a string")
+    assert repr(value) in message
+
+
+def test_env_value_with_nul_byte_is_refused() -> None:
+    assert "without NUL bytes" in config_error(env={"A": "x\0y"})
+
+
+@pytest.mark.parametrize("name", ["A=B", "", 5, "NUL\0"])
+def test_env_invalid_name_is_refused(name: object) -> None:
+    message = config_error(env={name: "x"})
+    assert message == f"{MARKER}: env: {name!r} is not a valid environment variable name"
+
+
+def test_env_that_is_not_a_mapping_is_refused() -> None:
+    assert "expected a dict of strings" in config_error(env=["A=1"])
+
+
+# --------------------------------------------------------------------------------- tmpfs
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [("16M", 16 * MiB), ("1.5G", GiB + GiB // 2), (1024, 1024), ("512k", 512 << 10), (None, None)],
+)
+def test_tmpfs_sizes_are_parsed_to_bytes(size: object, expected: int | None) -> None:
+    assert dict(BoxSpec.create(MARKER, tmpfs={"/data": size}).tmpfs) == {"/data": expected}
+
+
+def test_tmpfs_given_as_a_string_is_one_unsized_mount() -> None:
+    assert dict(BoxSpec.create(MARKER, tmpfs="/scratch").tmpfs) == {"/scratch": None}
+
+
+def test_tmpfs_paths_are_normalised() -> None:
+    assert list(BoxSpec.create(MARKER, tmpfs={"/data//x/./": "1M"}).tmpfs) == ["/data/x"]
+
+
+@pytest.mark.parametrize("path", ["data", "./data", "", "~/data"])
+def test_tmpfs_relative_path_is_refused(path: str) -> None:
+    assert config_error(tmpfs={path: "16M"}) == (
+        f"{MARKER}: tmpfs: {path!r} must be an absolute path in the box"
+    )
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/proc", "/proc/", "/sys", "/dev", "/dev/pts", "/./proc", "/dev/pts/.."]
+)
+def test_tmpfs_on_a_reserved_path_is_refused(path: str) -> None:
+    message = config_error(tmpfs={path: None})
+    assert message.startswith(f"{MARKER}: tmpfs: cannot mount a tmpfs on {path!r}")
+
+
+@pytest.mark.parametrize("path", ["//", "//proc", "//dev/pts"])
+def test_tmpfs_reserved_path_with_leading_double_slash_is_refused(path: str) -> None:
+    with pytest.raises(ConfigError):
+        BoxSpec.create(MARKER, tmpfs={path: None})
+
+
+def test_tmpfs_path_with_comma_is_refused() -> None:
+    assert "cannot mount a tmpfs on '/a,b'" in config_error(tmpfs={"/a,b": None})
+
+
+@pytest.mark.parametrize("size", ["16X", "", "lots", 0, -1, "0", True, 1.5, "-5M", [16]])
+def test_tmpfs_bad_size_is_refused_naming_the_path(size: object) -> None:
+    message = config_error(tmpfs={"/data": size})
+    assert message.startswith(f"{MARKER}: tmpfs['/data']: ")
+    assert repr(size) in message
+
+
+def test_tmpfs_that_is_not_a_mapping_is_refused() -> None:
+    assert "expected a dict like" in config_error(tmpfs=["/data"])
+
+
+# -------------------------------------------------------------------------------- limits
+
+
+def test_empty_limits_are_accepted() -> None:
+    assert dict(BoxSpec.create(MARKER, limits={}).limits) == {}
+    assert dict(BoxSpec.create(MARKER, limits=None).limits) == {}
+
+
+def test_non_empty_limits_are_refused_naming_them() -> None:
+    message = config_error(limits={"pids": 10, "memory": "64M"})
+    assert message.startswith(f"{MARKER}: limits: resource limits (pids, memory)")
+    assert "cgroup" in message
+
+
+def test_limits_that_are_not_a_mapping_are_refused() -> None:
+    assert "expected a dict such as" in config_error(limits=[("pids", 10)])
+
+
+# ------------------------------------------------------------------- network, flags, paths
+
+
+@pytest.mark.parametrize("network", ["bridge", "host", None, "NONE", ""])
+def test_network_other_than_none_is_refused(network: object) -> None:
+    message = config_error(network=network)
+    assert message.startswith(f"{MARKER}: network: {network!r} is not a supported network mode")
+    assert "'none'" in message
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_privileged_must_be_a_bool(value: object) -> None:
+    assert config_error(privileged=value) == f"{MARKER}: privileged: expected True or False, got {value!r}"
+
+
+def test_image_and_cache_accept_path_like(tmp_path: pathlib.Path) -> None:
+    spec = BoxSpec.create(MARKER, image=tmp_path, cache=tmp_path / "cache")
+    assert spec.image == str(tmp_path)
+    assert spec.cache == str(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("option", ["image", "cache"])
+@pytest.mark.parametrize("value", ["", 5, b"/img"])
+def test_image_and_cache_must_be_non_empty_paths(option: str, value: object) -> None:
+    assert config_error(**{option: value}) == f"{MARKER}: {option}: expected a path, got {value!r}"
+
+
+# ---------------------------------------------------------------------------- parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1", 1),
+        ("512", 512),
+        ("512b", 512),
+        ("1k", 1 << 10),
+        ("1K", 1 << 10),
+        ("64m", 64 * MiB),
+        ("64M", 64 * MiB),
+        ("64MiB", 64 * MiB),
+        ("64mb", 64 * MiB),
+        (" 2 G ", 2 * GiB),
+        ("1.5G", 3 * GiB // 2),
+        ("0.5k", 512),
+        ("1T", 1 << 40),
+        (4096, 4096),
+    ],
+)
+def test_parse_size_units_are_powers_of_1024(text: object, expected: int) -> None:
+    assert parse_size(text, "what") == expected
+
+
+@pytest.mark.parametrize("value", ["1P", "M", "1e3", "1,5G", "-1", "", None, 2.0, False])
+def test_parse_size_rejects_non_sizes_naming_what(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^my size: expected a size like 64M"):
+        parse_size(value, "my size")
+
+
+@pytest.mark.parametrize("value", [0, -1, "0", "0k", "0.4"])
+def test_parse_size_rejects_zero_and_negative(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^my size: a size must be positive"):
+        parse_size(value, "my size")
+
+
+# ------------------------------------------------------------------------------- merged
+
+
+def test_merged_applies_options_on_top_and_keeps_the_rest() -> None:
+    base = BoxSpec.create("--nsbox-options", hostname="base", env={"A": "1"}, tmpfs={"/data": "1M"})
+    merged = base.merged(MARKER, hostname="web", privileged=True)
+    assert merged.hostname == "web"
+    assert merged.privileged is True
+    assert dict(merged.env) == {"A": "1"}
+    assert dict(merged.tmpfs) == {"/data": MiB}
+
+
+def test_merged_leaves_the_original_unchanged() -> None:
+    base = BoxSpec.create(hostname="base")
+    base.merged(MARKER, hostname="web", env={"B": "2"})
+    assert base.hostname == "base"
+    assert dict(base.env) == {}
+
+
+def test_merged_with_no_options_is_an_equal_spec() -> None:
+    base = BoxSpec.create(hostname="base", env={"A": "1"}, tmpfs={"/x": 4096})
+    assert base.merged(MARKER) == base
+
+
+def test_merged_validates_and_names_the_new_source() -> None:
+    base = BoxSpec.create(hostname="base")
+    with pytest.raises(ConfigError, match=r"^@pytest\.mark\.nsbox\(\.\.\.\): hostname: 'bad_'"):
+        base.merged(MARKER, hostname="bad_")
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) colour"):
+        base.merged(MARKER, colour="red")
+
+
+# ------------------------------------------------------------------------------- frozen
+
+
+def test_spec_attributes_cannot_be_reassigned() -> None:
+    spec = BoxSpec.create(hostname="web")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.hostname = "other"  # type: ignore[misc]
+    assert spec.hostname == "web"
+
+
+@pytest.mark.parametrize("attribute", ["env", "tmpfs", "limits"])
+def test_spec_mappings_are_read_only(attribute: str) -> None:
+    spec = BoxSpec.create(env={"A": "1"}, tmpfs={"/data": None})
+    with pytest.raises(TypeError):
+        getattr(spec, attribute)["X"] = "y"
+
+
+def test_spec_does_not_alias_the_callers_dicts() -> None:
+    env = {"A": "1"}
+    tmpfs: dict[str, object] = {"/data": "1M"}
+    spec = BoxSpec.create(env=env, tmpfs=tmpfs)
+    env["B"] = "2"
+    tmpfs["/other"] = None
+    assert dict(spec.env) == {"A": "1"}
+    assert list(spec.tmpfs) == ["/data"]

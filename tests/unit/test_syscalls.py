@@ -1,0 +1,214 @@
+"""The ctypes wrappers: flag rendering, errors that name their arguments, openat2 confinement."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+from collections.abc import Iterator
+
+import pytest
+
+from pytest_nsbox import syscalls
+from pytest_nsbox.errors import MountError, SyscallError
+from pytest_nsbox.syscalls import (
+    _CLONE_FLAG_NAMES,
+    _MOUNT_FLAG_NAMES,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    MS_BIND,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    RESOLVE_IN_ROOT,
+    flag_names,
+)
+
+# ---------------------------------------------------------------------------- flag_names
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (0, "0"),
+        (MS_BIND, "MS_BIND"),
+        (MS_BIND | MS_REC, "MS_BIND|MS_REC"),
+        (MS_REC | MS_PRIVATE, "MS_REC|MS_PRIVATE"),
+        (MS_RDONLY | MS_BIND | 0x10000000, "MS_RDONLY|MS_BIND|0x10000000"),
+        (0x10000000, "0x10000000"),
+    ],
+)
+def test_flag_names_renders_mount_flags_by_kernel_name(flags: int, expected: str) -> None:
+    assert flag_names(flags, _MOUNT_FLAG_NAMES) == expected
+
+
+def test_flag_names_renders_clone_flags() -> None:
+    text = flag_names(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET, _CLONE_FLAG_NAMES)
+    assert text == "CLONE_NEWNS|CLONE_NEWPID|CLONE_NEWNET"
+
+
+def test_flag_names_collects_all_unknown_bits_into_one_hex_number() -> None:
+    assert flag_names(MS_BIND | 0x100 | 0x200, _MOUNT_FLAG_NAMES) == "MS_BIND|0x300"
+
+
+# ------------------------------------------------------------------------- failing calls
+
+
+@pytest.mark.requires("root")
+def test_mount_on_a_missing_target_raises_mount_error_naming_it(tmp_path: pathlib.Path) -> None:
+    target = tmp_path / "does-not-exist"
+    with pytest.raises(MountError) as info:
+        syscalls.mount(str(tmp_path), str(target), None, MS_BIND | MS_REC)
+    err = info.value
+    assert err.errno == errno.ENOENT
+    assert isinstance(err, OSError)
+    text = str(err)
+    assert text.startswith("mount failed: ENOENT")
+    assert f"target={str(target)!r}" in text
+    assert f"source={str(tmp_path)!r}" in text
+    assert "flags=MS_BIND|MS_REC" in text
+    assert "type=None" in text
+    assert not target.exists()
+
+
+@pytest.mark.requires("root")
+def test_mount_of_an_unknown_filesystem_type_hints_at_modprobe(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(MountError) as info:
+        syscalls.mount("none", str(tmp_path), "nsbox-no-such-fs", 0, "size=1")
+    assert info.value.errno == errno.ENODEV
+    text = str(info.value)
+    assert "type='nsbox-no-such-fs'" in text
+    assert "data='size=1'" in text
+    assert "does not support filesystem type 'nsbox-no-such-fs'" in text
+
+
+def test_umount2_of_a_non_mount_point_raises_mount_error_naming_it(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(MountError) as info:
+        syscalls.umount2(str(tmp_path), syscalls.MNT_DETACH)
+    assert info.value.errno in (errno.EINVAL, errno.EPERM)
+    assert f"target={str(tmp_path)!r} flags=0x2" in str(info.value)
+
+
+def test_sethostname_longer_than_the_kernel_allows_fails_naming_it() -> None:
+    before = os.uname().nodename
+    name = "n" * 65
+    with pytest.raises(SyscallError) as info:
+        syscalls.sethostname(name)
+    assert info.value.errno in (errno.EINVAL, errno.EPERM)
+    assert str(info.value).startswith("sethostname failed:")
+    assert repr(name) in str(info.value)
+    assert os.uname().nodename == before
+
+
+def test_prctl_with_an_unknown_option_raises_syscall_error() -> None:
+    with pytest.raises(SyscallError) as info:
+        syscalls.prctl(999_999, 7)
+    assert info.value.errno == errno.EINVAL
+    assert "option 999999, arg 7" in str(info.value)
+
+
+def test_prctl_returns_the_kernel_result() -> None:
+    # PR_GET_DUMPABLE (3) returns 0, 1 or 2; reading it changes nothing.
+    assert syscalls.prctl(3) in (0, 1, 2)
+
+
+def test_setns_on_a_bad_descriptor_raises_ebadf() -> None:
+    with pytest.raises(SyscallError) as info:
+        syscalls.setns(-1, CLONE_NEWNET)
+    assert info.value.errno == errno.EBADF
+    assert "fd -1, CLONE_NEWNET" in str(info.value)
+
+
+# -------------------------------------------------------------------------------- openat2
+
+
+@pytest.fixture
+def root_dir(tmp_path: pathlib.Path) -> Iterator[tuple[pathlib.Path, int]]:
+    """A directory standing in for a box root, and an O_PATH descriptor of it."""
+    root = tmp_path / "root"
+    root.mkdir()
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield root, fd
+    finally:
+        os.close(fd)
+
+
+def read_fd(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
+
+
+def test_openat2_in_root_does_not_follow_an_absolute_symlink_out(root_dir: tuple[pathlib.Path, int]) -> None:
+    root, fd = root_dir
+    assert os.path.exists("/etc/hostname")
+    (root / "esc").symlink_to("/etc/hostname")
+    with pytest.raises(SyscallError) as info:
+        syscalls.openat2(fd, "esc", os.O_RDONLY, resolve=RESOLVE_IN_ROOT)
+    assert info.value.errno == errno.ENOENT
+    assert str(info.value).startswith("openat2 failed: ENOENT")
+    assert "'esc'" in str(info.value)
+
+
+def test_openat2_in_root_resolves_an_absolute_symlink_inside_the_root(
+    root_dir: tuple[pathlib.Path, int],
+) -> None:
+    root, fd = root_dir
+    (root / "etc").mkdir()
+    (root / "etc" / "hostname").write_text("inside\n")
+    (root / "esc").symlink_to("/etc/hostname")
+    assert read_fd(syscalls.openat2(fd, "esc", os.O_RDONLY, resolve=RESOLVE_IN_ROOT)) == b"inside\n"
+
+
+def test_openat2_in_root_clamps_dotdot_at_the_root(root_dir: tuple[pathlib.Path, int]) -> None:
+    root, fd = root_dir
+    (root / "f").write_text("root file")
+    (root.parent / "f").write_text("outside")
+    assert read_fd(syscalls.openat2(fd, "../../f", os.O_RDONLY, resolve=RESOLVE_IN_ROOT)) == b"root file"
+
+
+def test_openat2_without_resolve_flags_follows_the_symlink_to_the_host(
+    root_dir: tuple[pathlib.Path, int],
+) -> None:
+    # The control for the test above: it is RESOLVE_IN_ROOT that keeps the lookup inside.
+    root, fd = root_dir
+    (root / "esc").symlink_to("/etc/hostname")
+    with open("/etc/hostname", "rb") as handle:
+        assert read_fd(syscalls.openat2(fd, "esc", os.O_RDONLY)) == handle.read()
+
+
+def test_openat2_descriptors_are_close_on_exec(root_dir: tuple[pathlib.Path, int]) -> None:
+    root, fd = root_dir
+    (root / "f").write_text("x")
+    opened = syscalls.openat2(fd, "f", os.O_RDONLY, resolve=RESOLVE_IN_ROOT)
+    try:
+        assert os.get_inheritable(opened) is False
+    finally:
+        os.close(opened)
+
+
+def test_openat2_creates_files_with_the_given_mode(root_dir: tuple[pathlib.Path, int]) -> None:
+    root, fd = root_dir
+    old = os.umask(0)
+    try:
+        opened = syscalls.openat2(fd, "new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640, RESOLVE_IN_ROOT)
+    finally:
+        os.umask(old)
+    os.write(opened, b"data")
+    os.close(opened)
+    assert (root / "new").read_bytes() == b"data"
+    assert (root / "new").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("flags", [os.O_RDONLY | os.O_DIRECTORY, os.O_PATH | os.O_DIRECTORY, os.O_RDONLY])
+def test_openat2_ignores_mode_when_not_creating(root_dir: tuple[pathlib.Path, int], flags: int) -> None:
+    # openat2 refuses a non-zero mode without O_CREAT/O_TMPFILE (EINVAL); O_DIRECTORY shares a
+    # bit with O_TMPFILE, which must not count as creating. BoxFiles always passes a mode.
+    root, fd = root_dir
+    (root / "sub").mkdir()
+    opened = syscalls.openat2(fd, "sub", flags, 0o644, RESOLVE_IN_ROOT)
+    try:
+        assert os.path.samestat(os.fstat(opened), os.stat(root / "sub"))
+    finally:
+        os.close(opened)
