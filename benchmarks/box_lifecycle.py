@@ -90,9 +90,6 @@ class NsboxTrial:
     The "start" phase includes ``Box()`` itself (it validates the spec).
     """
 
-    def __init__(self) -> None:
-        self.last_pid: int | None = None
-
     def __call__(self) -> dict[str, float]:
         t0 = time.perf_counter()
         box = Box()
