@@ -90,12 +90,16 @@ class NsboxTrial:
     The "start" phase includes ``Box()`` itself (it validates the spec).
     """
 
+    def __init__(self) -> None:
+        self.start_breakdowns: list[dict[str, float]] = []  # Box.timings of every sample
+
     def __call__(self) -> dict[str, float]:
         t0 = time.perf_counter()
         box = Box()
         try:
             box.start()
             t1 = time.perf_counter()
+            self.start_breakdowns.append(dict(box.timings))
             result = box.run(["true"])
             t2 = time.perf_counter()
             box.stop()
@@ -251,8 +255,18 @@ def machine_facts(load_before: tuple[float, float, float]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- output
 
 
+def median_breakdown(samples: list[dict[str, float]]) -> dict[str, float]:
+    """Per-step medians of ``Box.timings`` (empty if the package reports none)."""
+    steps = samples[0].keys() if samples else []
+    return {step: statistics.median(s[step] for s in samples if step in s) for step in steps}
+
+
 def print_report(
-    facts: dict[str, Any], first_ms: float, rows: list[dict[str, Any]], notes: list[str]
+    facts: dict[str, Any],
+    first_ms: float,
+    rows: list[dict[str, Any]],
+    notes: list[str],
+    breakdown: dict[str, float],
 ) -> None:
     before, after = (" ".join(f"{x:.2f}" for x in facts[key]) for key in ("loadavg_before", "loadavg_after"))
     print(
@@ -276,6 +290,13 @@ def print_report(
         + ", ".join(f"{phase} {phases[phase]:.2f}" for phase in PHASES)
         + " (medians of each phase; they need not add up to the total's median)"
     )
+    if breakdown:
+        print(
+            "nsbox start, median ms: "
+            + ", ".join(f"{step} {ms:.2f}" for step, ms in breakdown.items())
+            + " (request: host to zygote; clone: fork into new namespaces; build_root: mounts and"
+            " pivot_root in the box; handover: box ready to Box.start() returning)"
+        )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -329,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     baseline = statistics.median(contenders[0].samples)
     rows = [summarize(contender, baseline) for contender in contenders]
     facts = machine_facts(load_before)
-    print_report(facts, first_ms, rows, notes)
+    print_report(facts, first_ms, rows, notes, median_breakdown(nsbox.start_breakdowns))
     if args.json is not None:
         payload = {
             "machine": facts,

@@ -74,6 +74,7 @@ class Box:
         self.root: OverlayRoot | None = None
         self.history: list[BoxProcess] = []
         self._last_spawned: BoxProcess | None = None
+        self.timings: dict[str, float] = {}
         self._link: InitLink | None = None
         self._pidfd: int | None = None
         self._files: BoxFiles | None = None
@@ -121,6 +122,7 @@ class Box:
                 "tmpfs": dict(self.spec.tmpfs),
                 "privileged": self.spec.privileged,
             }
+            asked = time.monotonic()
             ours, theirs = channel.socketpair()
             try:
                 zygote.get().spawn_box(config, theirs)
@@ -141,6 +143,7 @@ class Box:
             )
             self._state = "running"
             _live.add(self)
+            self.timings = _start_timings(asked, ready, time.monotonic())
         return self
 
     def _await_ready(self, sock: Any) -> dict[str, Any]:
@@ -422,6 +425,18 @@ def _lowers(spec: BoxSpec) -> list[str]:
         f"image {spec.image!r} is a file; this version boots a root filesystem directory or, "
         "with no image, the host's own /. Unpack the archive into a directory and pass that"
     )
+
+
+def _start_timings(asked: float, ready: dict[str, Any], done: float) -> dict[str, float]:
+    """Where a start's milliseconds went (all clocks are CLOCK_MONOTONIC, shared by processes)."""
+    try:
+        marks = [asked, ready["t_clone"], ready["t_born"], ready["t_built"], done]
+    except KeyError:
+        return {}
+    names = ["request", "clone", "build_root", "handover"]
+    timings = {name: (end - begin) * 1000 for name, begin, end in zip(names, marks, marks[1:])}
+    timings["total"] = (done - asked) * 1000
+    return timings
 
 
 def _devnull() -> int:

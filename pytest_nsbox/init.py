@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from typing import Any
 
 from . import channel, syscalls
@@ -51,6 +52,7 @@ _DEV_LINKS = (
 def boot(config: dict[str, Any], sock: socket.socket) -> None:
     """Become the box: set up the root, tell the host, serve until the host goes. Never returns."""
     status = 0
+    born = time.monotonic()
     try:
         syscalls.set_process_name("nsbox-init")
         # Why: die with the zygote, which dies with pytest (and exits when its socket closes).
@@ -58,6 +60,7 @@ def boot(config: dict[str, Any], sock: socket.socket) -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # the zygote ignores it; commands must not
         os.umask(0o022)
         ready = build_root(config)
+        ready["t_clone"], ready["t_born"], ready["t_built"] = config["t_clone"], born, time.monotonic()
         channel.send(sock, {"ready": ready})
         Server(sock, config).serve()
     except BaseException as exc:

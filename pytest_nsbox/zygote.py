@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +201,7 @@ def _shutdown() -> None:
 
 
 def _fork_box(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket) -> None:
+    config["t_clone"] = time.monotonic()  # the box reports its phases to the host
     try:
         # The child is born in the box's namespaces as PID 1 of its new pid namespace.
         pid1 = syscalls.fork_into_namespaces(BOX_NAMESPACES)

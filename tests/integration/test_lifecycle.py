@@ -202,3 +202,10 @@ def test_an_image_without_a_shell_names_the_missing_program(tmp_path: Path) -> N
         with pytest.raises(FileNotFoundError, match="'/bin/sh'"):
             box.run("echo hi")
     assert list(empty.iterdir()) == []
+
+
+def test_a_started_box_reports_where_its_start_time_went(nsbox: Box) -> None:
+    steps = nsbox.timings
+    assert list(steps) == ["request", "clone", "build_root", "handover", "total"]
+    assert all(ms >= 0 for ms in steps.values())
+    assert abs(sum(ms for step, ms in steps.items() if step != "total") - steps["total"]) < 0.01
