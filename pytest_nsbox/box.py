@@ -434,7 +434,9 @@ def _start_timings(asked: float, ready: dict[str, Any], done: float) -> dict[str
     except KeyError:
         return {}
     names = ["request", "clone", "build_root", "handover"]
-    timings = {name: (end - begin) * 1000 for name, begin, end in zip(names, marks, marks[1:])}
+    timings = {
+        name: (end - begin) * 1000 for name, begin, end in zip(names, marks[:-1], marks[1:], strict=True)
+    }
     timings["total"] = (done - asked) * 1000
     return timings
 
