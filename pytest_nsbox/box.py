@@ -164,7 +164,12 @@ class Box:
                 return dict(message["ready"])
 
     def stop(self) -> None:
-        """Kill every process of the box and wait until they are gone. Safe to call twice."""
+        """Kill every process of the box and wait until they are gone. Safe to call twice.
+
+        When it returns every process of the box is dead and its mounts are gone; the init
+        may show as a zombie for a moment more, until the helper that forked it reaps it
+        (waiting for that would add most of a millisecond to every test).
+        """
         with self._lock:
             if self._state != "running":
                 self._state = "stopped"

@@ -19,8 +19,9 @@ from .spec import BoxSpec
 STRICT = pytest.StashKey[bool]()
 
 _MARKER_HELP = (
-    "nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None): "
-    "configure the test's nsbox, e.g. tmpfs={'/data': '16M'} for a size-capped scratch dir"
+    "nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None, cache=None, "
+    "network='none', limits=None): configure the test's nsbox, e.g. tmpfs={'/data': '16M'} "
+    "for a size-capped scratch dir"
 )
 
 
@@ -32,6 +33,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="fail, rather than skip, box tests on a host that cannot make boxes "
         "(not root, no overlayfs, ...). ini: nsbox_strict",
+    )
+    group.addoption(
+        "--no-nsbox-strict",
+        dest="nsbox_strict",
+        action="store_false",
+        help="skip box tests on a host that cannot make boxes, whatever the ini says",
     )
     parser.addini(
         "nsbox_strict",
@@ -58,39 +65,62 @@ def require_boxes(config: pytest.Config) -> None:
     try:
         probe.require_box_support()
     except HostUnsupportedError as exc:
-        if config.stash.get(STRICT, False):
-            pytest.fail(f"--nsbox-strict: {exc}", pytrace=False)
-        pytest.skip(f"nsbox: {exc}")
+        reason = str(exc)
+    else:
+        return
+    # Outside the except block, so the report shows the reason once, without a chained traceback.
+    if config.stash.get(STRICT, False):
+        pytest.fail(f"--nsbox-strict: {reason}", pytrace=False)
+    pytest.skip(f"nsbox: {reason}")
+
+
+class BoxRegistry:
+    """The boxes one test started; all stopped at its teardown, the last one first."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.boxes: list[Box] = []
+
+    def start(self, spec: BoxSpec) -> Box:
+        require_boxes(self.config)
+        box = Box(spec=spec).start()
+        self.boxes.append(box)
+        return box
+
+    def stop_all(self) -> None:
+        failures = []
+        for box in reversed(self.boxes):
+            try:
+                box.stop()
+            except NsboxError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
 
 @pytest.fixture
-def nsbox_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Box]]:
+def _nsbox_registry(request: pytest.FixtureRequest) -> Iterator[BoxRegistry]:
+    registry = BoxRegistry(request.config)
+    yield registry
+    registry.stop_all()
+
+
+@pytest.fixture
+def nsbox_factory(request: pytest.FixtureRequest, _nsbox_registry: BoxRegistry) -> Callable[..., Box]:
     """``factory(**options) -> Box``: start more boxes in one test; all stop after it.
 
     Options are those of ``Box`` (``hostname``, ``env``, ``tmpfs``, ...).
     """
     require_boxes(request.config)
-    boxes: list[Box] = []
 
     def factory(**options: Any) -> Box:
-        spec = _spec("nsbox_factory(...)", options)
-        box = Box(spec=spec).start()
-        boxes.append(box)
-        return box
+        return _nsbox_registry.start(_spec("nsbox_factory(...)", options))
 
-    yield factory
-    failures = []
-    for box in reversed(boxes):
-        try:
-            box.stop()
-        except NsboxError as exc:
-            failures.append(exc)
-    if failures:
-        raise failures[0]
+    return factory
 
 
 @pytest.fixture
-def nsbox(request: pytest.FixtureRequest, nsbox_factory: Callable[..., Box]) -> Box:
+def nsbox(request: pytest.FixtureRequest, _nsbox_registry: BoxRegistry) -> Box:
     """A started ``Box`` for this test, configured by ``@pytest.mark.nsbox(...)``."""
     marker = request.node.get_closest_marker("nsbox")
     options: dict[str, Any] = {}
@@ -100,8 +130,8 @@ def nsbox(request: pytest.FixtureRequest, nsbox_factory: Callable[..., Box]) -> 
                 f"@pytest.mark.nsbox takes keyword arguments only, got {marker.args!r}", pytrace=False
             )
         options = dict(marker.kwargs)
-    spec = _spec("@pytest.mark.nsbox(...)", options)
-    return nsbox_factory(spec=spec)
+    # The marker is checked before the host: a typo must not hide behind a skip.
+    return _nsbox_registry.start(_spec("@pytest.mark.nsbox(...)", options))
 
 
 @pytest.fixture
@@ -111,10 +141,8 @@ def overlay_root(nsbox: Box) -> Any:
 
 
 def _spec(source: str, options: dict[str, Any]) -> BoxSpec:
-    if isinstance(options.get("spec"), BoxSpec) and len(options) == 1:
-        spec: BoxSpec = options["spec"]
-        return spec
     try:
         return BoxSpec.create(source, **options)
     except ConfigError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        message = str(exc)
+    pytest.fail(message, pytrace=False)  # outside except: reported once, not chained

@@ -121,12 +121,32 @@ def test_box_used_directly_raises_host_unsupported(
     run_inner().assert_outcomes(passed=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: plugin.require_boxes calls pytest.fail inside `except HostUnsupportedError`, "
-    "so the report chains the original error ('During handling of the above exception')",
-)
 def test_strict_failure_is_reported_once(box_tests: None, run_inner: RunInner) -> None:
     result = run_inner("--nsbox-strict")
     result.assert_outcomes(errors=4, passed=1)
     result.stdout.no_fnmatch_line("*During handling of the above exception*")
+
+
+def test_a_bad_marker_is_reported_even_where_boxes_cannot_be_made(
+    pytester: pytest.Pytester, fake_no_root: None, run_inner: RunInner
+) -> None:
+    pytester.makepyfile(
+        test_typo="""
+        import pytest
+
+        @pytest.mark.nsbox(hostnme="web")
+        def test_typo(nsbox):
+            pass
+        """
+    )
+    result = run_inner()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*@pytest.mark.nsbox(...): unknown option(s) hostnme*"])
+
+
+def test_no_nsbox_strict_overrides_the_ini(
+    box_tests: None, pytester: pytest.Pytester, run_inner: RunInner
+) -> None:
+    pytester.makeini("[pytest]\nnsbox_strict = true\n")
+    result = run_inner("--no-nsbox-strict")
+    result.assert_outcomes(skipped=4, passed=1)

@@ -64,8 +64,8 @@ def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     assert result.ret == 0
     result.stdout.fnmatch_lines(
         [
-            "@pytest.mark.nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None):"
-            " configure the test's nsbox*",
+            "@pytest.mark.nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None, "
+            "cache=None, network='none', limits=None): configure the test's nsbox*",
         ]
     )
 
