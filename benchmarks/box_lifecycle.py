@@ -294,7 +294,7 @@ def print_report(
         print(
             "nsbox start, median ms: "
             + ", ".join(f"{step} {ms:.2f}" for step, ms in breakdown.items())
-            + " (request: host to zygote; clone: fork into new namespaces; build_root: mounts and"
+            + " (request: host to zygote; wake: the waiting box gets its options; build_root: mounts and"
             " pivot_root in the box; handover: box ready to Box.start() returning)"
         )
 

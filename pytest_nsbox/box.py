@@ -435,10 +435,10 @@ def _lowers(spec: BoxSpec) -> list[str]:
 def _start_timings(asked: float, ready: dict[str, Any], done: float) -> dict[str, float]:
     """Where a start's milliseconds went (all clocks are CLOCK_MONOTONIC, shared by processes)."""
     try:
-        marks = [asked, ready["t_clone"], ready["t_born"], ready["t_built"], done]
+        marks = [asked, ready["t_handoff"], ready["t_woken"], ready["t_built"], done]
     except KeyError:
         return {}
-    names = ["request", "clone", "build_root", "handover"]
+    names = ["request", "wake", "build_root", "handover"]
     timings = {
         name: (end - begin) * 1000 for name, begin, end in zip(names, marks[:-1], marks[1:], strict=True)
     }

@@ -18,6 +18,7 @@ from . import channel, syscalls
 from .syscalls import (
     MNT_DETACH,
     MS_BIND,
+    MS_MOVE,
     MS_NODEV,
     MS_NOEXEC,
     MS_NOSUID,
@@ -31,6 +32,7 @@ from .syscalls import (
 # the box's copy of the host mounts: every host has that directory, it never holds image layers
 # or caches, and the box mounts its own /proc later, inside the new root.
 SCRATCH = "/proc"
+_KERNEL = f"{SCRATCH}/kernel"  # where proc, sys and dev wait before they move into the root
 
 _DEVICES = (  # name, major, minor: the set Docker gives a container, nothing from the host.
     ("null", 1, 3),
@@ -49,32 +51,53 @@ _DEV_LINKS = (
 )
 
 
-def boot(config: dict[str, Any], sock: socket.socket) -> None:
-    """Become the box: set up the root, tell the host, serve until the host goes. Never returns."""
+def await_box(control: socket.socket) -> None:
+    """Life of a pre-cloned box: get everything generic ready, wait to be asked, become the box.
+
+    The zygote clones the next box into its namespaces as soon as it hands one out, so the
+    clone and every mount that does not depend on the test's options happen while the test
+    runs, not while it waits for its box. Never returns.
+    """
     status = 0
-    born = time.monotonic()
+    sock: socket.socket | None = None
     try:
-        syscalls.set_process_name("nsbox-init")
+        syscalls.set_process_name("nsbox-waiting")  # in ps: a box nobody has asked for yet
         # Why: die with the zygote, which dies with pytest (and exits when its socket closes).
         syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # the zygote ignores it; commands must not
         os.umask(0o022)
-        ready = build_root(config)
-        ready["t_clone"], ready["t_born"], ready["t_built"] = config["t_clone"], born, time.monotonic()
+        failure: BaseException | None = None
+        try:
+            prepared = prepare_root()
+        except Exception as exc:  # reported to the host that asks for this box
+            prepared, failure = {}, exc
+        message, fds = channel.recv(control)
+        if message is None or len(fds) != 1:
+            os._exit(0)  # the zygote is gone, or shut us down unused
+        woken = time.monotonic()
+        syscalls.set_process_name("nsbox-init")
+        control.close()
+        sock = socket.socket(fileno=fds[0])
+        if failure is not None:
+            raise failure
+        config = message["config"]
+        ready = finish_root(config, prepared)
+        ready.update(t_handoff=config["t_handoff"], t_woken=woken, t_built=time.monotonic())
         channel.send(sock, {"ready": ready})
         Server(sock, config).serve()
     except BaseException as exc:
         status = 1
         try:
-            channel.send(sock, {"error": _describe(exc)})
+            if sock is not None:
+                channel.send(sock, {"error": _describe(exc)})
         except OSError:
             pass
     finally:
         os._exit(status)
 
 
-def build_root(config: dict[str, Any]) -> dict[str, Any]:
-    """Mount the box's filesystems and pivot into them; returns what the host needs to know."""
+def prepare_root() -> dict[str, Any]:
+    """The part of a box's root that no option changes, made before anyone asks for the box."""
     # Read before /proc is covered: this procfs still belongs to the host's pid namespace,
     # so /proc/self names our pid as the host sees it.
     host_pid = int(os.readlink("/proc/self"))
@@ -85,12 +108,25 @@ def build_root(config: dict[str, Any]) -> dict[str, Any]:
 
     # 1. A tmpfs for upper+work: they must share one filesystem that is not overlayfs.
     syscalls.mount("nsbox", SCRATCH, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
-    for name in ("upper", "work", "root", "etc"):
+    for name in ("upper", "work", "root", "etc", "kernel"):
         os.mkdir(f"{SCRATCH}/{name}", 0o755)
     scratch_fd = os.open(SCRATCH, os.O_PATH | os.O_DIRECTORY)
+
+    # 2. Kernel filesystems of the box's own namespaces, staged in the scratch and moved into
+    #    the root later: proc of its pid ns, sysfs of its net ns (read-only: sysfs writes
+    #    reach the real hardware), and a /dev of its own.
+    _mount_dir("proc", f"{_KERNEL}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount_dir("sysfs", f"{_KERNEL}/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+    _build_dev(f"{_KERNEL}/dev")
+    syscalls.set_link_up("lo")
+    return {"host_pid": host_pid, "scratch_fd": scratch_fd}
+
+
+def finish_root(config: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]:
+    """Mount the test's root from its options and pivot into it; returns what the host needs."""
     root = f"{SCRATCH}/root"
 
-    # 2. The overlay: image layers below (top first), the throwaway upper on top.
+    # 3. The overlay: image layers below (top first), the throwaway upper on top.
     lowers = ":".join(escape_overlay_path(p) for p in config["lowers"])
     syscalls.mount(
         "nsbox",
@@ -99,12 +135,9 @@ def build_root(config: dict[str, Any]) -> dict[str, Any]:
         0,
         f"lowerdir={lowers},upperdir={SCRATCH}/upper,workdir={SCRATCH}/work",
     )
-
-    # 3. Kernel filesystems of the box's own namespaces: proc of its pid ns, sysfs of its
-    #    net ns (read-only: sysfs writes reach the real hardware).
-    _mount_dir("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    _mount_dir("sysfs", f"{root}/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
-    _build_dev(f"{root}/dev")
+    for name in ("proc", "sys", "dev"):
+        _ensure_dir(f"{root}/{name}")
+        syscalls.mount(f"{_KERNEL}/{name}", f"{root}/{name}", None, MS_MOVE)
 
     # 4. Identity files, bind-mounted from the scratch so they never show up in the diff.
     hostname = config["hostname"]
@@ -121,7 +154,6 @@ def build_root(config: dict[str, Any]) -> dict[str, Any]:
             raise OSError(exc.errno, f"cannot mount the tmpfs asked for at {path}: {exc.strerror}") from None
 
     syscalls.sethostname(hostname)
-    syscalls.set_link_up("lo")
 
     # What the steps above had to create in the upper layer (mount points an image lacked):
     # the box's own doing, which diff() must not report as the test's.
@@ -144,7 +176,7 @@ def build_root(config: dict[str, Any]) -> dict[str, Any]:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
-    return {"host_pid": host_pid, "scratch_fd": scratch_fd, "made": made}
+    return {**prepared, "made": made}
 
 
 def escape_overlay_path(path: str) -> str:
@@ -157,13 +189,17 @@ def hosts_file(hostname: str) -> str:
     return f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 
 
-def _mount_dir(source: str, target: str, fstype: str, flags: int, data: str | None = None) -> None:
+def _ensure_dir(path: str) -> None:
     try:
-        os.mkdir(target, 0o755)
+        os.mkdir(path, 0o755)
     except FileExistsError:
         pass
     except FileNotFoundError:
-        os.makedirs(target, exist_ok=True)
+        os.makedirs(path, exist_ok=True)
+
+
+def _mount_dir(source: str, target: str, fstype: str, flags: int, data: str | None = None) -> None:
+    _ensure_dir(target)
     syscalls.mount(source, target, fstype, flags, data)
 
 
@@ -367,11 +403,12 @@ def _read_table(path: str) -> list[list[str]]:
 __all__ = [
     "SCRATCH",
     "Server",
-    "boot",
-    "build_root",
+    "await_box",
     "escape_overlay_path",
     "find_program",
+    "finish_root",
     "hosts_file",
+    "prepare_root",
     "resolve_user",
     "spawn_fast",
 ]

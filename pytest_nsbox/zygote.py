@@ -14,6 +14,7 @@ Process tree, each level dying with the one above it::
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -161,7 +162,7 @@ def main(argv: list[str]) -> None:
 def _serve(sock: socket.socket) -> None:
     def handle(message: dict[str, Any], fds: list[int]) -> None:
         if message.get("op") == "box" and len(fds) == 1:
-            _fork_box(message["config"], fds[0], sock)
+            _hand_out(message["config"], fds[0], sock)
 
     channel.serve(sock, handle, _reap)
     _shutdown()  # EOF: pytest is gone, or done with us
@@ -200,27 +201,94 @@ def _shutdown() -> None:
     os._exit(0)
 
 
-def _fork_box(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket) -> None:
-    config["t_clone"] = time.monotonic()  # the box reports its phases to the host
+class _Warm:
+    """The next box, already cloned into its namespaces and waiting for its options."""
+
+    def __init__(self, pid: int, control: socket.socket) -> None:
+        self.pid = pid
+        self.control = control
+
+
+_warm: _Warm | None = None
+_warm_failure: OSError | None = None
+_mountinfo_fd = -1  # our /proc/self/mountinfo: poll() flags any change of the host's mounts
+
+
+def _hand_out(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket) -> None:
+    """Give the waiting box its options and the host's socket; then clone the next one."""
+    global _warm
+    if _warm is not None and _host_mounts_changed():
+        # Its copy of the host's mounts is stale (say, an image directory on a filesystem
+        # mounted since): a fresh clone sees them as they are now.
+        _discard_warm()
+    if _warm is None:
+        _clone_warm(zygote_sock)
+    if _warm is None:
+        _report(box_fd, _warm_failure or OSError("no box"), "clone into new namespaces")
+        return
+    taken, _warm = _warm, None
+    config["t_handoff"] = time.monotonic()  # the box reports its phases to the host
+    try:
+        channel.send(taken.control, {"config": config}, [box_fd])
+    except OSError as exc:
+        _report(box_fd, exc, "hand-off to the box")
+    taken.control.close()
+    # The next box's namespaces and kernel mounts are made while this one finishes its root,
+    # on the other core, and while the test runs.
+    _clone_warm(zygote_sock)
+
+
+def _clone_warm(zygote_sock: socket.socket) -> None:
+    global _warm, _warm_failure
+    _note_host_mounts()  # before the clone: a change during it shows at the next hand-out
+    ours, theirs = channel.socketpair()
     try:
         # The child is born in the box's namespaces as PID 1 of its new pid namespace.
-        pid1 = syscalls.fork_into_namespaces(BOX_NAMESPACES)
+        pid = syscalls.fork_into_namespaces(BOX_NAMESPACES)
     except OSError as exc:
-        _report(box_fd, exc, "clone into new namespaces")
+        ours.close()
+        theirs.close()
+        _warm_failure = exc
         return
-    if pid1:
-        _boxes.add(pid1)  # the zygote reaps it in _reap() when it dies
-        return
-    try:
+    if pid == 0:
         # In the box: forget the zygote's plumbing before anything else.
         channel.forget_signal_wakeup()
         zygote_sock.close()
-        # The fd is closed by the zygote's loop after we return, which in this child is never.
-        box_sock = socket.socket(fileno=box_fd)
-    except BaseException as exc:
-        _report(box_fd, exc, "box setup")
-        os._exit(1)
-    init.boot(config, box_sock)  # never returns
+        ours.close()
+        # Any other descriptor of the zygote (such as the socket of the box just handed
+        # out) must not be held by this one: the host learns of a box's death by EOF.
+        os.closerange(3, theirs.fileno())
+        os.closerange(theirs.fileno() + 1, 1 << 16)
+        init.await_box(theirs)  # never returns
+    theirs.close()
+    _boxes.add(pid)  # the zygote reaps it in _reap() when it dies
+    _warm, _warm_failure = _Warm(pid, ours), None
+
+
+def _discard_warm() -> None:
+    global _warm
+    if _warm is not None:
+        _warm.control.close()  # EOF: it exits unused (and is reaped in _reap)
+        _warm = None
+
+
+def _host_mounts_changed() -> bool:
+    """Whether the host's mount table changed since ``_note_host_mounts`` (a poll, no read)."""
+    if _mountinfo_fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(_mountinfo_fd, select.POLLPRI)
+    return bool(poller.poll(0))
+
+
+def _note_host_mounts() -> None:
+    """Remember the host's mount table as a fresh clone copies it (reading resets poll)."""
+    global _mountinfo_fd
+    if _mountinfo_fd < 0:
+        _mountinfo_fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+    os.lseek(_mountinfo_fd, 0, os.SEEK_SET)
+    while os.read(_mountinfo_fd, 65536):
+        pass
 
 
 def _report(box_fd: int, exc: BaseException, step: str) -> None:

@@ -46,9 +46,18 @@ def _leftover_processes() -> list[psutil.Process]:
     if helper is None:
         return []
     try:
-        return psutil.Process(helper.pid).children(recursive=True)
+        processes = psutil.Process(helper.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+    # The helper keeps the next box cloned in advance; that one is waiting, not leaked.
+    return [p for p in processes if _name(p) != "nsbox-waiting"]
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:
+        return ""
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

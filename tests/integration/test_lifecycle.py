@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pytest_nsbox import Box, BoxError, ConfigError, ImageError
+from pytest_nsbox import Box, BoxError, ConfigError, ImageError, zygote
 
 pytestmark = pytest.mark.requires("boxes")
 
@@ -85,6 +85,13 @@ def test_a_hundred_boxes_leave_fds_mounts_and_children_as_they_were() -> None:
     while time.monotonic() < deadline and sorted(p.pid for p in psutil.Process().children()) != children:
         time.sleep(0.05)
     assert sorted(p.pid for p in psutil.Process().children()) == children
+    helper = zygote.current()
+    assert helper is not None
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(psutil.Process(helper.pid).children(recursive=True)) > 1:
+        time.sleep(0.05)
+    # all that is left below the helper is the one box it keeps cloned in advance
+    assert [p.name() for p in psutil.Process(helper.pid).children(recursive=True)] == ["nsbox-waiting"]
 
 
 def test_every_box_process_dies_when_its_owner_is_killed(tmp_path: Path) -> None:
@@ -206,6 +213,21 @@ def test_an_image_without_a_shell_names_the_missing_program(tmp_path: Path) -> N
 
 def test_a_started_box_reports_where_its_start_time_went(nsbox: Box) -> None:
     steps = nsbox.timings
-    assert list(steps) == ["request", "clone", "build_root", "handover", "total"]
+    assert list(steps) == ["request", "wake", "build_root", "handover", "total"]
     assert all(ms >= 0 for ms in steps.values())
     assert abs(sum(ms for step, ms in steps.items() if step != "total") - steps["total"]) < 0.01
+
+
+def test_an_image_on_a_filesystem_mounted_after_the_helper_started(tmp_path: Path) -> None:
+    # The helper keeps the next box cloned in advance, with a copy of the host's mounts as they
+    # were then; a mount made since must be seen all the same.
+    Box().start().stop()
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "nsb-test-late", str(mountpoint)], check=True)
+    try:
+        _minimal_rootfs(mountpoint / "rootfs")
+        with Box(image=mountpoint / "rootfs") as box:
+            assert box.run("cat /etc/os-release").stdout == "ID=tiny\n"
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
