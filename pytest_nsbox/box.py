@@ -25,7 +25,8 @@ import psutil
 
 from . import channel, probe, zygote
 from .boxfs import BoxFiles
-from .errors import BoxError, CommandFailedError, CommandNotFoundError, CommandTimeoutError, ImageError
+from .errors import BoxError, CommandFailedError, CommandNotFoundError, CommandTimeoutError
+from .image import HOST_ROOT, Image, load_image
 from .link import InitLink
 from .overlay import OverlayRoot
 from .process import BoxProcess, RunResult, command_argv
@@ -75,6 +76,7 @@ class Box:
         self.history: list[BoxProcess] = []
         self._last_spawned: BoxProcess | None = None
         self.timings: dict[str, float] = {}
+        self.image: Image = HOST_ROOT
         self._link: InitLink | None = None
         self._pidfd: int | None = None
         self._files: BoxFiles | None = None
@@ -114,10 +116,15 @@ class Box:
             if self._state != "created":
                 raise BoxError(f"box {self.id} was already started; make a new Box")
             probe.require_box_support()
+            image = load_image(self.spec.image, self.spec.cache)
+            self.image = image
             config: dict[str, Any] = {
                 "id": self.id,
                 "hostname": self.spec.hostname,
-                "lowers": _lowers(self.spec),
+                "lowers": list(image.lowers),
+                "image_env": image.config.env_dict(),
+                "workdir": image.config.workdir,
+                "user": image.config.user,
                 "env": dict(self.spec.env),
                 "tmpfs": dict(self.spec.tmpfs),
                 "privileged": self.spec.privileged,
@@ -416,20 +423,6 @@ def stop_all() -> None:
 
 
 atexit.register(stop_all)
-
-
-def _lowers(spec: BoxSpec) -> list[str]:
-    if spec.image is None:
-        return ["/"]
-    path = os.path.abspath(spec.image)
-    if os.path.isdir(path):
-        return [path]
-    if not os.path.exists(path):
-        raise ImageError(f"image {spec.image!r} does not exist")
-    raise ImageError(
-        f"image {spec.image!r} is a file; this version boots a root filesystem directory or, "
-        "with no image, the host's own /. Unpack the archive into a directory and pass that"
-    )
 
 
 def _start_timings(asked: float, ready: dict[str, Any], done: float) -> dict[str, float]:

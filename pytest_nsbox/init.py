@@ -127,7 +127,7 @@ def finish_root(config: dict[str, Any], prepared: dict[str, Any]) -> dict[str, A
     root = f"{SCRATCH}/root"
 
     # 3. The overlay: image layers below (top first), the throwaway upper on top.
-    lowers = ":".join(escape_overlay_path(p) for p in config["lowers"])
+    lowers = ":".join(escape_overlay_path(p) for p in _short_lowers(config["lowers"]))
     syscalls.mount(
         "nsbox",
         root,
@@ -177,6 +177,19 @@ def finish_root(config: dict[str, Any], prepared: dict[str, Any]) -> dict[str, A
         os.dup2(null, fd)
     os.close(null)
     return {**prepared, "made": made}
+
+
+def _short_lowers(lowers: list[str]) -> list[str]:
+    """Layer paths as short as can be: overlay's options must fit in one page (4 KiB).
+
+    Layers of the cache share a directory: work from there and name them relative to it,
+    as Docker's short ``l/`` links do, so that images with over a hundred layers mount.
+    """
+    parents = {os.path.dirname(path) for path in lowers}
+    if len(lowers) > 1 and len(parents) == 1:
+        os.chdir(parents.pop())
+        return [os.path.basename(path) for path in lowers]
+    return lowers
 
 
 def escape_overlay_path(path: str) -> str:
@@ -252,6 +265,9 @@ class Server:
         self.sock = sock
         self.hostname: str = config["hostname"]
         self.box_env: dict[str, str] = config["env"]
+        self.image_env: dict[str, str] = config.get("image_env", {})
+        self.workdir: str = config.get("workdir") or "/"
+        self.image_user: str | None = config.get("user") or None
         self.children: dict[int, subprocess.Popen[bytes] | None] = {}
 
     def serve(self) -> None:
@@ -277,12 +293,17 @@ class Server:
         channel.send(self.sock, reply)
 
     def start(self, message: dict[str, Any], fds: list[int]) -> int:
-        uid, gid, groups, home = resolve_user(message.get("user"))
+        user = message.get("user")
+        uid, gid, groups, home = resolve_user(user if user is not None else self.image_user)
+        # Layered as Docker does: a default PATH, the image's Env, the box's env, then run()'s.
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
-        env.update(HOSTNAME=self.hostname, HOME=home)
+        env.update(self.image_env)
+        env["HOSTNAME"] = self.hostname
+        if user is not None or "HOME" not in env:
+            env["HOME"] = home
         env.update(self.box_env)
         env.update(message.get("env") or {})
-        cwd = message.get("cwd") or "/"
+        cwd = message.get("cwd") or self.workdir
         if cwd == "/" and uid is None:
             pid = spawn_fast(message["argv"], env, fds)
             self.children[pid] = None

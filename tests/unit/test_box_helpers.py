@@ -8,8 +8,9 @@ import pathlib
 import pytest
 
 from pytest_nsbox import box as box_module
-from pytest_nsbox.box import Box, _exec_failure, _listening, _lowers, _start_failure, _stdin_fd
+from pytest_nsbox.box import Box, _exec_failure, _listening, _start_failure, _stdin_fd
 from pytest_nsbox.errors import BoxError, CommandNotFoundError, ConfigError, ImageError
+from pytest_nsbox.image import load_image
 from pytest_nsbox.spec import BoxSpec
 
 
@@ -56,31 +57,31 @@ def test_stop_of_an_unstarted_box_is_harmless_and_final() -> None:
     assert box not in box_module.live_boxes()
 
 
-# ----------------------------------------------------------------------------------- _lowers
+# ------------------------------------------------------------------------------ load_image
 
 
-def test_lowers_without_an_image_is_the_host_root() -> None:
-    assert _lowers(BoxSpec.create()) == ["/"]
+def test_no_image_is_the_host_root() -> None:
+    assert load_image(None).lowers == ("/",)
 
 
-def test_lowers_of_a_directory_image_is_its_absolute_path(
+def test_a_directory_image_is_its_absolute_path(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "rootfs").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert _lowers(BoxSpec.create(image="rootfs")) == [str(tmp_path / "rootfs")]
+    assert load_image("rootfs").lowers == (str(tmp_path / "rootfs"),)
 
 
-def test_lowers_of_a_missing_image_is_an_image_error(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(ImageError, match="does not exist"):
-        _lowers(BoxSpec.create(image=str(tmp_path / "missing")))
+def test_a_missing_image_is_an_image_error(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ImageError, match=r"missing.*No such file or directory"):
+        load_image(str(tmp_path / "missing"))
 
 
-def test_lowers_of_an_archive_says_to_unpack_it(tmp_path: pathlib.Path) -> None:
+def test_an_empty_file_is_not_an_image(tmp_path: pathlib.Path) -> None:
     archive = tmp_path / "rootfs.tar"
     archive.write_bytes(b"")
-    with pytest.raises(ImageError, match=r"is a file; .* Unpack the archive"):
-        _lowers(BoxSpec.create(image=str(archive)))
+    with pytest.raises(ImageError, match=r"rootfs\.tar: not an image archive"):
+        load_image(str(archive), cache=str(tmp_path / "cache"))
 
 
 # ------------------------------------------------------------------------------- _stdin_fd
