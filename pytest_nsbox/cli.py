@@ -9,6 +9,7 @@ import time
 from . import probe
 from .box import Box
 from .errors import NsboxError
+from .layers import LayerStore, default_cache
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,9 +17,17 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     doctor = commands.add_parser("doctor", help="check that this host can make boxes")
     doctor.add_argument("--no-box", action="store_true", help="only inspect; do not start a test box")
+    images = commands.add_parser("images", help="list (or prune) the image layer cache")
+    images.add_argument("--cache", metavar="DIR", help=f"the cache directory (default {default_cache()})")
+    images.add_argument("--prune", action="store_true", help="remove images and layers no recent run used")
+    images.add_argument(
+        "--days", type=float, default=7.0, help="with --prune: 'recent' means this many days (default 7)"
+    )
     args = parser.parse_args(argv)
     if args.command == "doctor":
         return doctor_command(try_box=not args.no_box)
+    if args.command == "images":
+        return images_command(args.cache, args.prune, args.days)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
@@ -46,4 +55,33 @@ def doctor_command(try_box: bool = True) -> int:
         )
         if not ok:
             return 1
+    return 0
+
+
+def images_command(cache: str | None, prune: bool, days: float) -> int:
+    """What the cache holds: one line per imported image, then the layers and their total."""
+    try:
+        store = LayerStore(cache)
+    except NsboxError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if prune:
+        removed = store.prune(days)
+        for line in removed:
+            print(f"removed {line}")
+        print(f"{len(removed)} removed from {store.root}")
+        return 0
+    layers = {layer.diff_id: layer for layer in store.layers()}
+    images = list(store.images())
+    print(f"cache {store.root}: {len(images)} images, {len(layers)} layers")
+    for entry in images:
+        sizes = [layers[d].size for d in entry.get("layers", []) if d in layers]
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["last_used"]))
+        ref = f"#{entry['ref']}" if entry.get("ref") else ""
+        print(
+            f"  {entry.get('source')}{ref}: {len(entry.get('layers', []))} layers, "
+            f"{sum(sizes) / 1e6:.1f} MB, last used {used}"
+        )
+    total = sum(layer.size for layer in layers.values())
+    print(f"layers: {total / 1e6:.1f} MB in all (shared layers are stored once)")
     return 0

@@ -6,6 +6,7 @@ entry point), so ``Box`` stays usable from plain Python.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,10 +14,13 @@ import pytest
 
 from . import probe
 from .box import Box, stop_all
-from .errors import ConfigError, HostUnsupportedError, NsboxError
+from .errors import ConfigError, HostUnsupportedError, ImageError, NsboxError
+from .image import load_image, split_reference
+from .overlay import OverlayRoot
 from .spec import BoxSpec
 
 STRICT = pytest.StashKey[bool]()
+DEFAULTS = pytest.StashKey[dict[str, Any]]()  # box options from the command line and ini
 
 _MARKER_HELP = (
     "nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None, cache=None, "
@@ -40,6 +44,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_false",
         help="skip box tests on a host that cannot make boxes, whatever the ini says",
     )
+    group.addoption(
+        "--nsbox-image",
+        metavar="PATH[#TAG]",
+        default=None,
+        help="image every box boots (docker/podman save archive, OCI archive or layout, rootfs "
+        "tarball or directory; #repo:tag picks one of several). Default: the host's own /. "
+        "ini: nsbox_image",
+    )
+    group.addoption(
+        "--nsbox-cache",
+        metavar="DIR",
+        default=None,
+        help="where image layers are unpacked and kept (default /var/cache/pytest-nsbox). ini: nsbox_cache",
+    )
+    parser.addini("nsbox_image", type="string", default="", help="image every box boots (see --nsbox-image)")
+    parser.addini("nsbox_cache", type="string", default="", help="image layer cache directory")
     parser.addini(
         "nsbox_strict",
         type="bool",
@@ -52,6 +72,50 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _MARKER_HELP)
     option = config.getoption("nsbox_strict")
     config.stash[STRICT] = bool(config.getini("nsbox_strict") if option is None else option)
+    defaults: dict[str, Any] = {}
+    image = _path_option(config, "nsbox_image")
+    if image is not None:
+        path, tag = split_reference(image)
+        if not os.path.exists(path):
+            raise pytest.UsageError(f"--nsbox-image / nsbox_image: {path!r} does not exist")
+        defaults["image"] = os.path.abspath(path) + (f"#{tag}" if tag else "")  # tests may chdir
+    cache = _path_option(config, "nsbox_cache")
+    if cache is not None:
+        defaults["cache"] = os.path.abspath(cache)
+    try:
+        BoxSpec.create("--nsbox-image/--nsbox-cache", **defaults)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[DEFAULTS] = defaults
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Import the session's image before the first test, showing progress if it takes long."""
+    defaults = session.config.stash.get(DEFAULTS, {})
+    if "image" not in defaults or probe.missing():
+        return  # no image, or no boxes here: the box tests will skip and say why
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+
+    def progress(line: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"nsbox: {line}")
+
+    try:
+        load_image(defaults["image"], defaults.get("cache"), progress)
+    except (ImageError, NsboxError) as exc:
+        raise pytest.UsageError(f"--nsbox-image: {exc}") from None
+
+
+def _path_option(config: pytest.Config, name: str) -> str | None:
+    """A path from the command line (relative to the cwd) or the ini (relative to the ini file)."""
+    value = config.getoption(name)
+    if value:
+        return str(value)
+    value = config.getini(name)
+    if not value:
+        return None
+    base = config.inipath.parent if config.inipath else config.rootpath
+    return str(value) if os.path.isabs(value) else str(base / value)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -113,8 +177,10 @@ def nsbox_factory(request: pytest.FixtureRequest, _nsbox_registry: BoxRegistry) 
     """
     require_boxes(request.config)
 
+    defaults = request.config.stash.get(DEFAULTS, {})
+
     def factory(**options: Any) -> Box:
-        return _nsbox_registry.start(_spec("nsbox_factory(...)", options))
+        return _nsbox_registry.start(_spec("nsbox_factory(...)", {**defaults, **options}))
 
     return factory
 
@@ -131,13 +197,24 @@ def nsbox(request: pytest.FixtureRequest, _nsbox_registry: BoxRegistry) -> Box:
             )
         options = dict(marker.kwargs)
     # The marker is checked before the host: a typo must not hide behind a skip.
-    return _nsbox_registry.start(_spec("@pytest.mark.nsbox(...)", options))
+    defaults = request.config.stash.get(DEFAULTS, {})
+    return _nsbox_registry.start(_spec("@pytest.mark.nsbox(...)", {**defaults, **options}))
 
 
 @pytest.fixture
-def overlay_root(nsbox: Box) -> Any:
-    """The ``OverlayRoot`` of the test's ``nsbox``: its layers, and ``diff()`` of its changes."""
-    return nsbox.root
+def overlay_root(request: pytest.FixtureRequest, _nsbox_registry: BoxRegistry) -> OverlayRoot:
+    """The ``OverlayRoot`` of the test's ``nsbox``: its layers, and ``diff()`` of its changes.
+
+    A test that has no ``nsbox`` gets the root of a box of its own (the image's files over a
+    throwaway upper layer, reachable at ``.merged``), torn down after the test.
+    """
+    if "nsbox" in request.fixturenames:
+        box: Box = request.getfixturevalue("nsbox")
+    else:
+        defaults = request.config.stash.get(DEFAULTS, {})
+        box = _nsbox_registry.start(_spec("overlay_root", dict(defaults)))
+    assert box.root is not None
+    return box.root
 
 
 def _spec(source: str, options: dict[str, Any]) -> BoxSpec:
