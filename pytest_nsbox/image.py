@@ -370,9 +370,17 @@ class _Archive(_Source):
     def __init__(self, path: str, label: str | None = None) -> None:
         super().__init__(label or path)
         self.path = path
+        self.members: dict[str, tarfile.TarInfo] = {}
         try:
             self.tar = tarfile.open(path, mode="r:*")
-            self.members = {_clean(m.name): m for m in self.tar.getmembers()}
+            # Index the members of an image archive; stop at the first one that belongs to a
+            # root filesystem instead (a rootfs tarball is read once, by the extraction).
+            for member in self.tar:
+                name = _clean(member.name)
+                if not _image_archive_member(name):
+                    self.members.clear()
+                    break
+                self.members[name] = member
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise ImageError(
                 f"{self.label}: not an image archive ({exc}); give a `docker save`/`podman save` archive, "
@@ -435,6 +443,15 @@ def _clean(name: str) -> str:
     while name.startswith("./"):
         name = name[2:]
     return name.lstrip("/")
+
+
+def _image_archive_member(name: str) -> bool:
+    """Whether a member name can belong to a docker-save or OCI archive (not a rootfs)."""
+    top = name.split("/", 1)[0]
+    if top in ("", "manifest.json", "index.json", "oci-layout", "repositories", "blobs"):
+        return True
+    stem = top.split(".", 1)[0]  # legacy "<id>/", "<config digest>.json", podman "<digest>.tar"
+    return len(stem) == 64 and all(c in "0123456789abcdef" for c in stem)
 
 
 def _digest_in_name(name: str) -> str | None:

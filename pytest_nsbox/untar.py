@@ -26,6 +26,7 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 _XATTR_PAX_PREFIX = "SCHILY.xattr."
 _CHUNK = 1 << 20
 _FREE_SPACE_RESERVE = 64 << 20  # leave this much of the cache's filesystem free
+_KNOWN_DIRECTORIES = 64  # directory descriptors kept open while extracting
 
 Progress = Callable[[int], None]  # called with the number of bytes just written
 
@@ -52,6 +53,7 @@ class LayerExtractor:
         self.progress = progress
         self.budget = shutil.disk_usage(dest).free - _FREE_SPACE_RESERVE
         self._root_fd = -1
+        self._known: dict[tuple[str, ...], int] = {}
         self._directories: list[tuple[list[str], tarfile.TarInfo]] = []
 
     def extract(self, stream: Any) -> None:
@@ -72,6 +74,7 @@ class LayerExtractor:
                 "export the image again"
             ) from exc
         finally:
+            self._forget_parent()
             os.close(self._root_fd)
 
     # ---------------------------------------------------------------------------- members
@@ -116,30 +119,56 @@ class LayerExtractor:
             os.close(parent)
 
     def _parent(self, parts: list[str], name: str) -> int:
-        """An ``O_PATH`` descriptor of the member's directory, made as needed, never via a link."""
-        fd = os.dup(self._root_fd)
+        """An ``O_PATH`` descriptor of the member's directory, made as needed, never via a link.
+
+        Recently walked directories are remembered (members come grouped by directory), so a
+        walk starts from the deepest one known; the memory is dropped whenever a directory is
+        removed.
+        """
+        key = tuple(parts[:-1])
+        start = len(key)
+        while start and key[:start] not in self._known:
+            start -= 1
+        base = self._known[key[:start]] if start else self._root_fd
+        fd = os.dup(base)
         try:
-            for component in parts[:-1]:
-                try:
-                    child = os.open(
-                        component, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-                    )
-                except FileNotFoundError:
-                    os.mkdir(component, 0o755, dir_fd=fd)  # tar files may omit parent entries
-                    child = os.open(
-                        component, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-                    )
-                except (NotADirectoryError, OSError) as exc:
-                    raise ImageError(
-                        f"{self.what}: member {name!r} goes through {component!r}, which is a symlink or "
-                        "a file in this layer; extraction never follows links: refusing the archive"
-                    ) from exc
-                os.close(fd)
-                fd = child
+            for depth in range(start, len(key)):
+                fd = self._step(fd, key[depth], name)
+                self._remember(key[: depth + 1], fd)
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    def _step(self, fd: int, component: str, name: str) -> int:
+        """Open (or make) one directory below ``fd``, refusing links; closes ``fd``."""
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            try:
+                child = os.open(component, flags, dir_fd=fd)
+            except FileNotFoundError:
+                os.mkdir(component, 0o755, dir_fd=fd)  # tar files may omit parent entries
+                child = os.open(component, flags, dir_fd=fd)
+        except (NotADirectoryError, OSError) as exc:
+            raise ImageError(
+                f"{self.what}: member {name!r} goes through {component!r}, which is a symlink or a file "
+                "in this layer; extraction never follows links: refusing the archive"
+            ) from exc
+        finally:
+            os.close(fd)
+        return child
+
+    def _remember(self, key: tuple[str, ...], fd: int) -> None:
+        if key in self._known:
+            return
+        if len(self._known) >= _KNOWN_DIRECTORIES:
+            os.close(self._known.pop(next(iter(self._known))))  # the oldest
+        self._known[key] = os.dup(fd)
+
+    def _forget_parent(self) -> None:
+        for fd in self._known.values():
+            os.close(fd)
+        self._known.clear()
 
     def _clear(self, parent: int, name: str, member_name: str, keep_dir: bool) -> None:
         """Remove what an earlier member of this layer left at ``name`` (later members win)."""
@@ -150,6 +179,7 @@ class LayerExtractor:
         if stat.S_ISDIR(info.st_mode):
             if keep_dir:
                 return
+            self._forget_parent()
             try:
                 os.rmdir(name, dir_fd=parent)
             except OSError as exc:
