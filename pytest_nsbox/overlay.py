@@ -81,7 +81,30 @@ class OverlayRoot:
         return Changes(sorted(added), sorted(modified), sorted(deleted))
 
     def _exists_below(self, box_path: str) -> bool:
-        return any(os.path.lexists(os.path.join(lower, box_path.lstrip("/"))) for lower in self.lowers)
+        """Whether the image has ``box_path``, reading its layers as overlayfs does."""
+        parts = box_path.strip("/").split("/")
+        for lower in self.lowers:  # top first: the first layer that says anything decides
+            try:
+                info = os.lstat(os.path.join(lower, *parts))
+            except OSError:
+                if self._hides_below(lower, parts):
+                    return False  # a whiteout or opaque directory on the way hides lower layers
+                continue
+            return not (stat.S_ISCHR(info.st_mode) and info.st_rdev == 0)
+        return False
+
+    def _hides_below(self, lower: str, parts: list[str]) -> bool:
+        for depth in range(1, len(parts)):
+            path = os.path.join(lower, *parts[:depth])
+            try:
+                info = os.lstat(path)
+            except OSError:
+                return False
+            if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0:
+                return True
+            if stat.S_ISDIR(info.st_mode) and _is_opaque(path):
+                return True
+        return False
 
     def _hidden_below(self, box_path: str, upper_dir: str) -> list[str]:
         present = set(os.listdir(upper_dir))
