@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from . import channel, probe, zygote
+from . import cgroups, channel, probe, zygote
 from .boxfs import BoxFiles
 from .errors import BoxError, CommandFailedError, CommandNotFoundError, CommandTimeoutError
 from .image import HOST_ROOT, Image, load_image
@@ -77,6 +77,7 @@ class Box:
         self._last_spawned: BoxProcess | None = None
         self.timings: dict[str, float] = {}
         self.image: Image = HOST_ROOT
+        self.cgroup: cgroups.Cgroup = cgroups.Cgroup("none", None, [])
         self._link: InitLink | None = None
         self._pidfd: int | None = None
         self._files: BoxFiles | None = None
@@ -118,6 +119,7 @@ class Box:
             probe.require_box_support()
             image = load_image(self.spec.image, self.spec.cache)
             self.image = image
+            self.cgroup = cgroups.create(self.id, dict(self.spec.limits))
             config: dict[str, Any] = {
                 "id": self.id,
                 "hostname": self.spec.hostname,
@@ -125,6 +127,7 @@ class Box:
                 "image_env": image.config.env_dict(),
                 "workdir": image.config.workdir,
                 "user": image.config.user,
+                "cgroup_procs": self.cgroup.procs_files(),
                 "env": dict(self.spec.env),
                 "tmpfs": dict(self.spec.tmpfs),
                 "privileged": self.spec.privileged,
@@ -132,10 +135,14 @@ class Box:
             asked = time.monotonic()
             ours, theirs = channel.socketpair()
             try:
-                zygote.get().spawn_box(config, theirs)
-            finally:
-                theirs.close()
-            ready = self._await_ready(ours)
+                try:
+                    zygote.get().spawn_box(config, theirs)
+                finally:
+                    theirs.close()
+                ready = self._await_ready(ours)
+            except BaseException:
+                cgroups.release(self.cgroup)
+                raise
             self.pid = int(ready["host_pid"])
             self._pidfd = os.pidfd_open(self.pid)
             self._link = InitLink(ours, self.id)
@@ -203,6 +210,7 @@ class Box:
                 self._link.close()
             self._state = "stopped"
             _live.discard(self)
+            cgroups.release(self.cgroup)  # now, or as soon as the zygote has reaped init
             if not ready:
                 raise BoxError(
                     f"box {self.id}: init (pid {self.pid}) did not die within {STOP_TIMEOUT}s of SIGKILL"
@@ -228,6 +236,7 @@ class Box:
         command's whole process group and raises ``CommandTimeoutError`` (a
         ``subprocess.TimeoutExpired``) with the output so far.
         """
+        oom_kills = self.cgroup.oom_kills()
         process = self._start_command(cmd, input=input, env=env, cwd=cwd, user=user, text=text)
         try:
             process.wait(timeout)
@@ -238,6 +247,8 @@ class Box:
                 cmd, timeout or 0.0, process.stdout, process.stderr, box_id=self.id
             ) from None
         result = process.result()
+        if result.signal == signal.SIGKILL and self.cgroup.oom_kills() > oom_kills:
+            result.oom_killed = True  # SIGKILL, and the cgroup's OOM killer acted meanwhile
         if check and result.returncode != 0:
             raise CommandFailedError(result.returncode, cmd, result.stdout, result.stderr, box_id=self.id)
         return result
@@ -419,7 +430,8 @@ def stop_all() -> None:
             box.stop()
         except BoxError:
             pass
-    zygote.shutdown()
+    zygote.shutdown()  # reaps every box init: their cgroups can go now
+    cgroups.flush_pending(wait=5.0)
 
 
 atexit.register(stop_all)

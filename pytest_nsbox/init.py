@@ -126,6 +126,13 @@ def finish_root(config: dict[str, Any], prepared: dict[str, Any]) -> dict[str, A
     """Mount the test's root from its options and pivot into it; returns what the host needs."""
     root = f"{SCRATCH}/root"
 
+    # 3a. Join the box's cgroup (made by the host, limits already set), then make the cgroup
+    #     namespace, so the box sees its own cgroup as "/".
+    for procs in config.get("cgroup_procs", ()):
+        with open(procs, "w") as handle:
+            handle.write("0")
+    syscalls.unshare(syscalls.CLONE_NEWCGROUP)
+
     # 3. The overlay: image layers below (top first), the throwaway upper on top.
     lowers = ":".join(escape_overlay_path(p) for p in _short_lowers(config["lowers"]))
     syscalls.mount(

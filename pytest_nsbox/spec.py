@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -26,6 +27,9 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 NETWORK_MODES = ("none",)
 # Paths a tmpfs may not cover: the box's own kernel filesystems and its root.
 _RESERVED_MOUNTS = ("/", "/proc", "/sys", "/dev", "/dev/pts")
+
+LIMITS = ("pids", "memory", "memory_swap", "cpus", "cpuset", "io_weight")
+_CPUSET_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -147,14 +151,57 @@ def _network(value: object, what: str) -> str:
 
 
 def _limits(value: object, what: str) -> Mapping[str, Any]:
-    if value is None or value == {}:
-        return MappingProxyType({})
+    return MappingProxyType(parse_limits(value, what))
+
+
+def parse_limits(value: object, what: str) -> dict[str, Any]:
+    """Validate limits (``pids=10, memory="64M", cpus=0.5`` ...); errors name the limit."""
+    if value is None:
+        return {}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{what}: expected a dict such as {{'pids': 10}}, got {value!r}")
-    raise ConfigError(
-        f"{what}: resource limits ({', '.join(map(str, value))}) need cgroup support, "
-        "which this version of pytest-nsbox does not have yet; remove the limits"
-    )
+        raise ConfigError(f"{what}: expected a dict such as {{'pids': 10, 'memory': '64M'}}, got {value!r}")
+    result: dict[str, Any] = {}
+    for key, item in value.items():
+        where = f"{what}: {key}={item!r}"
+        if key not in LIMITS:
+            raise ConfigError(f"{what}: unknown limit {key!r}; known limits: {', '.join(LIMITS)}")
+        if item is None:
+            result[key] = None  # lift the limit
+        elif key == "pids":
+            if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+                raise ConfigError(f"{where}: expected a whole number of processes >= 1")
+            result[key] = item
+        elif key in ("memory", "memory_swap"):
+            result[key] = 0 if key == "memory_swap" and item == 0 else parse_size(item, where)
+        elif key == "cpus":
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not 0.01 <= item <= 4096:
+                raise ConfigError(f"{where}: expected a number of CPUs such as 0.5 or 2 (0.01 at least)")
+            result[key] = float(item)
+        elif key == "cpuset":
+            if not isinstance(item, str) or not _CPUSET_RE.match(item):
+                raise ConfigError(f"{where}: expected CPU numbers such as '0' or '0-1,3'")
+            _check_cpus_online(item, where)
+            result[key] = item
+        elif key == "io_weight":
+            if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 10000:
+                raise ConfigError(f"{where}: expected a weight from 1 to 10000 (100 is the default)")
+            result[key] = item
+    return result
+
+
+def _check_cpus_online(cpus: str, where: str) -> None:
+    online = _expand(Path("/sys/devices/system/cpu/online").read_text().strip())
+    missing = _expand(cpus) - online
+    if missing:
+        raise ConfigError(f"{where}: CPU(s) {sorted(missing)} are not online here (online: {sorted(online)})")
+
+
+def _expand(cpus: str) -> set[int]:
+    result: set[int] = set()
+    for part in cpus.split(","):
+        low, _, high = part.partition("-")
+        result.update(range(int(low), int(high or low) + 1))
+    return result
 
 
 def _env(value: object, what: str) -> Mapping[str, str]:

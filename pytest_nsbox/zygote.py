@@ -27,7 +27,6 @@ from typing import Any
 from . import channel, init, syscalls
 from .errors import BoxError
 from .syscalls import (
-    CLONE_NEWCGROUP,
     CLONE_NEWIPC,
     CLONE_NEWNET,
     CLONE_NEWNS,
@@ -35,7 +34,9 @@ from .syscalls import (
     CLONE_NEWUTS,
 )
 
-BOX_NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWCGROUP
+# No CLONE_NEWCGROUP here: the box joins its own cgroup when it is handed out, and only then
+# makes its cgroup namespace, so that inside it /proc/self/cgroup shows "/".
+BOX_NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 # The helper needs only the standard library and this package's low-level modules. Why not

@@ -1,0 +1,118 @@
+"""One ``Cgroup`` API over cgroup v1 and v2; the driver is chosen once, at run time.
+
+Every box gets its own cgroup (``nsb-<box id>``), so its processes can always be counted and
+capped. Hybrid hosts (v1 controllers plus an empty v2 tree) use v1, where the controllers are.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import CgroupError
+from ..spec import LIMITS, parse_limits
+from .base import NAME_PREFIX, CgroupStats, Driver
+from .v1 import V1Driver, mounted_controllers
+from .v2 import V2Driver
+
+__all__ = ["LIMITS", "Cgroup", "CgroupStats", "create", "driver", "flush_pending", "parse_limits"]
+
+
+@functools.cache
+def driver() -> Driver | None:
+    """The cgroup driver of this host, detected once; None where there are no cgroups."""
+    hierarchies = mounted_controllers()
+    if "pids" in hierarchies or "memory" in hierarchies:
+        return V1Driver(hierarchies)
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        return V2Driver()
+    return None
+
+
+class Cgroup:
+    """A box's cgroup: ``set(**limits)`` any time, ``stats()`` any time."""
+
+    def __init__(self, name: str, backend: Driver | None, dirs: list[Path]) -> None:
+        self.name = name
+        self.driver = backend
+        self.dirs = dirs
+        self._seen_pids_peak = 0
+
+    @property
+    def version(self) -> str:
+        return self.driver.version if self.driver else "none"
+
+    @property
+    def path(self) -> Path | None:
+        """The cgroup's directory (v1: the pids controller's, or the first)."""
+        return self.dirs[0] if self.dirs else None
+
+    def __repr__(self) -> str:
+        return f"<Cgroup {self.name} {self.version} {[str(d) for d in self.dirs]}>"
+
+    def set(self, **limits: Any) -> Cgroup:
+        """Change limits: ``pids``, ``memory`` ("64M" or bytes), ``memory_swap``, ``cpus``
+        (float CPUs), ``cpuset`` ("0-1"), ``io_weight`` (1-10000). ``None`` lifts a limit."""
+        parsed = parse_limits(limits, "Cgroup.set(...)")
+        if self.driver is None:
+            raise CgroupError("this host has no usable cgroups, so limits cannot be set (see `nsbox doctor`)")
+        self.driver.apply(self.dirs, parsed)
+        return self
+
+    def stats(self) -> CgroupStats:
+        if self.driver is None:
+            return CgroupStats()
+        stats = self.driver.stats(self.dirs, self._seen_pids_peak)
+        self._seen_pids_peak = max(self._seen_pids_peak, stats.pids_peak)
+        return stats
+
+    def oom_kills(self) -> int:
+        return self.driver.oom_kills(self.dirs) if self.driver else 0
+
+    def procs_files(self) -> list[str]:
+        return self.driver.procs_files(self.dirs) if self.driver else []
+
+    def remove(self) -> bool:
+        """rmdir the cgroup; False if it still has a process (then it is retried later)."""
+        return self.driver.remove(self.dirs) if self.driver else True
+
+
+def create(box_id: str, limits: dict[str, Any]) -> Cgroup:
+    """A new cgroup for a box, with ``limits`` applied before any process joins it."""
+    backend = driver()
+    name = NAME_PREFIX + box_id
+    if backend is None:
+        if limits:
+            raise CgroupError(f"limits {sorted(limits)} need cgroups, and this host has none usable")
+        return Cgroup(name, None, [])
+    flush_pending()
+    cgroup = Cgroup(name, backend, backend.create(name))
+    try:
+        if limits:
+            backend.apply(cgroup.dirs, limits)
+    except BaseException:
+        cgroup.remove()
+        raise
+    return cgroup
+
+
+_pending: list[Cgroup] = []
+
+
+def release(cgroup: Cgroup) -> None:
+    """Remove a stopped box's cgroup now, or as soon as its last process is gone."""
+    if not cgroup.remove():
+        _pending.append(cgroup)
+
+
+def flush_pending(wait: float = 0.0) -> list[Cgroup]:
+    """Retry the removals that could not happen yet; returns those that still cannot."""
+    deadline = time.monotonic() + wait
+    while True:
+        _pending[:] = [cgroup for cgroup in _pending if not cgroup.remove()]
+        if not _pending or time.monotonic() >= deadline:
+            return list(_pending)
+        time.sleep(0.01)

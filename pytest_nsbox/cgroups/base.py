@@ -1,0 +1,114 @@
+"""What both cgroup drivers share: the stats record, the driver protocol, careful file I/O."""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import CgroupError
+
+NAME_PREFIX = "nsb-"  # every box cgroup: nsb-<box id>
+PARENT_NAME = "pytest-nsbox"  # the directory that holds them, one per place we nest in
+
+
+@dataclass(frozen=True)
+class CgroupStats:
+    """A box's resource use; the same fields on cgroup v1 and v2 (microseconds, bytes)."""
+
+    pids_current: int = 0
+    pids_peak: int = 0
+    memory_current: int = 0
+    memory_peak: int = 0
+    oom_kills: int = 0
+    cpu_usec: int = 0
+    throttled_usec: int = 0
+
+
+class Driver(Protocol):
+    """One cgroup version's way of doing things, for cgroups the driver made."""
+
+    version: str
+
+    def create(self, name: str) -> list[Path]: ...
+
+    def procs_files(self, dirs: list[Path]) -> list[str]: ...
+
+    def apply(self, dirs: list[Path], limits: dict[str, Any]) -> None: ...
+
+    def stats(self, dirs: list[Path], seen_pids_peak: int) -> CgroupStats: ...
+
+    def oom_kills(self, dirs: list[Path]) -> int: ...
+
+    def empty(self, dirs: list[Path]) -> bool: ...
+
+    def remove(self, dirs: list[Path]) -> bool: ...
+
+
+def write(path: Path, value: str, limit: str | None = None) -> None:
+    """Write one cgroup file; the error names the file, the value and what to do."""
+    try:
+        with open(path, "w") as handle:
+            handle.write(value)
+    except OSError as exc:
+        hint = {
+            errno.EINVAL: "the kernel refused the value",
+            errno.EBUSY: "the cgroup is in use in a way that forbids this change",
+            errno.ENOENT: "this kernel or cgroup lacks that file (controller not enabled?)",
+            errno.EACCES: "run as root",
+            errno.EPERM: "run as root",
+        }.get(exc.errno or 0, exc.strerror)
+        what = f" for limit {limit!r}" if limit else ""
+        raise CgroupError(f"writing {value!r} to {path}{what} failed: {exc.strerror} ({hint})") from exc
+
+
+def read(path: Path, default: str = "") -> str:
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return default
+
+
+def read_int(path: Path, default: int = 0) -> int:
+    text = read(path).strip()
+    try:
+        return int(text)
+    except ValueError:
+        return default
+
+
+def keyed(path: Path) -> dict[str, int]:
+    """Files of ``key value`` lines (cpu.stat, memory.events, memory.oom_control)."""
+    result = {}
+    for line in read(path).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            result[parts[0]] = int(parts[1])
+    return result
+
+
+def remove_dirs(dirs: list[Path]) -> bool:
+    """rmdir each (a cgroup directory goes only once it has no processes); True if all went."""
+    gone = True
+    for path in dirs:
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            gone = False
+    return gone
+
+
+def own_cgroup(controller: str | None) -> str:
+    """Our process's cgroup path for a v1 controller, or the v2 path with ``None``."""
+    for line in read(Path("/proc/self/cgroup")).splitlines():
+        number, controllers, path = line.split(":", 2)
+        if controller is None and number == "0" and controllers == "":
+            return path
+        if controller is not None and controller in controllers.split(","):
+            return path
+    return "/"

@@ -1,0 +1,163 @@
+"""cgroup v1: one hierarchy per controller, each box gets a directory in every one we use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import CgroupError
+from .base import PARENT_NAME, CgroupStats, keyed, own_cgroup, read, read_int, remove_dirs, write
+
+CONTROLLERS = ("pids", "memory", "cpu", "cpuacct", "cpuset", "blkio")
+_PERIOD_US = 100_000
+_UNLIMITED = "-1"
+
+
+def mounted_controllers(mountinfo: str = "/proc/self/mountinfo") -> dict[str, Path]:
+    """Controller -> the directory of its v1 hierarchy (co-mounted ones share it)."""
+    found: dict[str, Path] = {}
+    with open(mountinfo) as handle:
+        for line in handle:
+            fields = line.split()
+            separator = fields.index("-")
+            if fields[separator + 1] != "cgroup":
+                continue
+            options = set(fields[separator + 3].split(","))
+            for controller in CONTROLLERS:
+                if controller in options:
+                    found.setdefault(controller, Path(fields[4]))
+    return found
+
+
+class V1Driver:
+    """Box cgroups nested below our own cgroup in each controller's hierarchy."""
+
+    version = "v1"
+
+    def __init__(self, hierarchies: dict[str, Path]) -> None:
+        self.hierarchies = hierarchies
+        # Nest below the cgroup pytest itself is in, so a box is charged where its owner is.
+        self.parents = {
+            controller: root / own_cgroup(controller).lstrip("/") / PARENT_NAME
+            for controller, root in hierarchies.items()
+        }
+
+    def _dirs(self, name: str) -> dict[str, Path]:
+        return {controller: parent / name for controller, parent in self.parents.items()}
+
+    def create(self, name: str) -> list[Path]:
+        made: list[Path] = []
+        try:
+            for controller, path in self._dirs(name).items():
+                if path in made:
+                    continue  # co-mounted controllers (cpu,cpuacct) share one directory
+                for directory in (path.parent, path):
+                    try:
+                        directory.mkdir()
+                    except FileExistsError:
+                        if directory == path:
+                            raise
+                        continue
+                    if controller == "cpuset":
+                        # Why: a new cpuset has no CPUs and refuses tasks until given some.
+                        for knob in ("cpuset.cpus", "cpuset.mems"):
+                            write(directory / knob, read(path.parent.parent / knob).strip() or "0")
+                made.append(path)
+        except OSError as exc:
+            remove_dirs(made)
+            raise CgroupError(f"cannot create cgroup {name} ({exc}); run as root") from exc
+        return made
+
+    def procs_files(self, dirs: list[Path]) -> list[str]:
+        return [str(d / "cgroup.procs") for d in dirs]
+
+    def _find(self, dirs: list[Path], controller: str) -> Path | None:
+        parent = self.parents.get(controller)
+        return next((d for d in dirs if parent is not None and d.parent == parent), None)
+
+    def apply(self, dirs: list[Path], limits: dict[str, Any]) -> None:
+        for key, value in limits.items():
+            controller = _CONTROLLER_OF[key]
+            directory = self._find(dirs, controller)
+            if directory is None:
+                raise CgroupError(
+                    f"limit {key!r} needs the v1 {controller} controller, which this host has not mounted"
+                )
+            if key == "pids":
+                write(directory / "pids.max", "max" if value is None else str(value), key)
+            elif key == "memory":
+                swap_file = directory / "memory.memsw.limit_in_bytes"
+                if swap_file.exists():
+                    write(swap_file, _UNLIMITED, key)  # memsw may never be below memory: lift it first
+                write(directory / "memory.limit_in_bytes", _UNLIMITED if value is None else str(value), key)
+                if value is not None and swap_file.exists():
+                    swap = limits.get("memory_swap") or 0  # swap off by default: an OOM is an OOM
+                    write(swap_file, str(value + swap), "memory_swap")
+            elif key == "memory_swap":
+                if "memory" not in limits:
+                    memory = read_int(directory / "memory.limit_in_bytes")
+                    swap_file = directory / "memory.memsw.limit_in_bytes"
+                    if swap_file.exists():
+                        write(swap_file, str(memory + (value or 0)), key)
+            elif key == "cpus":
+                write(directory / "cpu.cfs_period_us", str(_PERIOD_US), key)
+                quota = _UNLIMITED if value is None else str(max(1000, int(value * _PERIOD_US)))
+                write(directory / "cpu.cfs_quota_us", quota, key)
+            elif key == "cpuset":
+                write(directory / "cpuset.cpus", value, key)
+            elif key == "io_weight":
+                for knob in ("blkio.bfq.weight", "blkio.weight"):
+                    if (directory / knob).exists():
+                        # v1 weights run 1..1000 (bfq) or 10..1000; v2's 1..10000 are scaled down.
+                        weight = max(10, min(1000, value // 10 if value > 1000 else value))
+                        write(directory / knob, str(weight), key)
+                        break
+                else:
+                    raise CgroupError(
+                        f"limit 'io_weight' needs blkio.weight or the BFQ I/O scheduler ({directory})"
+                    )
+
+    def stats(self, dirs: list[Path], seen_pids_peak: int) -> CgroupStats:
+        pids = self._find(dirs, "pids")
+        memory = self._find(dirs, "memory")
+        cpu = self._find(dirs, "cpu")
+        cpuacct = self._find(dirs, "cpuacct")
+        pids_current = read_int(pids / "pids.current") if pids else 0
+        peak = read_int(pids / "pids.peak", -1) if pids else -1
+        if peak < 0 and pids is not None:
+            # No pids.peak on this kernel: a limit that refused a fork was reached.
+            limit = read(pids / "pids.max").strip()
+            reached = keyed(pids / "pids.events").get("max", 0) > 0 and limit.isdigit()
+            peak = max(seen_pids_peak, pids_current, int(limit) if reached else 0)
+        return CgroupStats(
+            pids_current=pids_current,
+            pids_peak=max(peak, 0),
+            memory_current=read_int(memory / "memory.usage_in_bytes") if memory else 0,
+            memory_peak=read_int(memory / "memory.max_usage_in_bytes") if memory else 0,
+            oom_kills=self.oom_kills(dirs),
+            cpu_usec=read_int(cpuacct / "cpuacct.usage") // 1000 if cpuacct else 0,
+            throttled_usec=keyed(cpu / "cpu.stat").get("throttled_time", 0) // 1000 if cpu else 0,
+        )
+
+    def oom_kills(self, dirs: list[Path]) -> int:
+        memory = self._find(dirs, "memory")
+        return keyed(memory / "memory.oom_control").get("oom_kill", 0) if memory else 0
+
+    def empty(self, dirs: list[Path]) -> bool:
+        return all(not read(d / "cgroup.procs").strip() for d in dirs)
+
+    def remove(self, dirs: list[Path]) -> bool:
+        gone = remove_dirs(dirs)
+        if gone:
+            remove_dirs(sorted({d.parent for d in dirs}))  # the shared parent, once nobody is left
+        return gone
+
+
+_CONTROLLER_OF = {
+    "pids": "pids",
+    "memory": "memory",
+    "memory_swap": "memory",
+    "cpus": "cpu",
+    "cpuset": "cpuset",
+    "io_weight": "blkio",
+}

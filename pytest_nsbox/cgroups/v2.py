@@ -1,0 +1,145 @@
+"""cgroup v2: one unified tree; each box gets one directory with the controllers it needs."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import CgroupError
+from .base import PARENT_NAME, CgroupStats, keyed, own_cgroup, read, read_int, remove_dirs, write
+
+WANTED = ("pids", "memory", "cpu", "io", "cpuset")
+_PERIOD_US = 100_000
+_LEAF = "nsbox-leaf"  # where our own processes go when the root of our view must delegate
+
+
+class V2Driver:
+    """Box cgroups in ``<our cgroup's parent>/pytest-nsbox/nsb-<id>``."""
+
+    version = "v2"
+
+    def __init__(self, root: Path = Path("/sys/fs/cgroup")) -> None:
+        self.root = root
+        own = root / own_cgroup(None).lstrip("/")
+        # Our own cgroup holds processes (pytest), so it may not delegate controllers to
+        # children ("no internal processes"): nest beside it, in its parent, unless we are at
+        # the root of our view (a container's cgroup namespace, or the real root).
+        self.nest = own if own == root else own.parent
+        self.parent = self.nest / PARENT_NAME
+        self._ready = False
+
+    def _prepare(self) -> None:
+        """Controllers enabled down to our parent directory (once per process)."""
+        if self._ready:
+            return
+        self._delegate(self.nest)
+        try:
+            self.parent.mkdir()
+        except FileExistsError:
+            pass
+        self._delegate(self.parent)
+        self._ready = True
+
+    def _delegate(self, directory: Path) -> None:
+        available = read(directory / "cgroup.controllers").split()
+        enabled = read(directory / "cgroup.subtree_control").split()
+        for controller in WANTED:
+            if controller not in available or controller in enabled:
+                continue
+            try:
+                write(directory / "cgroup.subtree_control", f"+{controller}")
+            except CgroupError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, OSError) and cause.errno == errno.EBUSY and directory == self.root:
+                    # The root of a container's view holds its processes: move them into a leaf
+                    # first, as Docker-in-Docker entrypoints do, then delegate.
+                    self._move_processes_to_leaf(directory)
+                    write(directory / "cgroup.subtree_control", f"+{controller}")
+                elif controller != "cpuset":  # cpuset is optional (absent under some kernels)
+                    raise
+
+    def _move_processes_to_leaf(self, directory: Path) -> None:
+        leaf = directory / _LEAF
+        leaf.mkdir(exist_ok=True)
+        for pid in read(directory / "cgroup.procs").split():
+            try:
+                write(leaf / "cgroup.procs", pid)
+            except CgroupError:
+                pass  # gone meanwhile, or a kernel thread
+
+    def create(self, name: str) -> list[Path]:
+        self._prepare()
+        path = self.parent / name
+        try:
+            path.mkdir()
+        except OSError as exc:
+            raise CgroupError(f"cannot create cgroup {path} ({exc.strerror}); run as root") from exc
+        return [path]
+
+    def procs_files(self, dirs: list[Path]) -> list[str]:
+        return [str(dirs[0] / "cgroup.procs")]
+
+    def apply(self, dirs: list[Path], limits: dict[str, Any]) -> None:
+        path = dirs[0]
+        for key, value in limits.items():
+            if key == "pids":
+                write(path / "pids.max", "max" if value is None else str(value), key)
+            elif key == "memory":
+                write(path / "memory.max", "max" if value is None else str(value), key)
+                if value is not None and "memory_swap" not in limits and (path / "memory.swap.max").exists():
+                    write(path / "memory.swap.max", "0", key)  # swap off by default: an OOM is an OOM
+            elif key == "memory_swap":
+                if (path / "memory.swap.max").exists():
+                    write(path / "memory.swap.max", "max" if value is None else str(value), key)
+            elif key == "cpus":
+                quota = "max" if value is None else str(max(1000, int(value * _PERIOD_US)))
+                write(path / "cpu.max", f"{quota} {_PERIOD_US}", key)
+            elif key == "cpuset":
+                if not (path / "cpuset.cpus").exists():
+                    raise CgroupError("limit 'cpuset' needs the cpuset controller, which this kernel lacks")
+                write(path / "cpuset.cpus", value, key)
+            elif key == "io_weight":
+                write(path / "io.weight", f"default {value}", key)
+
+    def stats(self, dirs: list[Path], seen_pids_peak: int) -> CgroupStats:
+        path = dirs[0]
+        cpu = keyed(path / "cpu.stat")
+        pids_current = read_int(path / "pids.current")
+        peak = read_int(path / "pids.peak", -1)
+        if peak < 0:
+            # No pids.peak before Linux 6.13: a limit that refused a fork was reached.
+            limit = read(path / "pids.max").strip()
+            reached = keyed(path / "pids.events").get("max", 0) > 0 and limit.isdigit()
+            peak = max(seen_pids_peak, pids_current, int(limit) if reached else 0)
+        return CgroupStats(
+            pids_current=pids_current,
+            pids_peak=peak,
+            memory_current=read_int(path / "memory.current"),
+            memory_peak=read_int(path / "memory.peak"),
+            oom_kills=self.oom_kills(dirs),
+            cpu_usec=cpu.get("usage_usec", 0),
+            throttled_usec=cpu.get("throttled_usec", 0),
+        )
+
+    def oom_kills(self, dirs: list[Path]) -> int:
+        return keyed(dirs[0] / "memory.events").get("oom_kill", 0)
+
+    def empty(self, dirs: list[Path]) -> bool:
+        return "populated 0" in read(dirs[0] / "cgroup.events")
+
+    def remove(self, dirs: list[Path]) -> bool:
+        kill = dirs[0] / "cgroup.kill"
+        if kill.exists() and not self.empty(dirs):
+            try:
+                write(kill, "1")  # 5.14+: the kernel kills every process in it
+            except CgroupError:
+                pass
+        gone = remove_dirs(dirs)
+        if gone:
+            try:
+                os.rmdir(self.parent)  # the shared parent, once nobody is left in it
+            except OSError:
+                pass
+        return gone
