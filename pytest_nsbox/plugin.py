@@ -14,6 +14,7 @@ import pytest
 
 from . import probe
 from .box import Box, stop_all
+from .cgroups import Cgroup
 from .errors import ConfigError, HostUnsupportedError, ImageError, NsboxError
 from .image import load_image, split_reference
 from .overlay import OverlayRoot
@@ -25,7 +26,7 @@ DEFAULTS = pytest.StashKey[dict[str, Any]]()  # box options from the command lin
 _MARKER_HELP = (
     "nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None, cache=None, "
     "network='none', limits=None): configure the test's nsbox, e.g. tmpfs={'/data': '16M'} "
-    "for a size-capped scratch dir"
+    "for a size-capped scratch dir, limits={'pids': 10, 'memory': '64M', 'cpus': 0.5}"
 )
 
 
@@ -199,6 +200,25 @@ def nsbox(request: pytest.FixtureRequest, _nsbox_registry: BoxRegistry) -> Box:
     # The marker is checked before the host: a typo must not hide behind a skip.
     defaults = request.config.stash.get(DEFAULTS, {})
     return _nsbox_registry.start(_spec("@pytest.mark.nsbox(...)", {**defaults, **options}))
+
+
+@pytest.fixture
+def cgroup_limit(request: pytest.FixtureRequest) -> Callable[..., Cgroup]:
+    """``limit(box=None, **limits) -> Cgroup``: cap the test's ``nsbox`` (or ``box``) now.
+
+    ``cgroup_limit(pids=3)``, ``cgroup_limit(memory="64M", cpus=0.5)``, or for another box of
+    the test ``cgroup_limit(box=other, pids=10)``; ``None`` lifts a limit.
+    """
+
+    def limit(box: Box | None = None, **limits: Any) -> Cgroup:
+        target = box if box is not None else request.getfixturevalue("nsbox")
+        try:
+            return target.cgroup.set(**limits)
+        except ConfigError as exc:
+            message = f"cgroup_limit(...): {exc}"
+        pytest.fail(message, pytrace=False)
+
+    return limit
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import platform
 import re
 from dataclasses import dataclass
 
+from . import cgroups
 from .errors import HostUnsupportedError
 
 _CAP_SYS_ADMIN = 21
@@ -123,12 +124,10 @@ def _check_arch() -> Capability:
 
 
 def _check_cgroups() -> Capability:
-    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
-        detail = "v2 (unified)"
-    elif os.path.isdir("/sys/fs/cgroup/pids"):
-        detail = "v1" + (
-            " with an empty v2 at /sys/fs/cgroup/unified" if os.path.isdir("/sys/fs/cgroup/unified") else ""
+    backend = cgroups.driver()
+    if backend is None:
+        return Capability(
+            "cgroups", False, "none usable: boxes run, but limits cannot be set", required=False
         )
-    else:
-        detail = "none found"
-    return Capability("cgroups", True, detail, required=False)
+    where = getattr(backend, "parent", None) or next(iter(getattr(backend, "parents", {}).values()), "")
+    return Capability("cgroups", True, f"{backend.version}; box cgroups under {where}", required=False)

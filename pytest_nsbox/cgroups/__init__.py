@@ -56,7 +56,7 @@ class Cgroup:
     def set(self, **limits: Any) -> Cgroup:
         """Change limits: ``pids``, ``memory`` ("64M" or bytes), ``memory_swap``, ``cpus``
         (float CPUs), ``cpuset`` ("0-1"), ``io_weight`` (1-10000). ``None`` lifts a limit."""
-        parsed = parse_limits(limits, "Cgroup.set(...)")
+        parsed = parse_limits(limits, "limits")
         if self.driver is None:
             raise CgroupError("this host has no usable cgroups, so limits cannot be set (see `nsbox doctor`)")
         self.driver.apply(self.dirs, parsed)

@@ -184,10 +184,28 @@ def test_empty_limits_are_accepted() -> None:
     assert dict(BoxSpec.create(MARKER, limits=None).limits) == {}
 
 
-def test_non_empty_limits_are_refused_naming_them() -> None:
-    message = config_error(limits={"pids": 10, "memory": "64M"})
-    assert message.startswith(f"{MARKER}: limits: resource limits (pids, memory)")
-    assert "cgroup" in message
+def test_limits_are_validated_and_normalised() -> None:
+    spec = BoxSpec.create(MARKER, limits={"pids": 10, "memory": "64M", "cpus": 1, "memory_swap": 0})
+    assert dict(spec.limits) == {"pids": 10, "memory": 64 << 20, "cpus": 1.0, "memory_swap": 0}
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        ({"pids": 0}, "pids=0: expected a whole number of processes >= 1"),
+        ({"pids": "10"}, "pids='10': expected a whole number"),
+        ({"memory": "lots"}, "memory='lots'"),
+        ({"cpus": 0}, "cpus=0: expected a number of CPUs"),
+        ({"cpuset": "a-b"}, "cpuset='a-b': expected CPU numbers"),
+        ({"cpuset": "4096"}, "are not online here"),
+        ({"io_weight": 0}, "io_weight=0: expected a weight from 1 to 10000"),
+        ({"swap": 1}, "unknown limit 'swap'; known limits: pids, memory"),
+    ],
+)
+def test_bad_limits_name_the_limit_and_the_accepted_form(limits: dict[str, object], expected: str) -> None:
+    message = config_error(limits=limits)
+    assert message.startswith(f"{MARKER}: limits")
+    assert expected in message
 
 
 def test_limits_that_are_not_a_mapping_are_refused() -> None:
