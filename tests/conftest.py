@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from pytest_nsbox import live_boxes, probe, zygote
+from pytest_nsbox import cgroups, live_boxes, probe, zygote
 from pytest_nsbox.plugin import STRICT
 
 _BASELINE = pytest.StashKey[dict[str, object]]()
@@ -60,8 +60,14 @@ def _name(process: psutil.Process) -> str:
         return ""
 
 
+def _box_cgroups() -> set[str]:
+    """Box cgroup directories (``nsb-*``) wherever this host's driver makes them."""
+    backend = cgroups.driver()
+    return {str(path) for path in backend.existing()} if backend else set()
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    session.config.stash[_BASELINE] = {"mounts": _mount_lines()}
+    session.config.stash[_BASELINE] = {"mounts": _mount_lines(), "cgroups": _box_cgroups()}
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -82,6 +88,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     extra = sorted(set(_mount_lines()) - set(baseline["mounts"]))  # type: ignore[arg-type]
     if extra:
         problems.append(f"mounts added on the host: {extra}")
+    cgroups.flush_pending(wait=5)
+    left = sorted(_box_cgroups() - baseline["cgroups"])  # type: ignore[operator]
+    if left:
+        problems.append(f"box cgroups left behind: {left}")
     if problems:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         text = "pytest-nsbox leak check failed:\n  " + "\n  ".join(problems)

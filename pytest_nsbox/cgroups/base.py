@@ -46,6 +46,19 @@ class Driver(Protocol):
 
     def remove(self, dirs: list[Path]) -> bool: ...
 
+    def existing(self) -> list[Path]: ...
+
+
+def box_dirs(parents: list[Path]) -> list[Path]:
+    """The box cgroups (``nsb-*``) in these parent directories, for leak checks and reapers."""
+    found: list[Path] = []
+    for parent in parents:
+        try:
+            found.extend(p for p in parent.iterdir() if p.name.startswith(NAME_PREFIX))
+        except OSError:
+            continue
+    return sorted(found)
+
 
 def write(path: Path, value: str, limit: str | None = None) -> None:
     """Write one cgroup file; the error names the file, the value and what to do."""

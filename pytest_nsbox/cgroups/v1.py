@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CgroupError
-from .base import PARENT_NAME, CgroupStats, keyed, own_cgroup, read, read_int, remove_dirs, write
+from .base import PARENT_NAME, CgroupStats, box_dirs, keyed, own_cgroup, read, read_int, remove_dirs, write
 
 CONTROLLERS = ("pids", "memory", "cpu", "cpuacct", "cpuset", "blkio")
 _PERIOD_US = 100_000
@@ -151,6 +151,9 @@ class V1Driver:
         if gone:
             remove_dirs(sorted({d.parent for d in dirs}))  # the shared parent, once nobody is left
         return gone
+
+    def existing(self) -> list[Path]:
+        return box_dirs(list(self.parents.values()))
 
 
 _CONTROLLER_OF = {

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CgroupError
-from .base import PARENT_NAME, CgroupStats, keyed, own_cgroup, read, read_int, remove_dirs, write
+from .base import PARENT_NAME, CgroupStats, box_dirs, keyed, own_cgroup, read, read_int, remove_dirs, write
 
 WANTED = ("pids", "memory", "cpu", "io", "cpuset")
 _PERIOD_US = 100_000
@@ -143,3 +143,6 @@ class V2Driver:
             except OSError:
                 pass
         return gone
+
+    def existing(self) -> list[Path]:
+        return box_dirs([self.parent])

@@ -103,21 +103,36 @@ def test_every_box_process_dies_when_its_owner_is_killed(tmp_path: Path) -> None
             from pytest_nsbox import Box
             box = Box().start()
             sleeper = box.spawn(["sleep", "1000"])
-            print(box.pid, sleeper.host_pid, flush=True)
+            print(box.pid, sleeper.host_pid, *box.cgroup.dirs, flush=True)
             time.sleep(1000)
             """
         )
     )
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    cgroup_dirs: list[str] = []
     try:
         assert owner.stdout is not None
-        init_pid, sleeper_pid = map(int, owner.stdout.readline().split())
-        assert psutil.pid_exists(init_pid) and psutil.pid_exists(sleeper_pid)
+        init_pid, sleeper_pid, *cgroup_dirs = owner.stdout.readline().split()
+        assert psutil.pid_exists(int(init_pid)) and psutil.pid_exists(int(sleeper_pid))
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
-    assert _wait_gone(sleeper_pid), "the box's processes outlived the process that owned it"
-    assert _wait_gone(init_pid)
+    try:
+        assert _wait_gone(int(sleeper_pid)), "the box's processes outlived the process that owned it"
+        assert _wait_gone(int(init_pid))
+    finally:
+        # A SIGKILLed owner cannot remove its box's (now empty) cgroup: that is the reaper's job.
+        for directory in cgroup_dirs:
+            _rmdir_when_empty(directory)
+
+
+def _rmdir_when_empty(directory: str) -> None:
+    deadline = time.monotonic() + 10
+    while os.path.isdir(directory) and time.monotonic() < deadline:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            time.sleep(0.05)
 
 
 def test_box_works_without_pytest(tmp_path: Path) -> None:

@@ -1,0 +1,147 @@
+"""Resource caps on cgroup v1 or v2 (whichever this host has): limits, stats, OOM, teardown."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from pytest_nsbox import Box, CgroupError, ConfigError
+from pytest_nsbox.cgroups import driver
+
+pytestmark = pytest.mark.requires("boxes")
+
+needs_cgroups = pytest.mark.skipif(driver() is None, reason="this host has no usable cgroups")
+
+
+@needs_cgroups
+def test_pids_limit_makes_fork_fail_with_eagain(nsbox: Box, cgroup_limit) -> None:
+    cgroup_limit(pids=3)
+    result = nsbox.run(["bash", "-c", "for i in 1 2 3 4 5; do sleep 5 & done; wait"], timeout=120)
+    assert "Resource temporarily unavailable" in result.stderr
+    assert 0 < nsbox.cgroup.stats().pids_peak <= 3
+
+
+@needs_cgroups
+@pytest.mark.nsbox(limits={"pids": 50})
+def test_a_fork_bomb_is_capped_and_stop_is_prompt(nsbox: Box) -> None:
+    nsbox.spawn(["bash", "-c", ":(){ :|:& };:"])
+    deadline = time.monotonic() + 30
+    while nsbox.cgroup.stats().pids_current < 45 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert nsbox.cgroup.stats().pids_peak <= 50
+    assert subprocess.run(["true"], timeout=30).returncode == 0  # the host can still fork
+    started = time.monotonic()
+    nsbox.stop()
+    assert time.monotonic() - started < 10, "stop() must not hang on a fork bomb (generous bound)"
+    assert not any(path.exists() for path in nsbox.cgroup.dirs) or _eventually_gone(nsbox)
+
+
+def _eventually_gone(box: Box) -> bool:
+    from pytest_nsbox.cgroups import flush_pending
+
+    flush_pending(wait=5)
+    return not any(path.exists() for path in box.cgroup.dirs)
+
+
+@needs_cgroups
+@pytest.mark.nsbox(limits={"memory": "48M"})
+def test_memory_cap_oom_kills_and_says_so(nsbox: Box) -> None:
+    hog = "import time; chunks = [bytearray(1 << 20) for _ in range(300)]; time.sleep(1); print('survived')"
+    result = nsbox.run(["python3", "-c", hog], timeout=120)
+    assert result.returncode == -9 and result.signal == 9
+    assert result.oom_killed is True
+    stats = nsbox.cgroup.stats()
+    assert stats.oom_kills >= 1
+    assert 24 << 20 <= stats.memory_peak <= 52 << 20, stats
+
+
+@needs_cgroups
+def test_a_process_that_fits_is_not_oom_killed(nsbox_factory) -> None:
+    box = nsbox_factory(limits={"memory": "64M"})
+    result = box.run(["python3", "-c", "x = bytearray(8 << 20); print(len(x))"], timeout=60)
+    assert result.returncode == 0 and result.oom_killed is False
+    killed = box.run("kill -9 $$")
+    assert killed.signal == 9 and killed.oom_killed is False  # SIGKILL alone is not an OOM
+
+
+@needs_cgroups
+@pytest.mark.nsbox(limits={"cpus": 0.2})
+def test_cpu_quota_throttles(nsbox: Box) -> None:
+    before = nsbox.cgroup.stats()
+    nsbox.run(["timeout", "2", "sh", "-c", "while :; do :; done"], timeout=60)
+    after = nsbox.cgroup.stats()
+    used = (after.cpu_usec - before.cpu_usec) / 1e6
+    assert 0.2 <= used <= 0.8, f"2 s at 0.2 CPU should use about 0.4 s of CPU, used {used:.2f} s"
+    assert after.throttled_usec > before.throttled_usec
+
+
+@needs_cgroups
+def test_the_box_sees_its_own_cgroup_as_root(nsbox: Box) -> None:
+    lines = nsbox.run("cat /proc/self/cgroup").stdout.splitlines()
+    assert lines and all(line.endswith(":/") for line in lines), lines
+
+
+@needs_cgroups
+def test_every_box_has_its_own_cgroup_removed_at_stop(nsbox_factory) -> None:
+    first, second = nsbox_factory(), nsbox_factory()
+    assert first.cgroup.dirs and set(first.cgroup.dirs).isdisjoint(second.cgroup.dirs)
+    assert all(d.name == f"nsb-{first.id}" for d in first.cgroup.dirs)
+    first.run("sleep 0.1 & sleep 0.1 & wait")
+    assert first.cgroup.stats().pids_peak >= 3
+    assert second.cgroup.stats().pids_current == 1  # only its init
+    first.stop()
+    assert _eventually_gone(first)
+
+
+@needs_cgroups
+def test_limits_change_while_running_and_for_another_box(nsbox: Box, nsbox_factory, cgroup_limit) -> None:
+    other = nsbox_factory()
+    cgroup_limit(box=other, pids=2)
+    assert "Resource temporarily unavailable" in other.run(["bash", "-c", "sleep 1 & sleep 1 & wait"]).stderr
+    assert nsbox.run(["bash", "-c", "sleep 0.1 & sleep 0.1 & wait"]).stderr == ""
+    other.cgroup.set(pids=None)  # lifted
+    assert other.run(["bash", "-c", "sleep 0.1 & sleep 0.1 & wait"]).stderr == ""
+
+
+@needs_cgroups
+def test_cpuset_pins_the_box(nsbox: Box, cgroup_limit) -> None:
+    try:
+        cgroup_limit(cpuset="0")
+    except CgroupError as exc:
+        pytest.skip(f"no cpuset controller here: {exc}")
+    assert nsbox.run("grep Cpus_allowed_list /proc/self/status").stdout.split()[-1] == "0"
+
+
+@needs_cgroups
+def test_io_weight_is_applied_where_the_kernel_has_a_weight(nsbox: Box) -> None:
+    try:
+        nsbox.cgroup.set(io_weight=500)
+    except CgroupError as exc:
+        assert "io_weight" in str(exc)  # said clearly where the host has no weight knob
+        return
+    weights = [p for d in nsbox.cgroup.dirs for p in d.iterdir() if p.name.endswith("weight")]
+    assert weights and any("500" in p.read_text() for p in weights)
+
+
+def test_bad_limits_are_refused_before_the_box_starts() -> None:
+    with pytest.raises(ConfigError, match=r"limits: pids=-1: expected a whole number of processes"):
+        Box(limits={"pids": -1})
+    with pytest.raises(ConfigError, match="unknown limit 'ram'"):
+        Box(limits={"ram": "1G"})
+
+
+def test_bad_limits_at_run_time_name_the_limit(nsbox: Box) -> None:
+    with pytest.raises(ConfigError, match=r"memory='a lot'"):
+        nsbox.cgroup.set(memory="a lot")
+
+
+@needs_cgroups
+def test_limits_do_not_touch_the_host(nsbox: Box, cgroup_limit) -> None:
+    cgroup_limit(pids=5, memory="32M", cpus=0.5)
+    own = open("/proc/self/cgroup").read()
+    assert "nsb-" not in own
+    assert os.getpid() not in [p.pid for p in nsbox.processes()]
