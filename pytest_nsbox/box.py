@@ -25,7 +25,7 @@ import psutil
 
 from . import cgroups, channel, probe, zygote
 from .boxfs import BoxFiles
-from .errors import BoxError, CommandFailedError, CommandNotFoundError, CommandTimeoutError
+from .errors import BoxError, CgroupError, CommandFailedError, CommandNotFoundError, CommandTimeoutError
 from .image import HOST_ROOT, Image, load_image
 from .link import InitLink
 from .overlay import OverlayRoot
@@ -119,7 +119,11 @@ class Box:
             probe.require_box_support()
             image = load_image(self.spec.image, self.spec.cache)
             self.image = image
-            self.cgroup = cgroups.create(self.id, dict(self.spec.limits))
+            if self.spec.limits and cgroups.driver() is None:
+                raise CgroupError(
+                    f"box {self.id}: limits {sorted(self.spec.limits)} need cgroups; "
+                    "this host has none usable (see `nsbox doctor`)"
+                )
             config: dict[str, Any] = {
                 "id": self.id,
                 "hostname": self.spec.hostname,
@@ -127,7 +131,6 @@ class Box:
                 "image_env": image.config.env_dict(),
                 "workdir": image.config.workdir,
                 "user": image.config.user,
-                "cgroup_procs": self.cgroup.procs_files(),
                 "env": dict(self.spec.env),
                 "tmpfs": dict(self.spec.tmpfs),
                 "privileged": self.spec.privileged,
@@ -135,14 +138,10 @@ class Box:
             asked = time.monotonic()
             ours, theirs = channel.socketpair()
             try:
-                try:
-                    zygote.get().spawn_box(config, theirs)
-                finally:
-                    theirs.close()
-                ready = self._await_ready(ours)
-            except BaseException:
-                cgroups.release(self.cgroup)
-                raise
+                zygote.get().spawn_box(config, theirs)
+            finally:
+                theirs.close()
+            ready = self._await_ready(ours)
             self.pid = int(ready["host_pid"])
             self._pidfd = os.pidfd_open(self.pid)
             self._link = InitLink(ours, self.id)
@@ -157,7 +156,16 @@ class Box:
             )
             self._state = "running"
             _live.add(self)
+            # The zygote made the box's cgroup and the box joined it while it waited: name it
+            # after the box, and set the limits before anything runs in it.
+            self.cgroup = cgroups.adopt(self.id, ready.get("cgroup", []))
             self.timings = _start_timings(asked, ready, time.monotonic())
+        if self.spec.limits:
+            try:
+                self.cgroup.set(**self.spec.limits)
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def _await_ready(self, sock: Any) -> dict[str, Any]:

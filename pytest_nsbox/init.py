@@ -51,7 +51,7 @@ _DEV_LINKS = (
 )
 
 
-def await_box(control: socket.socket) -> None:
+def await_box(control: socket.socket, cgroup_dirs: list[str]) -> None:
     """Life of a pre-cloned box: get everything generic ready, wait to be asked, become the box.
 
     The zygote clones the next box into its namespaces as soon as it hands one out, so the
@@ -69,6 +69,8 @@ def await_box(control: socket.socket) -> None:
         failure: BaseException | None = None
         try:
             prepared = prepare_root()
+            _join_cgroup(cgroup_dirs)
+            prepared["cgroup"] = cgroup_dirs
         except Exception as exc:  # reported to the host that asks for this box
             prepared, failure = {}, exc
         message, fds = channel.recv(control)
@@ -122,16 +124,19 @@ def prepare_root() -> dict[str, Any]:
     return {"host_pid": host_pid, "scratch_fd": scratch_fd}
 
 
+def _join_cgroup(cgroup_dirs: list[str]) -> None:
+    """Join the cgroup the zygote made for this box, then make the cgroup namespace, so the
+    box sees its own cgroup as "/". Done while waiting: the first move of a process between
+    cgroups waits for an RCU grace period, milliseconds no test should wait for."""
+    for directory in cgroup_dirs:
+        with open(f"{directory}/cgroup.procs", "w") as handle:
+            handle.write("0")
+    syscalls.unshare(syscalls.CLONE_NEWCGROUP)
+
+
 def finish_root(config: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]:
     """Mount the test's root from its options and pivot into it; returns what the host needs."""
     root = f"{SCRATCH}/root"
-
-    # 3a. Join the box's cgroup (made by the host, limits already set), then make the cgroup
-    #     namespace, so the box sees its own cgroup as "/".
-    for procs in config.get("cgroup_procs", ()):
-        with open(procs, "w") as handle:
-            handle.write("0")
-    syscalls.unshare(syscalls.CLONE_NEWCGROUP)
 
     # 3. The overlay: image layers below (top first), the throwaway upper on top.
     lowers = ":".join(escape_overlay_path(p) for p in _short_lowers(config["lowers"]))

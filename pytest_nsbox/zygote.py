@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import channel, init, syscalls
-from .errors import BoxError
+from . import cgroups, channel, init, syscalls
+from .errors import BoxError, NsboxError
 from .syscalls import (
     CLONE_NEWIPC,
     CLONE_NEWNET,
@@ -153,8 +153,11 @@ def main(argv: list[str]) -> None:
     fd, parent, pdeathsig = int(argv[1]), int(argv[2]), argv[3] == "1"
     syscalls.set_process_name("nsbox-zygote")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Why SIGTERM, not SIGKILL: when pytest dies, the zygote still kills and reaps its boxes and
+    # removes their cgroups, which nobody else would.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: _shutdown())
     if pdeathsig:
-        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before the line above: nobody to serve
             os._exit(0)
     _serve(socket.socket(fileno=fd))
@@ -181,6 +184,17 @@ def _reap() -> None:
         if pid == 0:
             return
         _boxes.discard(pid)
+        _remove_box_cgroup(pid)
+
+
+def _remove_box_cgroup(pid: int) -> None:
+    """Once a box's init is reaped its cgroup is empty (the kernel killed the rest first):
+    remove it, under whichever name it has. The host tries too; the first one wins. This
+    covers the boxes that never started, and every box of a host that died."""
+    cgroup = _unclaimed_cgroups.pop(pid, []) + _handed_out_cgroups.pop(pid, [])
+    backend = cgroups.driver()
+    if cgroup and backend is not None:
+        backend.remove([d for d in cgroup if d.exists()])
 
 
 def _shutdown() -> None:
@@ -196,18 +210,26 @@ def _shutdown() -> None:
             pass
     while True:
         try:
-            os.waitpid(-1, 0)
+            pid, _status = os.waitpid(-1, 0)
         except ChildProcessError:
             break
+        _remove_box_cgroup(pid)
     os._exit(0)
 
 
 class _Warm:
-    """The next box, already cloned into its namespaces and waiting for its options."""
+    """The next box, already cloned into its namespaces and cgroup, waiting for its options."""
 
-    def __init__(self, pid: int, control: socket.socket) -> None:
+    def __init__(self, pid: int, control: socket.socket, cgroup: list[Path]) -> None:
         self.pid = pid
         self.control = control
+        self.cgroup = cgroup
+
+
+# Box cgroups by init pid, removed when the init is reaped: unclaimed ones (never handed out)
+# and handed-out ones (under their first name and the box's, which the host renames to).
+_unclaimed_cgroups: dict[int, list[Path]] = {}
+_handed_out_cgroups: dict[int, list[Path]] = {}
 
 
 _warm: _Warm | None = None
@@ -228,6 +250,11 @@ def _hand_out(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket) -
         _report(box_fd, _warm_failure or OSError("no box"), "clone into new namespaces")
         return
     taken, _warm = _warm, None
+    # The host owns this box's cgroup from now on and renames it after the box; should the
+    # host die without removing it, the zygote does so at its own end (see _shutdown).
+    _unclaimed_cgroups.pop(taken.pid, None)
+    renamed = [d.with_name(cgroups.NAME_PREFIX + str(config["id"])) for d in taken.cgroup]
+    _handed_out_cgroups[taken.pid] = taken.cgroup + renamed
     config["t_handoff"] = time.monotonic()  # the box reports its phases to the host
     try:
         channel.send(taken.control, {"config": config}, [box_fd])
@@ -242,6 +269,12 @@ def _hand_out(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket) -
 def _clone_warm(zygote_sock: socket.socket) -> None:
     global _warm, _warm_failure
     _note_host_mounts()  # before the clone: a change during it shows at the next hand-out
+    backend = cgroups.driver()
+    try:
+        cgroup = backend.create(cgroups.NAME_PREFIX + os.urandom(4).hex()) if backend else []
+    except NsboxError as exc:
+        _warm_failure = OSError(str(exc))
+        return
     ours, theirs = channel.socketpair()
     try:
         # The child is born in the box's namespaces as PID 1 of its new pid namespace.
@@ -249,6 +282,8 @@ def _clone_warm(zygote_sock: socket.socket) -> None:
     except OSError as exc:
         ours.close()
         theirs.close()
+        if backend:
+            backend.remove(cgroup)
         _warm_failure = exc
         return
     if pid == 0:
@@ -260,10 +295,11 @@ def _clone_warm(zygote_sock: socket.socket) -> None:
         # out) must not be held by this one: the host learns of a box's death by EOF.
         os.closerange(3, theirs.fileno())
         os.closerange(theirs.fileno() + 1, 1 << 16)
-        init.await_box(theirs)  # never returns
+        init.await_box(theirs, [str(d) for d in cgroup])  # never returns
     theirs.close()
     _boxes.add(pid)  # the zygote reaps it in _reap() when it dies
-    _warm, _warm_failure = _Warm(pid, ours), None
+    _unclaimed_cgroups[pid] = cgroup
+    _warm, _warm_failure = _Warm(pid, ours, cgroup), None
 
 
 def _discard_warm() -> None:

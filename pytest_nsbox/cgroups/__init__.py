@@ -18,7 +18,17 @@ from .base import NAME_PREFIX, CgroupStats, Driver
 from .v1 import V1Driver, mounted_controllers
 from .v2 import V2Driver
 
-__all__ = ["LIMITS", "Cgroup", "CgroupStats", "create", "driver", "flush_pending", "parse_limits"]
+__all__ = [
+    "LIMITS",
+    "NAME_PREFIX",
+    "Cgroup",
+    "CgroupError",
+    "CgroupStats",
+    "adopt",
+    "driver",
+    "flush_pending",
+    "release",
+]
 
 
 @functools.cache
@@ -80,23 +90,22 @@ class Cgroup:
         return self.driver.remove(self.dirs) if self.driver else True
 
 
-def create(box_id: str, limits: dict[str, Any]) -> Cgroup:
-    """A new cgroup for a box, with ``limits`` applied before any process joins it."""
+def adopt(box_id: str, dirs: list[str]) -> Cgroup:
+    """Take over the cgroup the zygote made for a box, renaming it ``nsb-<box id>``."""
     backend = driver()
     name = NAME_PREFIX + box_id
-    if backend is None:
-        if limits:
-            raise CgroupError(f"limits {sorted(limits)} need cgroups, and this host has none usable")
+    if backend is None or not dirs:
         return Cgroup(name, None, [])
     flush_pending()
-    cgroup = Cgroup(name, backend, backend.create(name))
-    try:
-        if limits:
-            backend.apply(cgroup.dirs, limits)
-    except BaseException:
-        cgroup.remove()
-        raise
-    return cgroup
+    renamed = []
+    for directory in map(Path, dirs):
+        target = directory.with_name(name)
+        try:
+            os.rename(directory, target)  # cgroupfs renames in place, processes and all
+        except OSError as exc:
+            raise CgroupError(f"cannot rename cgroup {directory} to {target.name}: {exc.strerror}") from exc
+        renamed.append(target)
+    return Cgroup(name, backend, renamed)
 
 
 _pending: list[Cgroup] = []

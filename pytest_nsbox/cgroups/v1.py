@@ -9,6 +9,7 @@ from ..errors import CgroupError
 from .base import PARENT_NAME, CgroupStats, box_dirs, keyed, own_cgroup, read, read_int, remove_dirs, write
 
 CONTROLLERS = ("pids", "memory", "cpu", "cpuacct", "cpuset", "blkio")
+ALWAYS = ("pids", "memory", "cpuacct")  # counted, capped for OOM, CPU time: every box joins these
 _PERIOD_US = 100_000
 _UNLIMITED = "-1"
 
@@ -42,31 +43,56 @@ class V1Driver:
             for controller, root in hierarchies.items()
         }
 
-    def _dirs(self, name: str) -> dict[str, Path]:
-        return {controller: parent / name for controller, parent in self.parents.items()}
-
     def create(self, name: str) -> list[Path]:
+        """Directories in the hierarchies every box joins; the others are made on demand.
+
+        Why not all: joining a cgroup costs, and the cpu controller's the most (about 2 ms a
+        box here), so cpu, cpuset and blkio are joined only when a limit needs them.
+        """
         made: list[Path] = []
         try:
-            for controller, path in self._dirs(name).items():
-                if path in made:
-                    continue  # co-mounted controllers (cpu,cpuacct) share one directory
-                for directory in (path.parent, path):
-                    try:
-                        directory.mkdir()
-                    except FileExistsError:
-                        if directory == path:
-                            raise
-                        continue
-                    if controller == "cpuset":
-                        # Why: a new cpuset has no CPUs and refuses tasks until given some.
-                        for knob in ("cpuset.cpus", "cpuset.mems"):
-                            write(directory / knob, read(path.parent.parent / knob).strip() or "0")
-                made.append(path)
+            for controller in ALWAYS:
+                if controller in self.parents:
+                    path = self._make(controller, name)
+                    if path not in made:  # co-mounted controllers (cpu,cpuacct) share one
+                        made.append(path)
         except OSError as exc:
             remove_dirs(made)
             raise CgroupError(f"cannot create cgroup {name} ({exc}); run as root") from exc
         return made
+
+    def _make(self, controller: str, name: str) -> Path:
+        path = self.parents[controller] / name
+        for directory in (path.parent, path):
+            try:
+                directory.mkdir()
+            except FileExistsError:
+                continue  # the shared parent, or a co-mounted controller's directory
+            if controller == "cpuset":
+                # Why: a new cpuset has no CPUs and refuses tasks until given some.
+                for knob in ("cpuset.cpus", "cpuset.mems"):
+                    write(directory / knob, read(path.parent.parent / knob).strip() or "0")
+        return path
+
+    def _join_late(self, dirs: list[Path], controller: str) -> Path:
+        """Make the controller's directory and move every process of the box into it.
+
+        The box's processes are listed by its pids (or memory) cgroup; a child forked while
+        they move is caught by the next pass, as it inherits its parent's old cgroup.
+        """
+        path = self._make(controller, dirs[0].name)
+        source = dirs[0] / "cgroup.procs"
+        for _ in range(100):
+            moving = set(read(source).split()) - set(read(path / "cgroup.procs").split())
+            if not moving:
+                break
+            for pid in moving:
+                try:
+                    write(path / "cgroup.procs", pid)
+                except CgroupError:
+                    pass  # exited meanwhile
+        dirs.append(path)
+        return path
 
     def procs_files(self, dirs: list[Path]) -> list[str]:
         return [str(d / "cgroup.procs") for d in dirs]
@@ -78,11 +104,11 @@ class V1Driver:
     def apply(self, dirs: list[Path], limits: dict[str, Any]) -> None:
         for key, value in limits.items():
             controller = _CONTROLLER_OF[key]
-            directory = self._find(dirs, controller)
-            if directory is None:
+            if controller not in self.parents:
                 raise CgroupError(
                     f"limit {key!r} needs the v1 {controller} controller, which this host has not mounted"
                 )
+            directory = self._find(dirs, controller) or self._join_late(dirs, controller)
             if key == "pids":
                 write(directory / "pids.max", "max" if value is None else str(value), key)
             elif key == "memory":
