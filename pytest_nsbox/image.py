@@ -114,8 +114,8 @@ def load_image(
     memo_key = (f"{os.path.realpath(path)}#{tag or ''}", cache or "")
     with _loaded_lock:
         known = _loaded.get(memo_key)
-        if known is not None and known[0] == stamp:
-            return known[1]
+        if known is not None and known[0] == stamp and all(map(os.path.isdir, known[1].lowers)):
+            return known[1]  # (a layer pruned since would need importing again)
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "oci-layout")):
         image = Image(reference, (os.path.abspath(path),))  # a root filesystem directory, as is
     else:
@@ -185,7 +185,9 @@ def _from_index(reference: str, store: LayerStore, key: str, stamp: tuple[int, .
 
 
 def _image(reference: str, store: LayerStore, diff_ids: list[str], config: ImageConfig) -> Image:
-    lowers = tuple(store.layer_path(d) for d in reversed(diff_ids))
+    # A layer listed twice (two empty RUN steps have the same digest) may appear once in
+    # lowerdir, where overlayfs refuses duplicates: its top-most place is the one that counts.
+    lowers = tuple(dict.fromkeys(store.layer_path(d) for d in reversed(diff_ids)))
     return Image(reference, lowers, config, tuple(diff_ids))
 
 
@@ -244,11 +246,28 @@ class _Source:
             ) from exc
 
     def image(self, tag: str | None) -> tuple[list[_LayerSource], ImageConfig]:
+        try:
+            return self._image(tag)
+        except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+            if isinstance(exc, ImageError):
+                raise
+            # JSON of the wrong shape (a list where an object belongs, ...): the archive is bad.
+            raise ImageError(
+                f"{self.label}: its manifest, index or config has an unexpected shape "
+                f"({type(exc).__name__}: {exc}); the archive is damaged or not an image"
+            ) from exc
+
+    def _image(self, tag: str | None) -> tuple[list[_LayerSource], ImageConfig]:
         names = self.names()
         if "manifest.json" in names:
             return self._docker(tag)
         if "index.json" in names and "oci-layout" in names:
             return self._oci(tag)
+        if names and all(_image_archive_member(name) for name in names):
+            raise ImageError(
+                f"{self.label}: looks like a docker-save or OCI archive (blobs, layer directories) "
+                "but has neither manifest.json nor index.json: it is truncated or damaged; export it again"
+            )
         if tag is not None:
             raise ImageError(f"{self.label}: a root filesystem tarball holds one image; drop '#{tag}'")
         return self._rootfs()
@@ -415,10 +434,16 @@ def _open_source(path: str, scratch: str) -> AbstractContextManager[_Source]:
     if magic == _ZSTD_MAGIC:
         # tarfile cannot read zstd: unpack the outer compression once, beside the cache.
         plain = tempfile.NamedTemporaryFile(dir=scratch, prefix="archive-", suffix=".tar")
-        with open(path, "rb") as handle:
-            shutil.copyfileobj(decompressed(handle, path), plain, 1 << 20)
-        plain.flush()
-        return _Closing(_Archive(plain.name, label=path), plain)
+        try:
+            with open(path, "rb") as handle:
+                shutil.copyfileobj(decompressed(handle, path), plain, 1 << 20)
+            plain.flush()
+            return _Closing(_Archive(plain.name, label=path), plain)
+        except BaseException as exc:
+            plain.close()
+            if isinstance(exc, (ImageError, KeyboardInterrupt)):
+                raise
+            raise ImageError(f"{path}: the zstd compression is damaged ({exc}); export it again") from exc
     return _Closing(_Archive(path))
 
 

@@ -147,23 +147,41 @@ def finish_root(config: dict[str, Any], prepared: dict[str, Any]) -> dict[str, A
         0,
         f"lowerdir={lowers},upperdir={SCRATCH}/upper,workdir={SCRATCH}/work",
     )
-    for name in ("proc", "sys", "dev"):
-        _ensure_dir(f"{root}/{name}")
-        syscalls.mount(f"{_KERNEL}/{name}", f"{root}/{name}", None, MS_MOVE)
 
-    # 4. Identity files, bind-mounted from the scratch so they never show up in the diff.
+    # 4. Mount points in the image are found *inside* it: the image is not trusted, and an
+    #    /etc or /proc that is a symlink must not lead a mount, or a file we create, to the
+    #    host. Each target is resolved with RESOLVE_IN_ROOT, made if missing, and mounted on
+    #    through /proc/self/fd (of the box's own proc, still at its staging place).
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
     hostname = config["hostname"]
-    _bind_file(f"{SCRATCH}/etc/hostname", f"{root}/etc/hostname", f"{hostname}\n")
-    _bind_file(f"{SCRATCH}/etc/hosts", f"{root}/etc/hosts", hosts_file(hostname))
-
+    targets: list[tuple[str, str, str | None, int, str | None]] = [
+        (f"{_KERNEL}/sys", "/sys", None, MS_MOVE, None),
+        (f"{_KERNEL}/dev", "/dev", None, MS_MOVE, None),
+        (_scratch_file("hostname", f"{hostname}\n"), "/etc/hostname", None, MS_BIND, None),
+        (_scratch_file("hosts", hosts_file(hostname)), "/etc/hosts", None, MS_BIND, None),
+    ]
     # 5. Size-capped scratch space the test asked for (filling it gives ENOSPC).
     for path, size in config["tmpfs"].items():
-        data = "mode=1777" + (f",size={size}" if size else "")
+        tmpfs_options = "mode=1777" + (f",size={size}" if size else "")
+        targets.append(("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, tmpfs_options))
+    targets.append((f"{_KERNEL}/proc", "/proc", None, MS_MOVE, None))  # last: the others use it
+    for source, box_path, fstype, flags, data in targets:
+        kind = "file" if box_path.startswith("/etc/host") else "dir"
         try:
-            _mount_dir("tmpfs", f"{root}{path}", "tmpfs", MS_NOSUID | MS_NODEV, data)
+            fd = resolve_in_root(root_fd, box_path, kind)
         except OSError as exc:
-            # Name the box path: the scratch path where it failed means nothing to a user.
-            raise OSError(exc.errno, f"cannot mount the tmpfs asked for at {path}: {exc.strerror}") from None
+            what = (
+                f"the tmpfs asked for at {box_path}" if fstype == "tmpfs" else f"the mount point {box_path}"
+            )
+            reason = os.strerror(exc.errno or 0)
+            raise OSError(exc.errno, f"cannot make {what} in the image: {reason}") from None
+        try:
+            syscalls.mount(source, f"{_KERNEL}/proc/self/fd/{fd}", fstype, flags, data)
+        finally:
+            os.close(fd)
+    if config.get("workdir"):
+        os.close(resolve_in_root(root_fd, config["workdir"], "dir"))  # Docker makes it too
+    os.close(root_fd)
 
     syscalls.sethostname(hostname)
 
@@ -252,13 +270,36 @@ def _build_dev(dev: str) -> None:
     _mount_dir("mqueue", f"{dev}/mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
-def _bind_file(source: str, target: str, content: str) -> None:
-    with open(source, "w") as handle:
+def _scratch_file(name: str, content: str) -> str:
+    path = f"{SCRATCH}/etc/{name}"
+    with open(path, "w") as handle:
         handle.write(content)
-    if not os.path.lexists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        open(target, "w").close()
-    syscalls.mount(source, target, None, MS_BIND)
+    return path
+
+
+def resolve_in_root(root_fd: int, box_path: str, kind: str) -> int:
+    """An ``O_PATH`` fd of ``box_path`` inside the root, creating it (a ``kind`` "dir" or
+    "file") and missing parents; every lookup stays in the root, symlinks included."""
+    flags = os.O_PATH | os.O_CLOEXEC
+    resolve = syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_MAGICLINKS
+    relative = box_path.strip("/")
+    try:
+        return syscalls.openat2(root_fd, relative, flags, 0, resolve)
+    except OSError as exc:
+        if exc.errno != 2:  # ENOENT: make it below
+            raise
+    parent_path, name = os.path.split(relative)
+    parent = resolve_in_root(root_fd, parent_path, "dir") if parent_path else os.dup(root_fd)
+    try:
+        if kind == "dir":
+            os.mkdir(name, 0o755, dir_fd=parent)
+        else:
+            os.close(
+                os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=parent)
+            )
+    finally:
+        os.close(parent)
+    return syscalls.openat2(root_fd, relative, flags, 0, resolve)
 
 
 def _describe(exc: BaseException) -> dict[str, Any]:
@@ -442,6 +483,7 @@ __all__ = [
     "finish_root",
     "hosts_file",
     "prepare_root",
+    "resolve_in_root",
     "resolve_user",
     "spawn_fast",
 ]

@@ -98,7 +98,11 @@ class LayerStore:
         self.root = os.path.abspath(root or default_cache())
         try:
             for sub in ("l", "images", "locks", "tmp"):
-                os.makedirs(os.path.join(self.root, sub), mode=0o755, exist_ok=True)
+                os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
+            # Layers hold setuid programs and device nodes of any image: only root may reach
+            # them (as Docker keeps /var/lib/docker 0710); boxes see them through overlayfs.
+            for sub in ("l", "tmp"):
+                os.chmod(os.path.join(self.root, sub), 0o700)
         except OSError as exc:
             raise ImageError(
                 f"cannot use {self.root} as the image cache ({exc.strerror}); "

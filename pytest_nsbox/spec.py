@@ -237,7 +237,8 @@ def _tmpfs(value: object, what: str) -> Mapping[str, int | None]:
         if not isinstance(path, str) or not path.startswith("/"):
             raise ConfigError(f"{what}: {path!r} must be an absolute path in the box")
         clean = os.path.normpath("/" + path.lstrip("/"))  # normpath keeps a leading "//"
-        if clean in _RESERVED_MOUNTS or "\0" in clean or "," in clean:
+        reserved = clean in _RESERVED_MOUNTS or clean.startswith(("/proc/", "/sys/", "/dev/"))
+        if reserved or "\0" in clean or "," in clean:
             raise ConfigError(f"{what}: cannot mount a tmpfs on {path!r}; the box sets that path up itself")
         result[clean] = None if size is None else parse_size(size, f"{what}[{path!r}]")
     return MappingProxyType(result)

@@ -16,7 +16,7 @@ import stat
 import tarfile
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 from .errors import ImageError
 
@@ -29,6 +29,23 @@ _FREE_SPACE_RESERVE = 64 << 20  # leave this much of the cache's filesystem free
 _KNOWN_DIRECTORIES = 64  # directory descriptors kept open while extracting
 
 Progress = Callable[[int], None]  # called with the number of bytes just written
+
+try:  # damaged zstd data raises the library's own error
+    from zstandard import ZstdError
+
+    _ZSTD_ERRORS: tuple[type[Exception], ...] = (ZstdError,)
+except ImportError:  # pragma: no cover - a declared dependency
+    _ZSTD_ERRORS = ()
+_DAMAGE: tuple[type[BaseException], ...] = (
+    tarfile.TarError,
+    EOFError,
+    zlib.error,
+    OSError,
+    ValueError,
+    *_ZSTD_ERRORS,
+)
+# tarfile's "a block of zeros": the end-of-archive marker, the one proper way for a tar to end.
+_END_OF_ARCHIVE: type[Exception] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
 
 
 def member_parts(name: str, what: str) -> list[str]:
@@ -60,15 +77,17 @@ class LayerExtractor:
         """Extract every member of the tar ``stream``; ``ImageError`` if it is damaged or hostile."""
         self._root_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            with tarfile.open(fileobj=stream, mode="r|", errorlevel=2) as archive:
+            with tarfile.open(fileobj=stream, mode="r|", errorlevel=2, tarinfo=StrictTarInfo) as archive:
                 for member in archive:
                     self._member(archive, member)
             # Directories last, deepest first: creating their entries changed their mtimes.
             for parts, member in reversed(self._directories):
                 self._set_metadata(parts, member)
-        except (tarfile.TarError, EOFError, zlib.error, OSError, ValueError) as exc:
-            if isinstance(exc, ImageError):
+        except ImageError as exc:
+            if str(exc).startswith(self.what):
                 raise
+            raise ImageError(f"{self.what}: {exc}") from exc
+        except _DAMAGE as exc:
             raise ImageError(
                 f"{self.what}: the layer is damaged or is not a tar archive ({type(exc).__name__}: {exc}); "
                 "export the image again"
@@ -131,13 +150,13 @@ class LayerExtractor:
             start -= 1
         base = self._known[key[:start]] if start else self._root_fd
         fd = os.dup(base)
-        try:
-            for depth in range(start, len(key)):
-                fd = self._step(fd, key[depth], name)
+        for depth in range(start, len(key)):
+            fd = self._step(fd, key[depth], name)  # closes the fd it is given, even on error
+            try:
                 self._remember(key[: depth + 1], fd)
-        except BaseException:
-            os.close(fd)
-            raise
+            except BaseException:
+                os.close(fd)
+                raise
         return fd
 
     def _step(self, fd: int, component: str, name: str) -> int:
@@ -271,6 +290,26 @@ class LayerExtractor:
                 if not member.issym():  # user.* xattrs cannot sit on symlinks; nothing else may fail
                     raise
         os.utime(name, ns=(_ns(member), _ns(member)), dir_fd=parent, follow_symlinks=False)
+
+
+class StrictTarInfo(tarfile.TarInfo):
+    """A TarInfo that calls a broken header a broken archive.
+
+    Why: past its first member, ``tarfile`` takes a truncated, garbled or missing header for
+    the end of the archive and stops without a word, and a root filesystem tarball has no
+    digest that would catch the files it never read.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
+        try:
+            return super().fromtarfile(tarfile_)
+        except _END_OF_ARCHIVE:
+            raise
+        except tarfile.HeaderError as exc:
+            raise ImageError(
+                f"the archive is cut short or damaged at byte {tarfile_.offset} ({exc}): export it again"
+            ) from exc
 
 
 def _xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:

@@ -166,21 +166,9 @@ def test_hostile_member_is_refused_and_nothing_escapes(
         assert len([n for n in os.listdir(os.path.join(image_cache, "l")) if n.endswith(".json")]) == 1
 
 
-BUG_DOUBLE_CLOSE = pytest.mark.xfail(
-    strict=True,
-    reason="BUG untar.py LayerExtractor._parent: when _step() refuses a link it has already closed "
-    "the descriptor, and _parent's `except BaseException: os.close(fd)` closes it again: EBADF "
-    "replaces the refusal with 'the layer is damaged ... Bad file descriptor' (and in a threaded "
-    "process could close someone else's descriptor)",
-)
-
-
 @pytest.mark.parametrize(
     "kind",
-    [
-        pytest.param(k, marks=BUG_DOUBLE_CLOSE) if phrase == "never follows links" else k
-        for k, phrase in HOSTILE_KINDS.items()
-    ],
+    list(HOSTILE_KINDS),
 )
 def test_hostile_member_refusal_says_why(
     kind: str, tmp_path: Path, outside: Path, secret: Path, image_cache: str
@@ -296,19 +284,6 @@ def _empty(tmp_path: Path) -> Path:
     return path
 
 
-BUG_TRUNCATED_IMAGE_AS_ROOTFS = pytest.mark.xfail(
-    strict=True,
-    reason="BUG image.py _Source.image(): a docker-save/OCI archive cut inside a member header loses "
-    "its manifest.json/index.json (tarfile stops quietly at a bad header) and is then imported as a "
-    "root filesystem tarball of blobs/ and <id>/ directories instead of being refused",
-)
-BUG_TRUNCATED_ROOTFS = pytest.mark.xfail(
-    strict=True,
-    reason="BUG untar.py LayerExtractor.extract: tarfile treats a truncated or corrupt header after "
-    "the first member as the end of the archive, so a damaged rootfs tarball (no digest to check) is "
-    "imported silently without its remaining files",
-)
-
 DAMAGED: dict[str, Callable[[Path], Path]] = {
     "oci-archive-cut-in-half": lambda d: _cut(_oci(d), lambda p: os.path.getsize(p) // 2),
     "oci-archive-cut-in-a-layer": lambda d: _cut(_oci(d), lambda p: _layer_data(p, 1, 100)),
@@ -344,17 +319,6 @@ DAMAGED: dict[str, Callable[[Path], Path]] = {
         d, layer_media_type_override="application/vnd.oci.image.layer.v1.tar+encrypted"
     ),
 }
-BUG_ZSTD_TEMPORARY = pytest.mark.xfail(
-    strict=True,
-    reason="BUG image.py _open_source: the NamedTemporaryFile holding a zstd-compressed archive "
-    "decompressed is not closed when _Archive() (or the decompression) raises, so a damaged .zst "
-    "archive leaves cache/tmp/archive-*.tar behind (for as long as the traceback lives)",
-)
-BUG_ZSTD_ERROR = pytest.mark.xfail(
-    strict=True,
-    reason="BUG untar.py LayerExtractor.extract / image.py _open_source: zstandard.ZstdError (a corrupt "
-    "zstd layer or archive) is not turned into an ImageError naming the archive; it escapes as is",
-)
 
 
 def _zstd_frame_end(archive: Written) -> int:
@@ -363,20 +327,7 @@ def _zstd_frame_end(archive: Written) -> int:
     return member.offset_data + member.size - 10
 
 
-DAMAGED_BUGS = {
-    "rootfs-tar-zstd-cut": BUG_ZSTD_TEMPORARY,
-    "rootfs-tar-zstd-corrupt": BUG_ZSTD_ERROR,
-    "oci-corrupt-zstd-layer-end": BUG_ZSTD_ERROR,
-    "oci-archive-cut-in-a-header": BUG_TRUNCATED_IMAGE_AS_ROOTFS,
-    "docker-save-cut-in-a-header": BUG_TRUNCATED_IMAGE_AS_ROOTFS,
-    "rootfs-tar-cut-in-a-header": BUG_TRUNCATED_ROOTFS,
-    "rootfs-tar-corrupt-header": BUG_TRUNCATED_ROOTFS,
-}
-
-
-@pytest.mark.parametrize(
-    "kind", [pytest.param(k, marks=DAMAGED_BUGS[k]) if k in DAMAGED_BUGS else k for k in DAMAGED]
-)
+@pytest.mark.parametrize("kind", DAMAGED)
 def test_damaged_image_is_refused_and_the_cache_keeps_no_part_of_it(
     kind: str, tmp_path: Path, outside: Path, image_cache: str
 ) -> None:
@@ -428,11 +379,6 @@ def _config_setting_is_a_list(root: Path) -> None:
     _index_to(root, json.dumps(manifest).encode())
 
 
-BUG_JSON = pytest.mark.xfail(
-    strict=True,
-    reason="BUG image.py _oci/_docker/_resolve_manifest/_parse_config: well-formed JSON of the wrong "
-    "shape (or a manifest blob that is not JSON) raises AttributeError/JSONDecodeError, not ImageError",
-)
 LAYOUT_DAMAGE: dict[str, Callable[[Path], None]] = {
     "index-not-json": lambda r: (r / "index.json").write_bytes(b"{not json"),
     "manifest-blob-missing": lambda r: _first_manifest(r)[1].unlink(),
@@ -445,17 +391,9 @@ LAYOUT_DAMAGE: dict[str, Callable[[Path], None]] = {
     "manifest-json-entry-not-an-object": lambda r: (r / "manifest.json").write_bytes(b"[1]"),
     "config-setting-is-a-list": _config_setting_is_a_list,
 }
-LAYOUT_BUGS = {
-    "index-is-a-list",
-    "manifest-blob-not-json",
-    "manifest-json-entry-not-an-object",
-    "config-setting-is-a-list",
-}
 
 
-@pytest.mark.parametrize(
-    "kind", [pytest.param(k, marks=BUG_JSON) if k in LAYOUT_BUGS else k for k in LAYOUT_DAMAGE]
-)
+@pytest.mark.parametrize("kind", LAYOUT_DAMAGE)
 def test_damaged_layout_metadata_is_an_image_error(
     kind: str, tmp_path: Path, outside: Path, image_cache: str
 ) -> None:
@@ -469,12 +407,6 @@ def test_damaged_layout_metadata_is_an_image_error(
 # ----------------------------------------------------------------------------- the cache
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG layers.py LayerStore.__init__: the cache and its l/ are made 0755, so every local user "
-    "can reach extracted layers: setuid-root programs and device nodes of any image (Docker keeps "
-    "/var/lib/docker 0710, containers/storage 0700)",
-)
 def test_extracted_layers_are_out_of_reach_of_other_users(tmp_path: Path, image_cache: str) -> None:
     layer: list[Entry] = [File("bin/rootshell", b"\x7fELF", mode=0o4755)]
     archive = write_rootfs_tar(tmp_path / "suid.tar", layer)
@@ -504,12 +436,6 @@ def test_an_interrupted_extraction_is_cleaned_and_redone(
     assert_contained(image_cache, outside)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG init.py finish_root/_bind_file: /etc/hostname and /etc/hosts are made through the "
-    "image's /etc before pivot_root, so an image whose /etc is a symlink makes root create files in "
-    "any host directory it names",
-)
 @pytest.mark.parametrize("how", ["absolute", "relative"])
 def test_an_image_whose_etc_is_a_symlink_writes_nothing_on_the_host(
     how: str, tmp_path: Path, outside: Path, image_cache: str

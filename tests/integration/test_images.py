@@ -37,7 +37,7 @@ from imagebuilder import (
 )
 
 import pytest_nsbox.image as image_module
-from pytest_nsbox import Box, BoxError, ImageError
+from pytest_nsbox import Box, ImageError
 from pytest_nsbox.image import load_image
 from pytest_nsbox.layers import LayerStore
 
@@ -187,12 +187,6 @@ def test_docker_save_layer_shared_by_two_images_is_a_symlink_member(
     assert len(layer_dirs(image_cache)) == 3  # shell, shared, second's own
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BoxError,
-    reason="BUG image.py _image()/init.py: a layer that occurs twice in one image (e.g. two empty "
-    "`RUN` layers) is passed twice in overlay's lowerdir, which the kernel refuses with ELOOP",
-)
 def test_an_image_with_the_same_layer_twice_boots(
     tmp_path: Path, shell_layer: list[Entry], image_cache: str
 ) -> None:
@@ -519,12 +513,6 @@ def test_image_env_workdir_and_user_are_the_defaults(
         assert sh(box, "touch mine && stat -c '%u %g' mine") == "1234 2345\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BoxError,
-    reason="BUG init.py Server.start: an image WorkingDir missing from the image is not created (Docker "
-    "creates it); every run() without cwd fails",
-)
 def test_a_missing_image_workdir_is_created_as_docker_does(
     tmp_path: Path, shell_layer: list[Entry], image_cache: str
 ) -> None:
@@ -607,12 +595,6 @@ def test_a_deleted_layer_directory_is_imported_again(
     assert_cache_complete(image_cache)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BoxError,
-    reason="BUG image.py load_image: the in-process memo (_loaded) returns lowers whose layer "
-    "directory was deleted (nsbox images --prune, a damaged cache) without checking they exist",
-)
 def test_a_deleted_layer_directory_is_noticed_by_the_same_process(
     tmp_path: Path, shell_layer: list[Entry], image_cache: str
 ) -> None:

@@ -211,7 +211,7 @@ def test_a_root_filesystem_directory_as_the_image(tmp_path: Path) -> None:
 
 
 def test_a_box_that_cannot_start_says_where_and_the_next_one_starts() -> None:
-    with pytest.raises(BoxError, match="tmpfs asked for at /etc/passwd/data: Not a directory"):
+    with pytest.raises(BoxError, match="tmpfs asked for at /etc/passwd/data in the image: Not a directory"):
         Box(tmpfs={"/etc/passwd/data": "1M"}).start()
     with Box() as box:
         assert box.run("true").returncode == 0
