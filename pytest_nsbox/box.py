@@ -158,10 +158,13 @@ class Box:
             _live.add(self)
             # The zygote made the box's cgroup and the box joined it while it waited: name it
             # after the box, and set the limits before anything runs in it.
-            self.cgroup = cgroups.adopt(self.id, ready.get("cgroup", []))
+            self.cgroup = cgroups.adopt(ready.get("cgroup", []))
+            cgroup_error = ready.get("cgroup_error", "")
             self.timings = _start_timings(asked, ready, time.monotonic())
         if self.spec.limits:
             try:
+                if cgroup_error:
+                    raise CgroupError(f"box {self.id}: no cgroup could be made, so no limits: {cgroup_error}")
                 self.cgroup.set(**self.spec.limits)
             except BaseException:
                 self.stop()
@@ -255,8 +258,12 @@ class Box:
                 cmd, timeout or 0.0, process.stdout, process.stderr, box_id=self.id
             ) from None
         result = process.result()
-        if result.signal == signal.SIGKILL and self.cgroup.oom_kills() > oom_kills:
-            result.oom_killed = True  # SIGKILL, and the cgroup's OOM killer acted meanwhile
+        # Killed by SIGKILL (or a shell reporting it as 137), and the cgroup's OOM killer acted.
+        if (
+            result.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
+            and self.cgroup.oom_kills() > oom_kills
+        ):
+            result.oom_killed = True
         if check and result.returncode != 0:
             raise CommandFailedError(result.returncode, cmd, result.stdout, result.stderr, box_id=self.id)
         return result

@@ -51,7 +51,7 @@ _DEV_LINKS = (
 )
 
 
-def await_box(control: socket.socket, cgroup_dirs: list[str]) -> None:
+def await_box(control: socket.socket, cgroup_dirs: list[str], cgroup_error: str = "") -> None:
     """Life of a pre-cloned box: get everything generic ready, wait to be asked, become the box.
 
     The zygote clones the next box into its namespaces as soon as it hands one out, so the
@@ -65,12 +65,16 @@ def await_box(control: socket.socket, cgroup_dirs: list[str]) -> None:
         # Why: die with the zygote, which dies with pytest (and exits when its socket closes).
         syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # the zygote ignores it; commands must not
+        # The zygote's SIGTERM handler is its own: PID 1 of a namespace, with the default
+        # disposition, ignores SIGTERM from inside the box, as a container's init does.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.umask(0o022)
         failure: BaseException | None = None
         try:
             prepared = prepare_root()
             _join_cgroup(cgroup_dirs)
             prepared["cgroup"] = cgroup_dirs
+            prepared["cgroup_error"] = cgroup_error
         except Exception as exc:  # reported to the host that asks for this box
             prepared, failure = {}, exc
         message, fds = channel.recv(control)
@@ -345,6 +349,21 @@ class Server:
             reply["error"] = _describe(exc)
         channel.send(self.sock, reply)
 
+    def spawned(self, pid: int) -> int:
+        """Make a new command, not init, the OOM killer's choice in the box's cgroup.
+
+        Why: init is a Python process whose resident size (shared with the zygote) can exceed
+        a small memory cap; were it chosen, the whole box would die with it. Lowering init's
+        own score needs CAP_SYS_RESOURCE, which root here may lack; raising a child's needs
+        nothing. (The child ran at init's score for the microseconds before this write.)
+        """
+        try:
+            with open(f"/proc/{pid}/oom_score_adj", "w") as handle:
+                handle.write("1000")
+        except OSError:
+            pass  # it has exited already
+        return pid
+
     def start(self, message: dict[str, Any], fds: list[int]) -> int:
         user = message.get("user")
         uid, gid, groups, home = resolve_user(user if user is not None else self.image_user)
@@ -360,7 +379,7 @@ class Server:
         if cwd == "/" and uid is None:
             pid = spawn_fast(message["argv"], env, fds)
             self.children[pid] = None
-            return pid
+            return self.spawned(pid)
         stdin, stdout, stderr = fds
         process = subprocess.Popen(
             message["argv"],
@@ -376,7 +395,7 @@ class Server:
             close_fds=True,
         )
         self.children[process.pid] = process
-        return process.pid
+        return self.spawned(process.pid)
 
     def kill(self, pid: int, sig: int, group: bool) -> bool:
         try:

@@ -155,7 +155,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Why SIGTERM, not SIGKILL: when pytest dies, the zygote still kills and reaps its boxes and
     # removes their cgroups, which nobody else would.
-    signal.signal(signal.SIGTERM, lambda _sig, _frame: _shutdown())
+    signal.signal(signal.SIGTERM, _terminate)
     if pdeathsig:
         syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before the line above: nobody to serve
@@ -163,13 +163,19 @@ def main(argv: list[str]) -> None:
     _serve(socket.socket(fileno=fd))
 
 
+def _terminate(_sig: int, _frame: object) -> None:
+    raise SystemExit(0)  # unwinds the serve loop into its cleanup
+
+
 def _serve(sock: socket.socket) -> None:
     def handle(message: dict[str, Any], fds: list[int]) -> None:
         if message.get("op") == "box" and len(fds) == 1:
             _hand_out(message["config"], fds[0], sock)
 
-    channel.serve(sock, handle, _reap)
-    _shutdown()  # EOF: pytest is gone, or done with us
+    try:
+        channel.serve(sock, handle, _reap)  # until EOF: pytest is gone, or done with us
+    finally:
+        _shutdown()  # also after SIGTERM (pytest died) or a crash: boxes and cgroups go
 
 
 _boxes: set[int] = set()  # pids of the box inits this zygote forked and has not reaped
@@ -194,7 +200,7 @@ def _remove_box_cgroup(pid: int) -> None:
     cgroup = _unclaimed_cgroups.pop(pid, []) + _handed_out_cgroups.pop(pid, [])
     backend = cgroups.driver()
     if cgroup and backend is not None:
-        backend.remove([d for d in cgroup if d.exists()])
+        backend.remove_named(cgroup[0].name)  # every hierarchy, those joined late included
 
 
 def _shutdown() -> None:
@@ -253,8 +259,7 @@ def _hand_out(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket) -
     # The host owns this box's cgroup from now on and renames it after the box; should the
     # host die without removing it, the zygote does so at its own end (see _shutdown).
     _unclaimed_cgroups.pop(taken.pid, None)
-    renamed = [d.with_name(cgroups.NAME_PREFIX + str(config["id"])) for d in taken.cgroup]
-    _handed_out_cgroups[taken.pid] = taken.cgroup + renamed
+    _handed_out_cgroups[taken.pid] = taken.cgroup
     config["t_handoff"] = time.monotonic()  # the box reports its phases to the host
     try:
         channel.send(taken.control, {"config": config}, [box_fd])
@@ -270,11 +275,13 @@ def _clone_warm(zygote_sock: socket.socket) -> None:
     global _warm, _warm_failure
     _note_host_mounts()  # before the clone: a change during it shows at the next hand-out
     backend = cgroups.driver()
+    cgroup_error = ""
     try:
         cgroup = backend.create(cgroups.NAME_PREFIX + os.urandom(4).hex()) if backend else []
     except NsboxError as exc:
-        _warm_failure = OSError(str(exc))
-        return
+        # A read-only cgroupfs (a container without --privileged): boxes still run, without
+        # limits; a box that asks for limits is told why it cannot have them.
+        cgroup, cgroup_error = [], str(exc)
     ours, theirs = channel.socketpair()
     try:
         # The child is born in the box's namespaces as PID 1 of its new pid namespace.
@@ -295,7 +302,7 @@ def _clone_warm(zygote_sock: socket.socket) -> None:
         # out) must not be held by this one: the host learns of a box's death by EOF.
         os.closerange(3, theirs.fileno())
         os.closerange(theirs.fileno() + 1, 1 << 16)
-        init.await_box(theirs, [str(d) for d in cgroup])  # never returns
+        init.await_box(theirs, [str(d) for d in cgroup], cgroup_error)  # never returns
     theirs.close()
     _boxes.add(pid)  # the zygote reaps it in _reap() when it dies
     _unclaimed_cgroups[pid] = cgroup

@@ -49,6 +49,7 @@ class Cgroup:
         self.name = name
         self.driver = backend
         self.dirs = dirs
+        self.closed = False
         self._seen_pids_peak = 0
 
     @property
@@ -63,10 +64,16 @@ class Cgroup:
     def __repr__(self) -> str:
         return f"<Cgroup {self.name} {self.version} {[str(d) for d in self.dirs]}>"
 
+    def close(self) -> None:
+        """Called at box stop: the cgroup is going away, so limits can no longer be set."""
+        self.closed = True
+
     def set(self, **limits: Any) -> Cgroup:
         """Change limits: ``pids``, ``memory`` ("64M" or bytes), ``memory_swap``, ``cpus``
         (float CPUs), ``cpuset`` ("0-1"), ``io_weight`` (1-10000). ``None`` lifts a limit."""
         parsed = parse_limits(limits, "limits")
+        if self.closed:
+            raise CgroupError(f"cgroup {self.name} belongs to a stopped box; limits can no longer be set")
         if self.driver is None:
             raise CgroupError("this host has no usable cgroups, so limits cannot be set (see `nsbox doctor`)")
         self.driver.apply(self.dirs, parsed)
@@ -86,26 +93,21 @@ class Cgroup:
         return self.driver.procs_files(self.dirs) if self.driver else []
 
     def remove(self) -> bool:
-        """rmdir the cgroup; False if it still has a process (then it is retried later)."""
-        return self.driver.remove(self.dirs) if self.driver else True
+        """rmdir the cgroup in every hierarchy; False while it still has a process."""
+        return self.driver.remove_named(self.name) if self.driver else True
 
 
-def adopt(box_id: str, dirs: list[str]) -> Cgroup:
-    """Take over the cgroup the zygote made for a box, renaming it ``nsb-<box id>``."""
+def adopt(dirs: list[str]) -> Cgroup:
+    """Take over the cgroup the zygote made for a box (``nsb-<random>``), as it is.
+
+    Why not rename it after the box: cgroup v2 cannot rename a cgroup.
+    """
     backend = driver()
-    name = NAME_PREFIX + box_id
     if backend is None or not dirs:
-        return Cgroup(name, None, [])
+        return Cgroup("none", None, [])
     flush_pending()
-    renamed = []
-    for directory in map(Path, dirs):
-        target = directory.with_name(name)
-        try:
-            os.rename(directory, target)  # cgroupfs renames in place, processes and all
-        except OSError as exc:
-            raise CgroupError(f"cannot rename cgroup {directory} to {target.name}: {exc.strerror}") from exc
-        renamed.append(target)
-    return Cgroup(name, backend, renamed)
+    paths = [Path(d) for d in dirs]
+    return Cgroup(paths[0].name, backend, paths)
 
 
 _pending: list[Cgroup] = []
@@ -113,6 +115,7 @@ _pending: list[Cgroup] = []
 
 def release(cgroup: Cgroup) -> None:
     """Remove a stopped box's cgroup now, or as soon as its last process is gone."""
+    cgroup.close()
     if not cgroup.remove():
         _pending.append(cgroup)
 

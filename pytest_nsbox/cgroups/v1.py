@@ -116,15 +116,18 @@ class V1Driver:
                 if swap_file.exists():
                     write(swap_file, _UNLIMITED, key)  # memsw may never be below memory: lift it first
                 write(directory / "memory.limit_in_bytes", _UNLIMITED if value is None else str(value), key)
-                if value is not None and swap_file.exists():
+                if value is not None and swap_file.exists() and limits.get("memory_swap", 0) is not None:
                     swap = limits.get("memory_swap") or 0  # swap off by default: an OOM is an OOM
                     write(swap_file, str(value + swap), "memory_swap")
-            elif key == "memory_swap":
-                if "memory" not in limits:
-                    memory = read_int(directory / "memory.limit_in_bytes")
-                    swap_file = directory / "memory.memsw.limit_in_bytes"
-                    if swap_file.exists():
-                        write(swap_file, str(memory + (value or 0)), key)
+            elif key == "memory_swap" and "memory" not in limits:
+                swap_file = directory / "memory.memsw.limit_in_bytes"
+                if not swap_file.exists():
+                    if value:  # swap accounting is off (no memsw files): it cannot be capped
+                        raise CgroupError("limit 'memory_swap' needs swap accounting (swapaccount=1)")
+                elif value is None:
+                    write(swap_file, _UNLIMITED, key)
+                else:
+                    write(swap_file, str(read_int(directory / "memory.limit_in_bytes") + value), key)
             elif key == "cpus":
                 write(directory / "cpu.cfs_period_us", str(_PERIOD_US), key)
                 quota = _UNLIMITED if value is None else str(max(1000, int(value * _PERIOD_US)))
@@ -134,8 +137,8 @@ class V1Driver:
             elif key == "io_weight":
                 for knob in ("blkio.bfq.weight", "blkio.weight"):
                     if (directory / knob).exists():
-                        # v1 weights run 1..1000 (bfq) or 10..1000; v2's 1..10000 are scaled down.
-                        weight = max(10, min(1000, value // 10 if value > 1000 else value))
+                        # v1 weights run 1..1000 (bfq; blkio.weight 10..1000): v2's 1..10000 saturates
+                        weight = max(1 if "bfq" in knob else 10, min(1000, value))
                         write(directory / knob, str(weight), key)
                         break
                 else:
@@ -151,7 +154,7 @@ class V1Driver:
         pids_current = read_int(pids / "pids.current") if pids else 0
         peak = read_int(pids / "pids.peak", -1) if pids else -1
         if peak < 0 and pids is not None:
-            # No pids.peak on this kernel: a limit that refused a fork was reached.
+            # No pids.peak (added in Linux 6.1): a limit that refused a fork was reached.
             limit = read(pids / "pids.max").strip()
             reached = keyed(pids / "pids.events").get("max", 0) > 0 and limit.isdigit()
             peak = max(seen_pids_peak, pids_current, int(limit) if reached else 0)
@@ -177,6 +180,12 @@ class V1Driver:
         if gone:
             remove_dirs(sorted({d.parent for d in dirs}))  # the shared parent, once nobody is left
         return gone
+
+    def remove_named(self, name: str) -> bool:
+        """rmdir ``name`` in every hierarchy: also those joined late, which only the host knew."""
+        return self.remove(
+            sorted({parent / name for parent in self.parents.values() if (parent / name).exists()})
+        )
 
     def existing(self) -> list[Path]:
         return box_dirs(list(self.parents.values()))

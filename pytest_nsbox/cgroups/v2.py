@@ -73,7 +73,12 @@ class V2Driver:
         self._prepare()
         path = self.parent / name
         try:
-            path.mkdir()
+            try:
+                path.mkdir()
+            except FileNotFoundError:
+                self._ready = False  # the shared parent went away with its last box: again
+                self._prepare()
+                path.mkdir()
         except OSError as exc:
             raise CgroupError(f"cannot create cgroup {path} ({exc.strerror}); run as root") from exc
         return [path]
@@ -109,7 +114,7 @@ class V2Driver:
         pids_current = read_int(path / "pids.current")
         peak = read_int(path / "pids.peak", -1)
         if peak < 0:
-            # No pids.peak before Linux 6.13: a limit that refused a fork was reached.
+            # No pids.peak before Linux 6.1: a limit that refused a fork was reached.
             limit = read(path / "pids.max").strip()
             reached = keyed(path / "pids.events").get("max", 0) > 0 and limit.isdigit()
             peak = max(seen_pids_peak, pids_current, int(limit) if reached else 0)
@@ -129,7 +134,13 @@ class V2Driver:
     def empty(self, dirs: list[Path]) -> bool:
         return "populated 0" in read(dirs[0] / "cgroup.events")
 
+    def remove_named(self, name: str) -> bool:
+        path = self.parent / name
+        return self.remove([path]) if path.exists() else True
+
     def remove(self, dirs: list[Path]) -> bool:
+        if not dirs:
+            return True
         kill = dirs[0] / "cgroup.kill"
         if kill.exists() and not self.empty(dirs):
             try:

@@ -89,7 +89,7 @@ def test_the_box_sees_its_own_cgroup_as_root(nsbox: Box) -> None:
 def test_every_box_has_its_own_cgroup_removed_at_stop(nsbox_factory) -> None:
     first, second = nsbox_factory(), nsbox_factory()
     assert first.cgroup.dirs and set(first.cgroup.dirs).isdisjoint(second.cgroup.dirs)
-    assert all(d.name == f"nsb-{first.id}" for d in first.cgroup.dirs)
+    assert {d.name for d in first.cgroup.dirs} == {first.cgroup.name} and first.cgroup.name.startswith("nsb-")
     first.run("sleep 0.1 & sleep 0.1 & wait")
     assert first.cgroup.stats().pids_peak >= 3
     assert second.cgroup.stats().pids_current == 1  # only its init
@@ -145,3 +145,32 @@ def test_limits_do_not_touch_the_host(nsbox: Box, cgroup_limit) -> None:
     own = open("/proc/self/cgroup").read()
     assert "nsb-" not in own
     assert os.getpid() not in [p.pid for p in nsbox.processes()]
+
+
+@needs_cgroups
+@pytest.mark.nsbox(limits={"memory": "8M"})
+def test_a_tiny_memory_cap_kills_the_command_not_the_box(nsbox: Box) -> None:
+    result = nsbox.run(["sh", "-c", "x=$(head -c 40000000 /dev/zero | tr '\\0' a); echo ${#x}"], timeout=60)
+    assert result.returncode != 0
+    assert nsbox.run("echo alive").stdout == "alive\n"  # init was not the OOM killer's choice
+
+
+@needs_cgroups
+@pytest.mark.nsbox(limits={"memory": "32M"})
+def test_oom_through_a_shell_is_still_reported(nsbox: Box) -> None:
+    result = nsbox.run("python3 -c 'x = bytearray(200 << 20)'; exit $?", timeout=60)
+    assert result.returncode == 137 and result.oom_killed is True
+
+
+def test_sigterm_to_init_from_inside_is_ignored(nsbox: Box) -> None:
+    assert nsbox.run("kill -TERM 1; sleep 0.2; echo alive").stdout == "alive\n"
+    assert nsbox.run("echo still").stdout == "still\n"
+
+
+@needs_cgroups
+def test_limits_cannot_be_set_once_the_box_stopped(nsbox_factory) -> None:
+    box = nsbox_factory()
+    box.stop()
+    with pytest.raises(CgroupError, match="stopped box"):
+        box.cgroup.set(cpus=0.5)
+    assert _eventually_gone(box)
