@@ -10,6 +10,7 @@ that would need that is refused. OCI whiteouts become overlayfs ones on the way.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -44,6 +45,7 @@ _DAMAGE: tuple[type[BaseException], ...] = (
     ValueError,
     *_ZSTD_ERRORS,
 )
+_NOT_THE_ARCHIVES_FAULT = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.ENOTSUP)
 # tarfile's "a block of zeros": the end-of-archive marker, the one proper way for a tar to end.
 _END_OF_ARCHIVE: type[Exception] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
 
@@ -88,6 +90,12 @@ class LayerExtractor:
                 raise
             raise ImageError(f"{self.what}: {exc}") from exc
         except _DAMAGE as exc:
+            if isinstance(exc, OSError) and exc.errno in _NOT_THE_ARCHIVES_FAULT:
+                raise ImageError(
+                    f"{self.what}: cannot write the layer into the cache at {self.dest}: "
+                    f"{os.strerror(exc.errno or 0)}; free space, or point --nsbox-cache at a writable "
+                    "ext4 or xfs directory"
+                ) from exc
             raise ImageError(
                 f"{self.what}: the layer is damaged or is not a tar archive ({type(exc).__name__}: {exc}); "
                 "export the image again"
@@ -245,7 +253,10 @@ class LayerExtractor:
             os.fchown(fd, member.uid, member.gid)
             os.fchmod(fd, member.mode & 0o7777)  # after chown, which clears setuid/setgid
             for key, value in _xattrs(member):
-                os.setxattr(fd, key, value)
+                try:
+                    os.setxattr(fd, key, value)
+                except OSError as exc:
+                    _xattr_failed(exc, key, member)
             os.utime(fd, ns=(_ns(member), _ns(member)))
         finally:
             os.close(fd)
@@ -286,9 +297,8 @@ class LayerExtractor:
         for key, value in _xattrs(member):
             try:
                 os.setxattr(path, key, value, follow_symlinks=False)
-            except PermissionError:
-                if not member.issym():  # user.* xattrs cannot sit on symlinks; nothing else may fail
-                    raise
+            except OSError as exc:
+                _xattr_failed(exc, key, member)
         os.utime(name, ns=(_ns(member), _ns(member)), dir_fd=parent, follow_symlinks=False)
 
 
@@ -310,6 +320,17 @@ class StrictTarInfo(tarfile.TarInfo):
             raise ImageError(
                 f"the archive is cut short or damaged at byte {tarfile_.offset} ({exc}): export it again"
             ) from exc
+
+
+def _xattr_failed(exc: OSError, key: str, member: tarfile.TarInfo) -> None:
+    """Skip an extended attribute the cache's filesystem cannot hold, as Docker does.
+
+    ``user.*`` attributes cannot sit on symlinks, and tmpfs before Linux 6.6 holds none;
+    losing them is better than refusing the image. Any other failure is real.
+    """
+    if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM) and not key.startswith("trusted.overlay."):
+        return
+    raise exc
 
 
 def _xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:

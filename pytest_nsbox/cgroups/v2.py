@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 from ..errors import CgroupError
 from .base import PARENT_NAME, CgroupStats, box_dirs, keyed, own_cgroup, read, read_int, remove_dirs, write
 
-WANTED = ("pids", "memory", "cpu", "io", "cpuset")
+WANTED = ("memory", "cpu", "io", "pids", "cpuset")  # domain controllers before threaded pids
 _PERIOD_US = 100_000
 _LEAF = "nsbox-leaf"  # where our own processes go when the root of our view must delegate
 
@@ -45,19 +44,25 @@ class V2Driver:
     def _delegate(self, directory: Path) -> None:
         available = read(directory / "cgroup.controllers").split()
         enabled = read(directory / "cgroup.subtree_control").split()
-        for controller in WANTED:
-            if controller not in available or controller in enabled:
-                continue
+        missing = [c for c in WANTED if c in available and c not in enabled]
+        if not missing:
+            return
+        if (
+            directory == self.root
+            and (directory / "cgroup.type").exists()
+            and read(directory / "cgroup.procs").strip()
+        ):
+            # The root of a container's cgroup namespace (the real root has no cgroup.type)
+            # holds the container's processes, and a cgroup with processes may not delegate
+            # domain controllers. Move them into a leaf first, as Docker-in-Docker entrypoints
+            # do. (Enabling threaded pids first would even succeed, and then turn the root
+            # "domain threaded", refusing memory for good.)
+            self._move_processes_to_leaf(directory)
+        for controller in missing:
             try:
                 write(directory / "cgroup.subtree_control", f"+{controller}")
-            except CgroupError as exc:
-                cause = exc.__cause__
-                if isinstance(cause, OSError) and cause.errno == errno.EBUSY and directory == self.root:
-                    # The root of a container's view holds its processes: move them into a leaf
-                    # first, as Docker-in-Docker entrypoints do, then delegate.
-                    self._move_processes_to_leaf(directory)
-                    write(directory / "cgroup.subtree_control", f"+{controller}")
-                elif controller != "cpuset":  # cpuset is optional (absent under some kernels)
+            except CgroupError:
+                if controller != "cpuset":  # cpuset is optional (absent under some kernels)
                     raise
 
     def _move_processes_to_leaf(self, directory: Path) -> None:
