@@ -221,7 +221,7 @@ class Box:
                 self._link.close()
             self._state = "stopped"
             _live.discard(self)
-            cgroups.release(self.cgroup)  # now, or as soon as the zygote has reaped init
+            cgroups.release(self.cgroup)  # the zygote removes it as it reaps init
             if not ready:
                 raise BoxError(
                     f"box {self.id}: init (pid {self.pid}) did not die within {STOP_TIMEOUT}s of SIGKILL"

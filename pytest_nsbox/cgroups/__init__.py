@@ -105,7 +105,6 @@ def adopt(dirs: list[str]) -> Cgroup:
     backend = driver()
     if backend is None or not dirs:
         return Cgroup("none", None, [])
-    flush_pending()
     paths = [Path(d) for d in dirs]
     return Cgroup(paths[0].name, backend, paths)
 
@@ -114,14 +113,19 @@ _pending: list[Cgroup] = []
 
 
 def release(cgroup: Cgroup) -> None:
-    """Remove a stopped box's cgroup now, or as soon as its last process is gone."""
+    """Let a stopped box's cgroup go.
+
+    The zygote removes it as it reaps the box's init, the moment it is empty; doing it here
+    too would only fail (init is a zombie until then) and cost the stop. It is kept in mind,
+    and checked at the end (``flush_pending``), in case the zygote died first.
+    """
     cgroup.close()
-    if not cgroup.remove():
+    if cgroup.driver is not None:
         _pending.append(cgroup)
 
 
 def flush_pending(wait: float = 0.0) -> list[Cgroup]:
-    """Retry the removals that could not happen yet; returns those that still cannot."""
+    """Remove what is left of stopped boxes' cgroups; returns those that still cannot go."""
     deadline = time.monotonic() + wait
     while True:
         _pending[:] = [cgroup for cgroup in _pending if not cgroup.remove()]
