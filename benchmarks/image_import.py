@@ -26,30 +26,7 @@ sys.path.insert(0, str(REPO))
 from pytest_nsbox import Box  # noqa: E402
 from pytest_nsbox.box import stop_all  # noqa: E402
 from pytest_nsbox.image import load_image  # noqa: E402
-
-
-def build_debian(directory: Path) -> Path:
-    """A one-layer docker-save archive of Debian 12 minbase, as the test suite's slow tier makes."""
-    from tests.debian.conftest import TAG, write_docker_save
-
-    rootfs = directory / "rootfs.tar"
-    subprocess.run(
-        [
-            "mmdebstrap",
-            "--quiet",
-            "--variant=minbase",
-            "--mode=root",
-            "--format=tar",
-            "bookworm",
-            str(rootfs),
-        ],
-        check=True,
-        stdin=subprocess.DEVNULL,
-    )
-    archive = directory / "debian-bookworm.tar"
-    write_docker_save(rootfs, archive, TAG)
-    rootfs.unlink()
-    return archive
+from tests.debian.conftest import build_debian_archive  # noqa: E402  (the test suite's recipe)
 
 
 def time_import(archive: str, scratch: Path) -> float:
@@ -101,7 +78,7 @@ def main() -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="nsbox-bench-"))
     try:
-        archive = args.archive or str(build_debian(scratch))
+        archive = args.archive or str(build_debian_archive(scratch))
         size = os.path.getsize(archive) / 1e6
         print(f"archive {archive}: {size:.0f} MB; {os.cpu_count()} CPUs, kernel {os.uname().release}")
         imports: dict[str, list[float]] = {

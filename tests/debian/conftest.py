@@ -71,18 +71,15 @@ def debian_archive(tmp_path_factory: pytest.TempPathFactory) -> str:
         pytest.skip("building the Debian image needs root")
     if shutil.which("mmdebstrap") is None:
         pytest.skip("building the Debian image needs mmdebstrap: apt-get install mmdebstrap")
-    directory = tmp_path_factory.mktemp("debian")
+    return str(build_debian_archive(tmp_path_factory.mktemp("debian")))
+
+
+def build_debian_archive(directory: Path) -> Path:
+    """Debian 12 minbase from Debian's packages, wrapped as a one-layer docker-save archive."""
     rootfs = directory / "rootfs.tar"
+    options = ["--quiet", "--variant=minbase", "--mode=root", "--format=tar"]
     subprocess.run(
-        [
-            "mmdebstrap",
-            "--quiet",
-            "--variant=minbase",
-            "--mode=root",
-            "--format=tar",
-            "bookworm",
-            str(rootfs),
-        ],
+        ["mmdebstrap", *options, "bookworm", str(rootfs)],
         check=True,
         timeout=1200,
         stdin=subprocess.DEVNULL,
@@ -90,7 +87,7 @@ def debian_archive(tmp_path_factory: pytest.TempPathFactory) -> str:
     archive = directory / "debian-bookworm.tar"
     write_docker_save(rootfs, archive, TAG)
     rootfs.unlink()
-    return str(archive)
+    return archive
 
 
 @pytest.fixture(scope="session")
