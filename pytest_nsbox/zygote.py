@@ -13,6 +13,7 @@ Process tree, each level dying with the one above it::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,12 +172,31 @@ def _terminate(_sig: int, _frame: object) -> None:
 def _serve(sock: socket.socket) -> None:
     def handle(message: dict[str, Any], fds: list[int]) -> None:
         if message.get("op") == "box" and len(fds) == 1:
-            _hand_out(message["config"], fds[0], sock)
+            with _sigterm_held():
+                _hand_out(message["config"], fds[0], sock)
+
+    def reap() -> None:
+        with _sigterm_held():
+            _reap()
 
     try:
-        channel.serve(sock, handle, _reap)  # until EOF: pytest is gone, or done with us
+        channel.serve(sock, handle, reap)  # until EOF: pytest is gone, or done with us
     finally:
         _shutdown()  # also after SIGTERM (pytest died) or a crash: boxes and cgroups go
+
+
+@contextlib.contextmanager
+def _sigterm_held() -> Iterator[None]:
+    """Defer SIGTERM until the bookkeeping is consistent again.
+
+    Why: a SIGTERM that lands between making a cgroup and recording it (or between forgetting
+    a reaped box's cgroup and removing it) would leave that cgroup to nobody.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 _boxes: set[int] = set()  # pids of the box inits this zygote forked and has not reaped
@@ -209,6 +230,8 @@ def _shutdown() -> None:
     Why not just exit: PDEATHSIG would kill them, but their zombies (and those of boxes the
     host just stopped) would be left to the host's init, which may take its time reaping.
     """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # a second one must not cut this short
+    _discard_warm()  # EOF on its control socket: it exits even if it were missing from _boxes
     for pid in _boxes:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -296,6 +319,7 @@ def _clone_warm(zygote_sock: socket.socket) -> None:
     if pid == 0:
         # In the box: forget the zygote's plumbing before anything else.
         channel.forget_signal_wakeup()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # held by our parent only
         zygote_sock.close()
         ours.close()
         # Any other descriptor of the zygote (such as the socket of the box just handed

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pytest_nsbox import Box, BoxError, ConfigError, ImageError, zygote
+from pytest_nsbox import Box, BoxError, ConfigError, ImageError, cgroups, zygote
 
 pytestmark = pytest.mark.requires("boxes")
 
@@ -137,6 +137,34 @@ def test_every_box_process_dies_when_its_owner_is_killed(tmp_path: Path) -> None
         # A SIGKILLed owner cannot remove its box's (now empty) cgroup: that is the reaper's job.
         for directory in cgroup_dirs:
             _rmdir_when_empty(directory)
+
+
+def test_an_owner_killed_at_any_moment_leaves_no_cgroup_and_no_helper(tmp_path: Path) -> None:
+    """Its helper must finish whatever it was doing (making the next waiting box, reaping a
+    stopped one) and then remove every cgroup it made, wherever the SIGTERM lands."""
+    script = tmp_path / "churn.py"
+    script.write_text(
+        "from pytest_nsbox import Box\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        "    Box().start().stop()\n"
+    )
+    before = _cgroup_names()
+    for attempt in range(8):
+        owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+        assert owner.stdout is not None and owner.stdout.readline() == "ready\n"
+        time.sleep(0.05 + 0.04 * attempt)  # a different moment of the start/stop cycle each time
+        helpers = psutil.Process(owner.pid).children()
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        # a zombie is done: it is this machine's init that reaps it, in its own time
+        assert all(_wait_gone(helper.pid) for helper in helpers), "the helper outlived its owner"
+    assert _cgroup_names() - before == set()
+
+
+def _cgroup_names() -> set[str]:
+    backend = cgroups.driver()
+    return {path.name for path in backend.existing()} if backend else set()
 
 
 def _rmdir_when_empty(directory: str) -> None:
