@@ -144,10 +144,7 @@ def test_an_owner_killed_at_any_moment_leaves_no_cgroup_and_no_helper(tmp_path: 
     stopped one) and then remove every cgroup it made, wherever the SIGTERM lands."""
     script = tmp_path / "churn.py"
     script.write_text(
-        "from pytest_nsbox import Box\n"
-        "print('ready', flush=True)\n"
-        "while True:\n"
-        "    Box().start().stop()\n"
+        "from pytest_nsbox import Box\nprint('ready', flush=True)\nwhile True:\n    Box().start().stop()\n"
     )
     before = _cgroup_names()
     for attempt in range(8):
