@@ -26,6 +26,8 @@ from .errors import (
     StateError,
     SyscallError,
 )
+from .netpair import NetPair
+from .network import Link
 from .overlay import Changes, OverlayRoot
 from .process import BoxProcess, RunResult
 from .spec import BoxSpec
@@ -45,7 +47,9 @@ __all__ = [
     "ConfigError",
     "HostUnsupportedError",
     "ImageError",
+    "Link",
     "MountError",
+    "NetPair",
     "NetworkError",
     "NsboxError",
     "OverlayRoot",

@@ -24,8 +24,16 @@ from typing import Any
 import psutil
 
 from . import cgroups, channel, probe, zygote
+from . import network as networking
 from .boxfs import BoxFiles
-from .errors import BoxError, CgroupError, CommandFailedError, CommandNotFoundError, CommandTimeoutError
+from .errors import (
+    BoxError,
+    CgroupError,
+    CommandFailedError,
+    CommandNotFoundError,
+    CommandTimeoutError,
+    NetworkError,
+)
 from .image import HOST_ROOT, Image, load_image
 from .link import InitLink
 from .overlay import OverlayRoot
@@ -57,6 +65,9 @@ class Box:
         env: Mapping[str, str] | None = None,
         privileged: bool = False,
         tmpfs: Mapping[str, Any] | None = None,
+        subnet: str | None = None,
+        nat: bool = False,
+        publish: Mapping[int, int] | None = None,
         spec: BoxSpec | None = None,
     ) -> None:
         self.spec = spec or BoxSpec.create(
@@ -69,6 +80,9 @@ class Box:
             env=env,
             privileged=privileged,
             tmpfs=tmpfs,
+            subnet=subnet,
+            nat=nat,
+            publish=publish,
         )
         self.id = secrets.token_hex(4)
         self.pid: int | None = None
@@ -84,6 +98,9 @@ class Box:
         self._processes: set[BoxProcess] = set()
         self._state = "created"
         self._lock = threading.Lock()
+        self._scratch_fd: int | None = None
+        self.network: networking.Attachment | None = None
+        self._published: dict[int, networking.Forwarder] = {}
 
     @property
     def hostname(self) -> str:
@@ -92,7 +109,24 @@ class Box:
     @property
     def ip(self) -> str | None:
         """The box's address on its network; None with ``network="none"`` (loopback only)."""
-        return None
+        return self.network.address if self.network is not None else None
+
+    @property
+    def link(self) -> networking.Link:
+        """The box's link to its network: ``down()``, ``up()``, ``set(delay_ms=...)``, ``clear()``."""
+        if self.network is None:
+            raise NetworkError(f"box {self.id} has no network link; start it with network='bridge'")
+        return self.network.link
+
+    def host_port(self, box_port: int) -> int:
+        """The port on the host's loopback that ``publish`` forwards to ``box_port``."""
+        forwarder = self._published.get(box_port)
+        if forwarder is None:
+            raise NetworkError(
+                f"box {self.id}: port {box_port} is not published "
+                f"(published: {sorted(self._published) or 'none'}); use publish={{host_port: box_port}}"
+            )
+        return forwarder.port
 
     @property
     def running(self) -> bool:
@@ -160,16 +194,54 @@ class Box:
             # after the box, and set the limits before anything runs in it.
             self.cgroup = cgroups.adopt(ready.get("cgroup", []))
             cgroup_error = ready.get("cgroup_error", "")
+            self._scratch_fd = int(ready["scratch_fd"])
             self.timings = _start_timings(asked, ready, time.monotonic())
-        if self.spec.limits:
-            try:
+        try:
+            if self.spec.limits:
                 if cgroup_error:
                     raise CgroupError(f"box {self.id}: no cgroup could be made, so no limits: {cgroup_error}")
                 self.cgroup.set(**self.spec.limits)
-            except BaseException:
-                self.stop()
-                raise
+            if self.spec.network == "bridge":
+                began = time.monotonic()
+                self._join_network(networking.parse_subnet(self.spec.subnet or networking.DEFAULT_SUBNET))
+                self.timings["network"] = (time.monotonic() - began) * 1000
+            if self.spec.nat:
+                assert self.network is not None
+                networking.nat.enable(self.network)
+            for host_port, box_port in self.spec.publish.items():
+                self._published[box_port] = networking.Forwarder(
+                    self.id, self._require_pid(), host_port, box_port
+                )
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def _require_pid(self) -> int:
+        if self.pid is None or self._state != "running":
+            raise BoxError(f"box {self.id} is not running")
+        return self.pid
+
+    def _join_network(self, subnet: Any, private: tuple[int, str] | None = None) -> None:
+        """Plug the running box into the shared bridge of ``subnet`` or a ``private`` one."""
+        pid = self._require_pid()
+        hosts_path = f"/proc/{pid}/fd/{self._scratch_fd}/etc/hosts"
+        self.network = networking.plug(pid, self.id, self.hostname, hosts_path, subnet, private)
+
+    def _release_network(self) -> None:
+        """After the kill: close published ports, take the box out of NAT and give back its
+        address. Its veth goes with its network namespace, by the kernel's hand."""
+        forwarders, self._published = list(self._published.values()), {}
+        for forwarder in forwarders:
+            forwarder.close()
+        attachment = self.network
+        if attachment is None:
+            return
+        try:
+            if self.spec.nat:
+                networking.nat.disable(attachment)
+        finally:
+            attachment.release()
 
     def _await_ready(self, sock: Any) -> dict[str, Any]:
         deadline = time.monotonic() + START_TIMEOUT
@@ -222,6 +294,7 @@ class Box:
             self._state = "stopped"
             _live.discard(self)
             cgroups.release(self.cgroup)  # the zygote removes it as it reaps init
+            self._release_network()
             if not ready:
                 raise BoxError(
                     f"box {self.id}: init (pid {self.pid}) did not die within {STOP_TIMEOUT}s of SIGKILL"
@@ -439,7 +512,7 @@ def live_boxes() -> list[Box]:
 
 
 def stop_all() -> None:
-    """Stop every running box of this process, then its zygote."""
+    """Stop every running box of this process, then its zygote; leave the shared network."""
     for box in live_boxes():
         try:
             box.stop()
@@ -447,6 +520,7 @@ def stop_all() -> None:
             pass
     zygote.shutdown()  # reaps every box init: their cgroups can go now
     cgroups.flush_pending(wait=5.0)
+    networking.shutdown()
 
 
 atexit.register(stop_all)

@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 
-from . import probe
+from . import network, probe
 from .box import Box, stop_all
 from .cgroups import Cgroup
 from .errors import ConfigError, HostUnsupportedError, ImageError, NsboxError
 from .image import load_image, split_reference
+from .netpair import NetPair
 from .overlay import OverlayRoot
 from .spec import BoxSpec
 
@@ -25,8 +26,9 @@ DEFAULTS = pytest.StashKey[dict[str, Any]]()  # box options from the command lin
 
 _MARKER_HELP = (
     "nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None, cache=None, "
-    "network='none', limits=None): configure the test's nsbox, e.g. tmpfs={'/data': '16M'} "
-    "for a size-capped scratch dir, limits={'pids': 10, 'memory': '64M', 'cpus': 0.5}"
+    "network='none'|'bridge', limits=None, nat=False, publish=None, subnet=None): configure the "
+    "test's nsbox, e.g. tmpfs={'/data': '16M'} for a size-capped scratch dir, "
+    "limits={'pids': 10, 'memory': '64M', 'cpus': 0.5}, network='bridge' for eth0 with an address"
 )
 
 
@@ -59,6 +61,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="where image layers are unpacked and kept (default /var/cache/pytest-nsbox). ini: nsbox_cache",
     )
+    group.addoption(
+        "--nsbox-subnet",
+        metavar="CIDR",
+        default=None,
+        help=f"IPv4 subnet bridged boxes get addresses from, shared by every pytest process on the "
+        f"host (default {network.DEFAULT_SUBNET}; it must not overlap the host's routes). ini: nsbox_subnet",
+    )
+    parser.addini(
+        "nsbox_subnet", type="string", default="", help="subnet of bridged boxes (see --nsbox-subnet)"
+    )
     parser.addini("nsbox_image", type="string", default="", help="image every box boots (see --nsbox-image)")
     parser.addini("nsbox_cache", type="string", default="", help="image layer cache directory")
     parser.addini(
@@ -83,8 +95,11 @@ def pytest_configure(config: pytest.Config) -> None:
     cache = _path_option(config, "nsbox_cache")
     if cache is not None:
         defaults["cache"] = os.path.abspath(cache)
+    subnet = config.getoption("nsbox_subnet") or config.getini("nsbox_subnet")
+    if subnet:
+        defaults["subnet"] = subnet
     try:
-        BoxSpec.create("--nsbox-image/--nsbox-cache", **defaults)
+        BoxSpec.create("--nsbox-image/--nsbox-cache/--nsbox-subnet", **defaults)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[DEFAULTS] = defaults
@@ -200,6 +215,31 @@ def nsbox(request: pytest.FixtureRequest, _nsbox_registry: BoxRegistry) -> Box:
     # The marker is checked before the host: a typo must not hide behind a skip.
     defaults = request.config.stash.get(DEFAULTS, {})
     return _nsbox_registry.start(_spec("@pytest.mark.nsbox(...)", {**defaults, **options}))
+
+
+@pytest.fixture
+def netpair(request: pytest.FixtureRequest) -> Iterator[NetPair]:
+    """Two started boxes, ``a`` and ``b``, alone on a network of their own.
+
+    Each resolves the other by hostname and has ``.ip``; ``netpair.link`` cuts (``down()``,
+    ``up()``) or degrades (``set(delay_ms=, jitter_ms=, loss_pct=, rate=)``, ``clear()``) the
+    link between them. Other options (image, env, limits, ...) come from the ``nsbox`` marker.
+    """
+    marker = request.node.get_closest_marker("nsbox")
+    defaults: dict[str, Any] = request.config.stash.get(DEFAULTS, {})
+    options = {**defaults, **(dict(marker.kwargs) if marker else {})}
+    for set_by_the_pair in ("hostname", "network", "nat"):
+        options.pop(set_by_the_pair, None)
+    try:
+        pair = NetPair(**options)
+    except ConfigError as exc:
+        message = f"netpair: {exc}"
+    else:
+        require_boxes(request.config)
+        with pair:
+            yield pair
+        return
+    pytest.fail(message, pytrace=False)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ _HOSTNAME_RE = re.compile(
 _ENV_NAME_RE = re.compile(r"^[^=\0]+$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-NETWORK_MODES = ("none",)
+NETWORK_MODES = ("none", "bridge")
 # Paths a tmpfs may not cover: the box's own kernel filesystems and its root.
 _RESERVED_MOUNTS = ("/", "/proc", "/sys", "/dev", "/dev/pts")
 
@@ -61,6 +61,9 @@ class BoxSpec:
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     privileged: bool = False
     tmpfs: Mapping[str, int | None] = field(default_factory=lambda: MappingProxyType({}))
+    subnet: str | None = None
+    nat: bool = False
+    publish: Mapping[int, int] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def create(cls, source: str = "Box()", **options: Any) -> BoxSpec:
@@ -82,6 +85,9 @@ class BoxSpec:
             env=_env(values.get("env"), f"{source}: env"),
             privileged=_bool(values.get("privileged", False), f"{source}: privileged"),
             tmpfs=_tmpfs(values.get("tmpfs"), f"{source}: tmpfs"),
+            subnet=_subnet(values.get("subnet"), f"{source}: subnet"),
+            nat=_nat(values.get("nat", False), values.get("network", "none"), f"{source}: nat"),
+            publish=_publish(values.get("publish"), f"{source}: publish"),
         )
 
     def __hash__(self) -> int:
@@ -96,6 +102,9 @@ class BoxSpec:
                 tuple(sorted(self.env.items())),
                 self.privileged,
                 tuple(sorted(self.tmpfs.items(), key=lambda item: item[0])),
+                self.subnet,
+                self.nat,
+                tuple(sorted(self.publish.items())),
             )
         )
 
@@ -110,6 +119,9 @@ class BoxSpec:
             "env": dict(self.env),
             "privileged": self.privileged,
             "tmpfs": dict(self.tmpfs),
+            "subnet": self.subnet,
+            "nat": self.nat,
+            "publish": dict(self.publish),
         }
         current.update(options)
         return BoxSpec.create(source, **current)
@@ -144,10 +156,41 @@ def _hostname(value: object, what: str) -> str:
 def _network(value: object, what: str) -> str:
     if value not in NETWORK_MODES:
         raise ConfigError(
-            f"{what}: {value!r} is not a supported network mode; this version supports "
-            f"{', '.join(repr(m) for m in NETWORK_MODES)} (loopback only)"
+            f"{what}: {value!r} is not a network mode; use 'none' (loopback only) or 'bridge' "
+            "(eth0 on a bridge of pytest-nsbox, with an address and a route through the host)"
         )
     return str(value)
+
+
+def _subnet(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    from .network.pool import parse_subnet  # no pyroute2 behind it: ipaddress only
+
+    return str(parse_subnet(value, what))
+
+
+def _nat(value: object, network: object, what: str) -> bool:
+    nat = _bool(value, what)
+    if nat and network != "bridge":
+        raise ConfigError(f"{what}: nat=True masquerades a bridged box's traffic; it needs network='bridge'")
+    return nat
+
+
+def _publish(value: object, what: str) -> Mapping[int, int]:
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{what}: expected {{host_port: box_port}}, e.g. {{8080: 80}}, got {value!r}")
+    ports: dict[int, int] = {}
+    for host_port, box_port in value.items():
+        for port in (host_port, box_port):
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+                raise ConfigError(f"{what}: {port!r} is not a port (0-65535; 0 on the host picks a free one)")
+        if box_port == 0:
+            raise ConfigError(f"{what}: the box port of {host_port} must be given (1-65535)")
+        ports[host_port] = box_port
+    return MappingProxyType(ports)
 
 
 def _limits(value: object, what: str) -> Mapping[str, Any]:

@@ -43,7 +43,7 @@ def test_error_message_starts_with_the_source_and_option() -> None:
 
 def test_config_error_is_a_value_error() -> None:
     with pytest.raises(ValueError):
-        BoxSpec.create(MARKER, network="bridge")
+        BoxSpec.create(MARKER, network="host")
 
 
 # ------------------------------------------------------------------------------ hostname
@@ -89,7 +89,8 @@ def test_non_string_hostname_is_refused() -> None:
 def test_unknown_options_are_all_listed_sorted_with_the_known_ones() -> None:
     message = config_error(hostnam="web", colour="red")
     assert message.startswith(f"{MARKER}: unknown option(s) colour, hostnam;")
-    assert "known options are cache, env, hostname, image, limits, network, privileged, tmpfs" in message
+    known = "cache, env, hostname, image, limits, nat, network, privileged, publish, subnet, tmpfs"
+    assert f"known options are {known}" in message
 
 
 # ----------------------------------------------------------------------------------- env
@@ -215,11 +216,51 @@ def test_limits_that_are_not_a_mapping_are_refused() -> None:
 # ------------------------------------------------------------------- network, flags, paths
 
 
-@pytest.mark.parametrize("network", ["bridge", "host", None, "NONE", ""])
-def test_network_other_than_none_is_refused(network: object) -> None:
+@pytest.mark.parametrize("network", ["host", None, "NONE", "", "bridged"])
+def test_an_unknown_network_mode_is_refused(network: object) -> None:
     message = config_error(network=network)
-    assert message.startswith(f"{MARKER}: network: {network!r} is not a supported network mode")
-    assert "'none'" in message
+    assert message.startswith(f"{MARKER}: network: {network!r} is not a network mode")
+    assert "'none'" in message and "'bridge'" in message
+
+
+@pytest.mark.parametrize("network", ["none", "bridge"])
+def test_both_network_modes_are_accepted(network: str) -> None:
+    assert BoxSpec.create(MARKER, network=network).network == network
+
+
+def test_subnet_is_normalised_and_checked() -> None:
+    assert BoxSpec.create(MARKER, subnet="10.50.0.0/16").subnet == "10.50.0.0/16"
+    assert "is not an IPv4 subnet" in config_error(subnet="10.50.0.1/16")  # host bits set
+    assert "is not an IPv4 subnet" in config_error(subnet="fd00::/64")
+    assert "between a /8 and a /29" in config_error(subnet="10.50.0.0/30")
+    assert "not a private range" in config_error(subnet="8.8.0.0/16")
+    assert "expected an IPv4 subnet" in config_error(subnet=10)
+
+
+def test_nat_needs_a_bridge() -> None:
+    assert BoxSpec.create(MARKER, network="bridge", nat=True).nat is True
+    assert "needs network='bridge'" in config_error(nat=True)
+    assert "expected True or False" in config_error(network="bridge", nat="yes")
+
+
+def test_publish_maps_host_ports_to_box_ports() -> None:
+    assert dict(BoxSpec.create(MARKER, publish={8080: 80, 0: 5432}).publish) == {8080: 80, 0: 5432}
+    assert "expected {host_port: box_port}" in config_error(publish=[(8080, 80)])
+    assert "is not a port" in config_error(publish={8080: 70000})
+    assert "is not a port" in config_error(publish={"8080": 80})
+    assert "the box port of 8080 must be given" in config_error(publish={8080: 0})
+
+
+def test_merged_keeps_the_network_options() -> None:
+    spec = BoxSpec.create(MARKER, network="bridge", nat=True, publish={1: 2}, subnet="10.9.0.0/16")
+    again = spec.merged(MARKER, hostname="other")
+    assert (again.network, again.nat, dict(again.publish), again.subnet) == (
+        "bridge",
+        True,
+        {1: 2},
+        "10.9.0.0/16",
+    )
+    assert hash(again) != hash(spec) and again.hostname == "other"
 
 
 @pytest.mark.parametrize("value", [1, "yes", None])

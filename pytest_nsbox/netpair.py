@@ -1,0 +1,75 @@
+"""``NetPair``: two boxes, ``a`` and ``b``, alone on a network of their own, and its ``link``.
+
+The pair hangs on a private bridge that has no address on the host, so its boxes reach each
+other and nothing else, and two pairs never see each other. ``link`` acts on the two
+host-side ends: ``down()`` drops both boxes' carrier, ``set()`` shapes each direction once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .box import Box
+from .errors import ConfigError, NsboxError
+from .network import bridge, pool
+from .network.shaping import End, Link
+from .spec import BoxSpec
+
+
+class NetPair:
+    """Two started boxes, hostnames ``a`` and ``b``, each resolving the other by name."""
+
+    def __init__(self, image: str | os.PathLike[str] | None = None, **options: Any) -> None:
+        for reserved in ("hostname", "network", "nat"):
+            if reserved in options:
+                raise ConfigError(
+                    f"NetPair(): {reserved}= is set by the pair itself (hostnames a and b, a private network)"
+                )
+        self.spec_a = BoxSpec.create("NetPair()", image=image, hostname="a", **options)
+        self.spec_b = self.spec_a.merged("NetPair()", hostname="b")
+        self.subnet = pool.parse_subnet(self.spec_a.subnet or pool.DEFAULT_SUBNET, "NetPair(): subnet")
+        self.a: Box = Box(spec=self.spec_a)
+        self.b: Box = Box(spec=self.spec_b)
+        self.link: Link = Link("netpair", [])
+        self._bridge: tuple[int, str] | None = None
+
+    def __repr__(self) -> str:
+        return f"<NetPair a={self.a.ip} b={self.b.ip} {self.link!r}>"
+
+    def __enter__(self) -> NetPair:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> NetPair:
+        self._bridge = bridge.take_private(self.subnet)
+        try:
+            for box in (self.a, self.b):
+                box.start()
+                box._join_network(self.subnet, private=self._bridge)
+        except BaseException:
+            self.stop()
+            raise
+        ends = []
+        for box in (self.a, self.b):
+            attachment = box.network
+            assert attachment is not None
+            ends.append(End(attachment.host_index, attachment.host_interface))
+        self.link = Link(f"netpair {self.a.ip} <-> {self.b.ip}", ends)
+        return self
+
+    def stop(self) -> None:
+        """Stop both boxes; the private bridge is kept for this process's next pair."""
+        failures: list[NsboxError] = []
+        for box in (self.b, self.a):
+            try:
+                box.stop()
+            except NsboxError as exc:
+                failures.append(exc)
+        if self._bridge is not None:
+            bridge.give_back_private(self.subnet, self._bridge[1])
+            self._bridge = None
+        if failures:
+            raise failures[0]

@@ -1,0 +1,23 @@
+"""Box networking: bridges, veths, the host-wide address pool, link faults, published ports.
+
+Everything here talks netlink through pyroute2 (imported on first use); nothing shells out.
+"""
+
+from __future__ import annotations
+
+from . import nat
+from .attach import Attachment, plug
+from .pool import DEFAULT_SUBNET, parse_subnet
+from .publish import Forwarder
+from .shaping import Link
+
+__all__ = ["DEFAULT_SUBNET", "Attachment", "Forwarder", "Link", "nat", "parse_subnet", "plug", "shutdown"]
+
+
+def shutdown() -> None:
+    """This process is done with networking: leave the shared bridges (the last user deletes
+    each) and delete the private bridges it kept for reuse."""
+    from . import bridge
+
+    bridge.delete_spares()
+    bridge.leave_shared()

@@ -1,0 +1,73 @@
+"""``/etc/hosts`` of networked boxes: each resolves the other boxes on its bridge by name.
+
+The file is the box's own (a bind mount from its scratch tmpfs), which the host reaches at
+``/proc/<init>/fd/<scratch>/etc/hosts`` and rewrites in place. Only the block under our marker
+is ours: lines a test added above it are kept.
+
+Which boxes: those of this process on the same bridge. Boxes of other pytest processes on
+the shared bridge are reachable by address but not listed, so that two xdist workers' boxes
+called ``server`` never answer for each other.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+MARKER = "# boxes on this network (pytest-nsbox)"
+
+
+@dataclass(frozen=True)
+class Entry:
+    box_id: str
+    hostname: str
+    address: str
+    path: str  # the host's path to the box's /etc/hosts
+
+
+_members: dict[str, list[Entry]] = {}  # bridge name -> entries, in joining order
+_lock = threading.Lock()
+
+
+def join(bridge: str, entry: Entry) -> None:
+    """List ``entry`` in the files of its bridge's boxes, and them in its own."""
+    with _lock:
+        members = _members.setdefault(bridge, [])
+        members.append(entry)
+        _rewrite(members)
+
+
+def leave(bridge: str, box_id: str) -> None:
+    """Take a stopped box out of the other boxes' files."""
+    with _lock:
+        members = [m for m in _members.get(bridge, []) if m.box_id != box_id]
+        if members:
+            _members[bridge] = members
+        else:
+            _members.pop(bridge, None)
+        _rewrite(members)
+
+
+def render(current: str, own: Entry, members: list[Entry]) -> str:
+    """``current`` with our block replaced: the box's own address first, then its peers."""
+    kept = []
+    for line in current.split(MARKER, 1)[0].splitlines():
+        fields = line.split()
+        if fields and fields[0] == "127.0.1.1" and own.hostname in fields[1:]:
+            continue  # the box's name now resolves to its address on the network
+        kept.append(line)
+    block = [MARKER, f"{own.address}\t{own.hostname}"]
+    block += [f"{m.address}\t{m.hostname}" for m in members if m.box_id != own.box_id]
+    return "\n".join(kept + block) + "\n"
+
+
+def _rewrite(members: list[Entry]) -> None:
+    for member in members:
+        try:
+            with open(member.path, "r+") as handle:
+                text = render(handle.read(), member, members)
+                handle.seek(0)
+                handle.write(text)
+                handle.truncate()
+        except OSError:
+            continue  # that box is stopping: its file is going away with it
