@@ -41,6 +41,8 @@ def capabilities() -> tuple[Capability, ...]:
         _check_kernel(),
         _check_arch(),
         _check_cgroups(),
+        _check_netem(),
+        _check_nft(),
     )
 
 
@@ -131,3 +133,46 @@ def _check_cgroups() -> Capability:
         )
     where = getattr(backend, "parent", None) or next(iter(getattr(backend, "parents", {}).values()), "")
     return Capability("cgroups", True, f"{backend.version}; box cgroups under {where}", required=False)
+
+
+def _kernel_option(name: str) -> str | None:
+    """``y``, ``m`` or ``n`` for a kernel config option, when the kernel says (else None)."""
+    import gzip
+
+    for path in ("/proc/config.gz", f"/boot/config-{platform.release()}"):
+        try:
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt") as handle:
+                for line in handle:
+                    if line.startswith(f"{name}="):
+                        return line.split("=", 1)[1].strip()
+                    if line.startswith(f"# {name} is not set"):
+                        return "n"
+        except OSError:
+            continue
+    return None
+
+
+def _check_netem() -> Capability:
+    """netem emulates delay, jitter and loss for ``link.set``; rate and down/up need none of it."""
+    setting = "y" if os.path.exists("/sys/module/sch_netem") else _kernel_option("CONFIG_NET_SCH_NETEM")
+    if setting == "n":
+        return Capability(
+            "netem",
+            False,
+            "the kernel has no netem qdisc (CONFIG_NET_SCH_NETEM): link.set(delay_ms=, jitter_ms=, "
+            "loss_pct=) cannot work; rate= and down()/up() do",
+            required=False,
+        )
+    detail = {"y": "built in or loaded", "m": "a module (loaded on first use)"}.get(setting or "", "assumed")
+    return Capability("netem", True, f"sch_netem {detail}", required=False)
+
+
+def _check_nft() -> Capability:
+    import shutil
+
+    found = shutil.which("nft")
+    if found is None:
+        detail = "no nft program: nat=True boxes cannot be made (apt-get install nftables)"
+        return Capability("nft", False, detail, required=False)
+    return Capability("nft", True, found, required=False)

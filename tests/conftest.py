@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import time
 
 import psutil
 import pytest
 
-from pytest_nsbox import cgroups, live_boxes, probe, zygote
+from pytest_nsbox import cgroups, live_boxes, network, probe, state, zygote
+from pytest_nsbox.network import bridge, pool
 from pytest_nsbox.plugin import STRICT
 
 _BASELINE = pytest.StashKey[dict[str, object]]()
@@ -80,8 +83,57 @@ def _empty(paths: set[str]) -> list[str]:
     return empty
 
 
+def _links() -> set[str]:
+    """Host interfaces named like ours (nsb*: bridges, veth ends)."""
+    try:
+        return {name for name in os.listdir("/sys/class/net") if name.startswith("nsb")}
+    except OSError:
+        return set()
+
+
+def _our_leases() -> list[str]:
+    """Addresses leased by this process in the host-wide pool (none may outlive the run)."""
+    path = state.STATE_DIR / f"{pool.DOCUMENT}.json"
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    me = state.Owner.current().to_json()
+    return [
+        address
+        for entry in document.get("pools", {}).values()
+        for address, lease in entry.get("leases", {}).items()
+        if lease.get("owner") == me
+    ]
+
+
+def _others_links() -> set[str]:
+    """Interfaces that live processes other than this one hold (concurrent runs on the host)."""
+    path = state.STATE_DIR / f"{pool.DOCUMENT}.json"
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return set()
+    me = state.Owner.current().to_json()
+
+    def other(owner: object) -> bool:
+        return owner != me and state.Owner.from_json(owner).alive()
+
+    names: set[str] = set()
+    for subnet, entry in document.get("pools", {}).items():
+        names |= {lease["interface"] for lease in entry.get("leases", {}).values() if other(lease["owner"])}
+        names |= {name for name, owner in entry.get("private", {}).items() if other(owner)}
+        if any(other(user) for user in entry.get("users", [])):
+            names.add(bridge.shared_name(ipaddress.IPv4Network(subnet)))
+    return names
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    session.config.stash[_BASELINE] = {"mounts": _mount_lines(), "cgroups": _box_cgroups()}
+    session.config.stash[_BASELINE] = {
+        "mounts": _mount_lines(),
+        "cgroups": _box_cgroups(),
+        "links": _links(),
+    }
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -110,6 +162,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         left = _empty(set(left) & _box_cgroups())
     if left:
         problems.append(f"box cgroups left behind: {left}")
+    leases = _our_leases()
+    if leases:
+        problems.append(f"address leases left in the pool: {leases}")
+    network.shutdown()  # this process leaves the shared bridge (the last one out deletes it)
+    deadline = time.monotonic() + 15
+    # A stopped box's veth goes with its network namespace, which the kernel destroys a moment
+    # later; other processes on this host (xdist workers) may still be using theirs.
+    while (links := _links() - baseline["links"] - _others_links()) and time.monotonic() < deadline:  # type: ignore[operator]
+        time.sleep(0.1)
+    if links:
+        problems.append(f"network interfaces left on the host: {sorted(links)}")
     if problems:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         text = "pytest-nsbox leak check failed:\n  " + "\n  ".join(problems)

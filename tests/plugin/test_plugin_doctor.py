@@ -12,7 +12,10 @@ import pytest
 
 from pytest_nsbox import probe
 
-CAPABILITY_NAMES = ("linux", "root", "namespaces", "overlayfs", "kernel", "architecture", "cgroups")
+CAPABILITY_NAMES = (
+    *("linux", "root", "namespaces", "overlayfs", "kernel", "architecture"),
+    *("cgroups", "netem", "nft"),
+)
 
 
 def _run(argv: list[str], cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,10 @@ from pytest_nsbox import probe
 from pytest_nsbox.errors import HostUnsupportedError, NsboxError
 from pytest_nsbox.probe import Capability
 
-EXPECTED_NAMES = ["linux", "root", "namespaces", "overlayfs", "kernel", "architecture", "cgroups"]
+EXPECTED_NAMES = [
+    *("linux", "root", "namespaces", "overlayfs", "kernel", "architecture"),
+    *("cgroups", "netem", "nft"),
+]
 
 
 def test_capabilities_are_capability_tuples_in_doctor_order() -> None:
@@ -22,9 +25,18 @@ def test_capabilities_are_capability_tuples_in_doctor_order() -> None:
     assert [c.name for c in caps] == EXPECTED_NAMES
 
 
-def test_only_cgroups_is_optional() -> None:
+def test_cgroups_and_the_network_extras_are_optional() -> None:
     required = {c.name: c.required for c in probe.capabilities()}
-    assert required == {name: name != "cgroups" for name in EXPECTED_NAMES}
+    assert required == {name: name not in ("cgroups", "netem", "nft") for name in EXPECTED_NAMES}
+
+
+def test_netem_verdict_follows_the_kernel_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(probe.os.path, "exists", lambda path: False)
+    for setting, ok in (("n", False), ("m", True), ("y", True), (None, True)):
+        monkeypatch.setattr(probe, "_kernel_option", lambda name, s=setting: s)
+        verdict = probe._check_netem()
+        assert verdict.ok is ok and not verdict.required
+        assert ("CONFIG_NET_SCH_NETEM" in verdict.detail) is (not ok)
 
 
 def test_every_capability_has_a_boolean_verdict_and_a_detail() -> None:
