@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pytest_nsbox import Box, live_boxes, zygote
@@ -400,16 +401,16 @@ def print_report(
     for note in notes:
         print(f"note: {note}")
     print()
-    header = f"{'what is timed':<44} {'n':>5} {'median ms':>10} {'p95 ms':>9}"
+    header = f"{'what is timed':<48} {'n':>5} {'median ms':>10} {'p95 ms':>9}"
     print(header)
     print("-" * len(header))
     for name, row in summary["contenders"].items():
-        print(f"{name:<44} {row['n']:>5} {row['median_ms']:>10.2f} {row['p95_ms']:>9.2f}")
+        print(_row(name, row))
     network = summary["nsbox_network_timing"]
-    print(f"{'nsbox: box.timings[\"network\"]':<44} {network['n']:>5} {network['median_ms']:>10.2f} {network['p95_ms']:>9.2f}")
+    print(_row(NETWORK_LABEL, network))
     hand = summary.get("hand_rolled")
     if hand is not None:
-        print(f"{'hand-rolled: 5 x ip/nsenter (veth, addr, route)':<44} {hand['n']:>5} {hand['median_ms']:>10.2f} {hand['p95_ms']:>9.2f}")
+        print(_row(HAND_LABEL, hand))
     print()
     difference = summary["nsbox_difference_of_medians_ms"]
     print(
@@ -431,6 +432,14 @@ def print_report(
         )
 
 
+NETWORK_LABEL = 'nsbox: box.timings["network"]'
+HAND_LABEL = "hand-rolled: 5 x ip/nsenter (veth, addr, route)"
+
+
+def _row(label: str, row: dict[str, Any]) -> str:
+    return f"{label:<48} {row['n']:>5} {row['median_ms']:>10.2f} {row['p95_ms']:>9.2f}"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"N={QUICK_N} instead of {DEFAULT_N}")
@@ -438,19 +447,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup", type=int, default=DEFAULT_WARMUP, help="untimed rounds first (default %(default)s)"
     )
-    parser.add_argument("--json", type=Path_, metavar="PATH", help="also write the results here")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     args = parser.parse_args(argv)
     if args.n is None:
         args.n = QUICK_N if args.quick else DEFAULT_N
     if args.n < 1 or args.warmup < 0:
         parser.error("--n must be at least 1 and --warmup at least 0")
     return args
-
-
-def Path_(value: str) -> Any:  # noqa: N802 - an argparse type
-    from pathlib import Path
-
-    return Path(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The ``nsbox`` command: ``nsbox doctor`` tells whether and why this host can make boxes."""
+"""The ``nsbox`` command: ``doctor`` (can this host make boxes?), ``images`` (the layer cache),
+``gc`` (what killed runs left behind)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     images.add_argument(
         "--days", type=float, default=7.0, help="with --prune: 'recent' means this many days (default 7)"
     )
+    commands.add_parser(
+        "gc", help="remove what killed pytest-nsbox processes left: address leases, bridges, NAT rules"
+    )
     args = parser.parse_args(argv)
+    if args.command == "gc":
+        return gc_command()
     if args.command == "doctor":
         return doctor_command(try_box=not args.no_box)
     if args.command == "images":
@@ -55,6 +61,21 @@ def doctor_command(try_box: bool = True) -> int:
         )
         if not ok:
             return 1
+    return 0
+
+
+def gc_command() -> int:
+    """Reclaim network state of dead processes (pytest runs also do this as they start)."""
+    from .network import bridge
+
+    try:
+        deleted = bridge.sweep()
+    except NsboxError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for name in deleted:
+        print(f"deleted bridge {name}")
+    print(f"network: {len(deleted)} bridges deleted; leases of dead processes freed")
     return 0
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from . import network, probe
+from . import network, probe, state
 from .box import Box, stop_all
 from .cgroups import Cgroup
 from .errors import ConfigError, HostUnsupportedError, ImageError, NsboxError
@@ -106,11 +106,20 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Import the session's image before the first test, showing progress if it takes long."""
+    """Reclaim what killed runs left; import the session's image before the first test,
+    showing progress if it takes long."""
     defaults = session.config.stash.get(DEFAULTS, {})
-    if "image" not in defaults or probe.missing():
-        return  # no image, or no boxes here: the box tests will skip and say why
+    if probe.missing():
+        return  # no boxes here: the box tests will skip and say why
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if os.path.exists(state.STATE_DIR / f"{network.pool.DOCUMENT}.json"):
+        try:
+            network.bridge.sweep()
+        except NsboxError as exc:
+            if reporter is not None:
+                reporter.write_line(f"nsbox: could not reclaim leftovers of earlier runs: {exc}")
+    if "image" not in defaults:
+        return
 
     def progress(line: str) -> None:
         if reporter is not None:

@@ -5,13 +5,24 @@ Everything here talks netlink through pyroute2 (imported on first use); nothing 
 
 from __future__ import annotations
 
-from . import nat
+from . import bridge, nat, pool
 from .attach import Attachment, plug
 from .pool import DEFAULT_SUBNET, parse_subnet
 from .publish import Forwarder
 from .shaping import Link
 
-__all__ = ["DEFAULT_SUBNET", "Attachment", "Forwarder", "Link", "nat", "parse_subnet", "plug", "shutdown"]
+__all__ = [
+    "DEFAULT_SUBNET",
+    "Attachment",
+    "Forwarder",
+    "Link",
+    "bridge",
+    "nat",
+    "parse_subnet",
+    "plug",
+    "pool",
+    "shutdown",
+]
 
 
 def shutdown() -> None:

@@ -8,6 +8,7 @@ the address cools down in the pool until the old interface is gone.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 from dataclasses import dataclass, field
@@ -19,6 +20,11 @@ from .shaping import End, Link
 
 VETH_PREFIX = "nsbv"  # nsbv<11 hex>: 15 characters, the most an interface name may have
 BOX_INTERFACE = "eth0"
+_NAME_ATTEMPTS = 3
+
+
+class NameTaken(Exception):
+    """The random host-side name exists already (another host tool, or astronomically bad luck)."""
 
 
 @dataclass
@@ -76,7 +82,20 @@ def plug(
         address = entry.take(owner, box_id)
         entry.note_interface(address, host_interface)  # before it exists: a crash leaves a trace
     try:
-        host_index = _make_veth(init_pid, host_interface, bridge_index)
+        for _attempt in range(_NAME_ATTEMPTS):
+            try:
+                host_index = _make_veth(init_pid, host_interface, bridge_index)
+                break
+            except NameTaken:
+                taken = host_interface
+                host_interface = VETH_PREFIX + os.urandom(6).hex()[:11]
+                with pool.locked(subnet) as entry:
+                    entry.note_interface(address, host_interface)
+        else:
+            raise NetworkError(
+                f"veth names keep clashing ({taken} and {_NAME_ATTEMPTS - 1} more exist): something on "
+                f"this host makes {VETH_PREFIX}* interfaces; remove them (`ip link del`)"
+            )
         box_index = _configure_inside(init_pid, address, subnet.prefixlen, gateway)
     except BaseException:
         with pool.locked(subnet) as entry:
@@ -108,6 +127,8 @@ def _make_veth(init_pid: int, host_interface: str, bridge_index: int) -> int:
                 peer={"ifname": BOX_INTERFACE, "net_ns_pid": init_pid},
             )
         except Exception as exc:
+            if netns.netlink_errno(exc) == errno.EEXIST:
+                raise NameTaken(host_interface) from exc
             raise NetworkError(
                 f"cannot create veth {host_interface} into the box of pid {init_pid}: {netns.describe(exc)}"
             ) from exc

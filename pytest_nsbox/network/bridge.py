@@ -157,13 +157,30 @@ def leave_shared() -> None:
                 _delete(ipr, shared_name(subnet))
 
 
-def sweep(subnet: ipaddress.IPv4Network) -> None:
-    """Reclaim what dead processes left in ``subnet``: leases, private bridges, and the shared
-    bridge if nobody uses it any more."""
-    with pool.locked(subnet) as entry, netns.host() as ipr:
-        _delete_private(ipr, entry.dead_private)
-        if entry.unused:
-            _delete(ipr, shared_name(subnet))
+def sweep() -> list[str]:
+    """Remove what dead processes left: their leases, their private bridges, shared bridges
+    nobody uses, and bridges of ours that no state mentions (the state was lost). Returns
+    the names of the bridges deleted."""
+    deleted: list[str] = []
+    with pool.locked_all() as pools, netns.host() as ipr:
+        in_use: set[str] = set()
+        for entry in pools:
+            deleted += [name for name in entry.dead_private if _lookup(ipr, name) is not None]
+            delete_dead(entry, ipr)
+            in_use |= set(entry.entry["private"])
+            if not entry.unused:
+                in_use.add(shared_name(entry.subnet))
+        with _registered_lock:
+            in_use |= {shared_name(ipaddress.IPv4Network(subnet)) for subnet in _registered}
+        with _spare_lock:
+            in_use |= {name for names in _spare.values() for name in names}
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME") or ""
+            candidate = name.startswith((SHARED_PREFIX, PRIVATE_PREFIX)) and name not in in_use
+            if candidate and ours(ipr, link["index"]):
+                _delete(ipr, name)
+                deleted.append(name)
+    return deleted
 
 
 # ---------------------------------------------------------------------------- private

@@ -158,3 +158,20 @@ def locked(subnet: ipaddress.IPv4Network) -> Iterator[Pool]:
             del pools[str(subnet)]  # nothing left: no state file entry either
         if not pools:
             document.clear()
+
+
+@contextlib.contextmanager
+def locked_all() -> Iterator[list[Pool]]:
+    """Every subnet's pool under the lock (for the sweeper), dead owners reclaimed."""
+    with state.locked_document(DOCUMENT) as document:
+        pools = document.setdefault("pools", {})
+        found = []
+        for subnet, entry in pools.items():
+            found.append(Pool(ipaddress.IPv4Network(subnet), entry))
+            found[-1].dead_private = found[-1].reclaim()
+        yield found
+        for item in found:
+            if not any(item.entry[key] for key in ("leases", "cooling", "users", "private")):
+                del pools[str(item.subnet)]
+        if not pools:
+            document.clear()

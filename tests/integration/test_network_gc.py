@@ -1,0 +1,116 @@
+"""The sweeper: what killed runs left on the network goes, what is not ours stays."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_nsbox.cli import main as nsbox_cli
+from pytest_nsbox.network import bridge, netns, pool
+
+pytestmark = pytest.mark.requires("boxes")
+
+
+def _exists(name: str) -> bool:
+    return os.path.exists(f"/sys/class/net/{name}")
+
+
+def _add_bridge(name: str, alias: str | None) -> None:
+    with netns.host() as ipr:
+        ipr.link("add", ifname=name, kind="bridge")
+        if alias is not None:
+            ipr.link("set", index=ipr.link_lookup(ifname=name)[0], ifalias=alias)
+
+
+def _delete_if_there(name: str) -> None:
+    with netns.host() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if found:
+            ipr.link("del", index=found[0])
+
+
+def test_gc_deletes_our_orphaned_bridges_and_leaves_foreign_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    orphan, foreign = "nsbp" + os.urandom(4).hex()[:8], "nsbp" + os.urandom(4).hex()[:8]
+    try:
+        _add_bridge(orphan, f"{bridge.MARK} private 10.213.0.0/16")  # ours, in no state: a lost one
+        _add_bridge(foreign, "somebody else's")  # our prefix, but not our mark
+        assert nsbox_cli(["gc"]) == 0
+        assert not _exists(orphan)
+        assert _exists(foreign), "a bridge without our mark was deleted"
+        assert f"deleted bridge {orphan}" in capsys.readouterr().out
+    finally:
+        _delete_if_there(orphan)
+        _delete_if_there(foreign)
+
+
+def test_a_killed_owners_lease_and_shared_bridge_are_reclaimed(tmp_path: Path) -> None:
+    subnet = ipaddress.IPv4Network("10.215.0.0/16")  # its own pool: no other box shares the bridge
+    script = tmp_path / "owner.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import time
+            from pytest_nsbox import Box
+            box = Box(network="bridge", subnet="{subnet}").start()
+            print(box.ip, box.network.host_interface, *box.cgroup.dirs, flush=True)
+            time.sleep(1000)
+            """
+        )
+    )
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        address, interface, *cgroup_dirs = owner.stdout.readline().split()
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    try:
+        shared = bridge.shared_name(subnet)
+        assert _exists(shared)
+        deleted = bridge.sweep()
+        assert shared in deleted
+        assert not _exists(shared)
+        with pool.locked(subnet) as entry:
+            assert address not in entry.entry["leases"]
+            assert not entry.entry["users"]
+        deadline = time.monotonic() + 10
+        while _exists(interface) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the veth goes with the dead box's network namespace
+        assert not _exists(interface)
+    finally:
+        for directory in cgroup_dirs:  # a SIGKILLed owner cannot remove its box's cgroup
+            deadline = time.monotonic() + 10
+            while os.path.isdir(directory) and time.monotonic() < deadline:
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    time.sleep(0.05)
+
+
+def test_a_host_interface_name_that_exists_is_not_taken_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_nsbox import Box
+    from pytest_nsbox.network import attach
+
+    fixed = bytes(6)
+    squatter = attach.VETH_PREFIX + fixed.hex()[:11]
+    draws = iter([fixed])
+    real_urandom = os.urandom
+    monkeypatch.setattr(attach.os, "urandom", lambda n: next(draws, None) or real_urandom(n))
+    with netns.host() as ipr:
+        ipr.link("add", ifname=squatter, kind="dummy")
+    try:
+        with Box(network="bridge") as box:
+            assert box.network is not None
+            assert box.network.host_interface != squatter
+            assert box.run(["cat", "/sys/class/net/eth0/operstate"]).stdout.strip() == "up"
+        assert _exists(squatter), "the other interface was touched"
+    finally:
+        _delete_if_there(squatter)
