@@ -45,7 +45,6 @@ QUICK_N = 30
 DEFAULT_WARMUP = 3
 NAME_PREFIX = "nsbench"  # nsbench<8 hex> veths, nsbenchbr<6 hex> the bridge: `ip link | grep nsb` finds them
 HAND_STEPS = ("veth", "master_up", "addr", "link_up", "route")
-PROBE_PORT = 47_321  # the gateway's port the probe connects to, to prove the link carries traffic
 CANDIDATE_SUBNETS = [f"10.{second}.{third}.0/24" for second in (241, 242, 243) for third in (7, 77, 177)]
 
 
@@ -134,18 +133,19 @@ class HandRolled:
         finally:
             process.kill()
             process.wait()
-            del self.sleepers[process.pid]
+            self.sleepers.pop(process.pid, None)
 
     def attach(self, pid: int) -> dict[str, float]:
         veth = NAME_PREFIX + os.urandom(4).hex()  # never reused: a dying one may linger a moment
         self.veths.append(veth)
         address = self.bridge.subnet.network_address + self._next_host
         self._next_host = self._next_host + 1 if self._next_host < self.bridge.subnet.num_addresses - 2 else 2
+        cidr = f"{address}/{self.bridge.subnet.prefixlen}"
         inside = ["nsenter", "-t", str(pid), "-n"]
         steps = {
             "veth": ["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", str(pid)],
             "master_up": ["ip", "link", "set", veth, "master", self.bridge.name, "up"],
-            "addr": [*inside, "ip", "addr", "add", f"{address}/{self.bridge.subnet.prefixlen}", "dev", "eth0"],
+            "addr": [*inside, "ip", "addr", "add", cidr, "dev", "eth0"],
             "link_up": [*inside, "ip", "link", "set", "eth0", "up"],
             "route": [*inside, "ip", "route", "add", "default", "via", self.bridge.gateway],
         }
@@ -160,8 +160,8 @@ class HandRolled:
         """One attach whose link is then used: connect from inside to the bridge's address."""
         with self.sleeper() as pid:
             self.attach(pid)
-            connect = [sys.executable, "-c", _CONNECT.format(address=self.bridge.gateway, port=PROBE_PORT)]
-            with _listener(self.bridge.gateway):
+            with _listener(self.bridge.gateway) as port:
+                connect = [sys.executable, "-c", _CONNECT.format(address=self.bridge.gateway, port=port)]
                 subprocess.run(["nsenter", "-t", str(pid), "-n", *connect], check=True, capture_output=True)
 
     def kill_sleepers(self) -> None:
@@ -225,9 +225,9 @@ def _netns_of(pid: int) -> str | None:
 
 
 @contextlib.contextmanager
-def _listener(address: str) -> Iterator[None]:
-    """Accept connections on ``address:PROBE_PORT`` in a thread, for the probes."""
-    server = socket.create_server((address, PROBE_PORT))
+def _listener(address: str) -> Iterator[int]:
+    """Accept one connection on a free port of ``address`` in a thread, for the probes."""
+    server = socket.create_server((address, 0))
     server.settimeout(10)
 
     def accept() -> None:
@@ -238,7 +238,7 @@ def _listener(address: str) -> Iterator[None]:
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        yield
+        yield server.getsockname()[1]
     finally:
         thread.join(10)
         server.close()
@@ -248,17 +248,18 @@ def box_reaches_gateway(box: Box) -> None:
     """The box's eth0 carries traffic: connect from the box to its bridge's (host) address."""
     assert box.network is not None and box.network.gateway is not None
     gateway = box.network.gateway
-    with _listener(gateway):
-        box.run([sys.executable, "-c", _CONNECT.format(address=gateway, port=PROBE_PORT)], check=True)
+    with _listener(gateway) as port:
+        box.run([sys.executable, "-c", _CONNECT.format(address=gateway, port=port)], check=True)
 
 
 def free_subnet() -> ipaddress.IPv4Network | None:
     """A /24 that overlaps no route of the host and not nsbox's default pool."""
     taken = [ipaddress.IPv4Network(DEFAULT_SUBNET)]
-    result = subprocess.run(["ip", "-j", "-4", "route", "show", "table", "all"], capture_output=True, text=True)
+    argv = ["ip", "-j", "-4", "route", "show", "table", "all"]
+    result = subprocess.run(argv, capture_output=True, text=True)
     for route in json.loads(result.stdout or "[]"):
         dst = route.get("dst", "default")
-        if dst != "default" and route.get("type", "unicast") in ("unicast", "local", "broadcast"):
+        if dst != "default":
             with contextlib.suppress(ValueError):
                 taken.append(ipaddress.IPv4Network(dst, strict=False))
     for text in CANDIDATE_SUBNETS:
@@ -351,7 +352,10 @@ def summarize(
     plain: Contender, bridged: Contender, network_ms: list[float], hand: Contender | None
 ) -> dict[str, Any]:
     rows = {c.name: {**stats_ms(c.samples), "samples_ms": _rounded(c.samples)} for c in (plain, bridged)}
-    network = {**stats_ms([ms / 1000 for ms in network_ms]), "samples_ms": [round(ms, 4) for ms in network_ms]}
+    network = {
+        **stats_ms([ms / 1000 for ms in network_ms]),
+        "samples_ms": [round(ms, 4) for ms in network_ms],
+    }
     difference = rows[bridged.name]["median_ms"] - rows[plain.name]["median_ms"]
     result: dict[str, Any] = {
         "contenders": rows,
@@ -397,7 +401,9 @@ def print_report(
         f"python {facts['python']}, loadavg {before} before / {after} after"
     )
     print(f"first box in a process (includes helper start): {firsts[0]:.2f} ms")
-    print(f"first bridged box (includes importing pyroute2, maybe making the shared bridge): {firsts[1]:.2f} ms")
+    print(
+        f"first bridged box (includes importing pyroute2, maybe making the shared bridge): {firsts[1]:.2f} ms"
+    )
     for note in notes:
         print(f"note: {note}")
     print()

@@ -1,10 +1,15 @@
 """Box networking: bridges, veths, the host-wide address pool, link faults, published ports.
 
-Everything here talks netlink through pyroute2 (imported on first use); nothing shells out.
+Everything here talks netlink through pyroute2 (imported on first use); only NAT runs a
+program, `nft` (see nat.py for why).
 """
 
 from __future__ import annotations
 
+import os
+import time
+
+from ..state import STATE_DIR
 from . import bridge, nat, pool
 from .attach import Attachment, plug
 from .pool import DEFAULT_SUBNET, parse_subnet
@@ -28,7 +33,19 @@ __all__ = [
 def shutdown() -> None:
     """This process is done with networking: leave the shared bridges (the last user deletes
     each) and delete the private bridges it kept for reuse."""
-    from . import bridge
-
     bridge.delete_spares()
     bridge.leave_shared()
+    _settle()
+
+
+def _settle(timeout: float = 3.0) -> None:
+    """Wait (briefly) for the kernel to destroy our stopped boxes' veths, then sweep, so that
+    the pool's state does not outlive the last process with addresses still cooling down."""
+    if not (STATE_DIR / f"{pool.DOCUMENT}.json").exists():
+        return
+    with pool.locked_all() as pools:
+        cooling = [name for entry in pools for name in entry.cooling_interfaces()]
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(f"/sys/class/net/{name}") for name in cooling) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    bridge.sweep()

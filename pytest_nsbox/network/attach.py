@@ -79,7 +79,7 @@ def plug(
             )
         else:
             (bridge_index, bridge_name), gateway = private, None
-        address = entry.take(owner, box_id)
+        address = entry.take(owner, box_id, shared=private is None)
         entry.note_interface(address, host_interface)  # before it exists: a crash leaves a trace
     try:
         for _attempt in range(_NAME_ATTEMPTS):

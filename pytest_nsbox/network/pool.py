@@ -68,8 +68,9 @@ class Pool:
 
     # ---------------------------------------------------------------- leases
 
-    def take(self, owner: state.Owner, box: str) -> str:
-        """Lease the next free address to ``box`` of ``owner``."""
+    def take(self, owner: state.Owner, box: str, shared: bool = True) -> str:
+        """Lease the next free address to ``box`` of ``owner`` (on the shared bridge, or on a
+        pair's private one)."""
         leases, cooling = self.entry["leases"], self.entry["cooling"]
         size = self.subnet.num_addresses
         first = int(self.subnet.network_address)
@@ -81,7 +82,7 @@ class Pool:
             offset += 1
             if address in leases or address in cooling:
                 continue
-            leases[address] = {"owner": owner.to_json(), "box": box, "interface": ""}
+            leases[address] = {"owner": owner.to_json(), "box": box, "interface": "", "shared": shared}
             self.entry["next"] = offset
             return address
         raise NetworkError(
@@ -116,8 +117,13 @@ class Pool:
 
     @property
     def unused(self) -> bool:
-        """No process uses the shared bridge and no box holds an address on it."""
-        return not self.entry["users"] and not self.entry["leases"]
+        """No process uses the shared bridge and no box holds an address on it (boxes of
+        pairs, on their private bridges, do not count)."""
+        on_shared = [lease for lease in self.entry["leases"].values() if lease.get("shared", True)]
+        return not self.entry["users"] and not on_shared
+
+    def cooling_interfaces(self) -> list[str]:
+        return list(self.entry["cooling"].values())
 
     # ---------------------------------------------------------------- private bridges
 

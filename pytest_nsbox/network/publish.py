@@ -65,12 +65,13 @@ class Forwarder:
                 client, _address = self._listener.accept()
             except OSError:
                 return  # closed
+            upstream: socket.socket | None = None
             try:
                 upstream = netns.socket_inside(self.box_pid)
                 upstream.connect(("127.0.0.1", self.box_port))
             except (OSError, NetworkError):
                 client.close()  # nothing listens in the box (yet): the client sees a reset
-                with contextlib.suppress(NameError, OSError):
+                if upstream is not None:
                     upstream.close()
                 continue
             if not self._track(client, upstream):
