@@ -47,6 +47,12 @@ _live: weakref.WeakSet[Box] = weakref.WeakSet()
 _DEVNULL_FD: int | None = None
 
 
+# A bridged box without NAT has a default route that ends at the host: a name server out
+# there would make every lookup that misses /etc/hosts (AAAA ones included) hang for seconds.
+# With no name server listed, the resolver asks 127.0.0.1, is refused and gives up at once.
+NO_NAME_SERVER = "# pytest-nsbox: no name server; this box cannot leave the host (nat=False)\n"
+
+
 class Box:
     """A container built from namespaces, an overlay root and a PID 1 of its own.
 
@@ -168,6 +174,7 @@ class Box:
                 "env": dict(self.spec.env),
                 "tmpfs": dict(self.spec.tmpfs),
                 "privileged": self.spec.privileged,
+                "resolv_conf": NO_NAME_SERVER if self.spec.network == "bridge" and not self.spec.nat else "",
             }
             asked = time.monotonic()
             ours, theirs = channel.socketpair()

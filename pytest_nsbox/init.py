@@ -164,13 +164,17 @@ def finish_root(config: dict[str, Any], prepared: dict[str, Any]) -> dict[str, A
         (_scratch_file("hostname", f"{hostname}\n"), "/etc/hostname", None, MS_BIND, None),
         (_scratch_file("hosts", hosts_file(hostname)), "/etc/hosts", None, MS_BIND, None),
     ]
+    if config.get("resolv_conf"):
+        targets.append(
+            (_scratch_file("resolv.conf", config["resolv_conf"]), "/etc/resolv.conf", None, MS_BIND, None)
+        )
     # 5. Size-capped scratch space the test asked for (filling it gives ENOSPC).
     for path, size in config["tmpfs"].items():
         tmpfs_options = "mode=1777" + (f",size={size}" if size else "")
         targets.append(("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, tmpfs_options))
     targets.append((f"{_KERNEL}/proc", "/proc", None, MS_MOVE, None))  # last: the others use it
     for source, box_path, fstype, flags, data in targets:
-        kind = "file" if box_path.startswith("/etc/host") else "dir"
+        kind = "file" if box_path.startswith("/etc/") else "dir"
         try:
             fd = resolve_in_root(root_fd, box_path, kind)
         except OSError as exc:

@@ -161,6 +161,9 @@ def sweep() -> list[str]:
     """Remove what dead processes left: their leases, their private bridges, shared bridges
     nobody uses, and bridges of ours that no state mentions (the state was lost). Returns
     the names of the bridges deleted."""
+    from . import nat  # the NAT state of dead owners goes too
+
+    nat.sweep()
     deleted: list[str] = []
     with pool.locked_all() as pools, netns.host() as ipr:
         in_use: set[str] = set()

@@ -66,6 +66,14 @@ def disable(attachment: Attachment) -> None:
         _reclaim(document)
 
 
+def sweep() -> None:
+    """Forget NAT boxes of dead processes (and, with none left, the table and forwarding)."""
+    if not (state.STATE_DIR / f"{DOCUMENT}.json").exists():
+        return
+    with state.locked_document(DOCUMENT) as document:
+        _reclaim(document)
+
+
 def _reclaim(document: dict[str, object]) -> None:
     """Forget boxes of dead processes; with none left, remove the table and restore forwarding."""
     boxes = document.get("boxes")

@@ -23,6 +23,7 @@ from ..errors import ConfigError, NetworkError
 
 DOCUMENT = "network"
 DEFAULT_SUBNET = "10.213.0.0/16"
+_PRIVATE_BLOCKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")  # RFC 1918
 _SMALLEST_PREFIX = 29  # network, gateway, broadcast and at least five boxes
 
 
@@ -36,7 +37,7 @@ def parse_subnet(value: object, what: str = "subnet") -> ipaddress.IPv4Network:
         raise ConfigError(f"{what}: {value!r} is not an IPv4 subnet like {DEFAULT_SUBNET} ({exc})") from None
     if network.prefixlen > _SMALLEST_PREFIX or network.prefixlen < 8:
         raise ConfigError(f"{what}: {value} must be between a /8 and a /{_SMALLEST_PREFIX}")
-    if not network.is_private:
+    if not any(network.subnet_of(ipaddress.IPv4Network(block)) for block in _PRIVATE_BLOCKS):
         raise ConfigError(
             f"{what}: {value} is not a private range; boxes would shadow real hosts. "
             "Use one from 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16"

@@ -136,8 +136,20 @@ class Link:
         bandwidth cap in each direction (``"1mbit"``). Replaces what ``set`` did before."""
         shape = parse_shape(delay_ms, jitter_ms, loss_pct, rate)
         with self._lock:
-            for end in self.ends:
-                self._apply(end, shape)
+            touched: list[End] = []
+            try:
+                for end in self.ends:
+                    touched.append(end)
+                    self._apply(end, shape)
+            except NetworkError:
+                # Put back what was there, so the link is as ``shape`` says (best effort: an
+                # end that fails again is an end whose box has gone).
+                for end in touched:
+                    try:
+                        self._apply(end, self.shape)
+                    except NetworkError:
+                        continue
+                raise
             self.shape = shape
         return self
 
