@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from . import probe
+from . import probe, reaper
 from .box import Box
 from .errors import NsboxError
 from .layers import LayerStore, default_cache
@@ -24,12 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     images.add_argument(
         "--days", type=float, default=7.0, help="with --prune: 'recent' means this many days (default 7)"
     )
-    commands.add_parser(
-        "gc", help="remove what killed pytest-nsbox processes left: address leases, bridges, NAT rules"
+    gc = commands.add_parser(
+        "gc", help="remove what killed pytest-nsbox processes left: cgroups, leases, bridges, NAT rules"
     )
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     args = parser.parse_args(argv)
     if args.command == "gc":
-        return gc_command()
+        return gc_command(args.dry_run)
     if args.command == "doctor":
         return doctor_command(try_box=not args.no_box)
     if args.command == "images":
@@ -64,18 +65,17 @@ def doctor_command(try_box: bool = True) -> int:
     return 0
 
 
-def gc_command() -> int:
-    """Reclaim network state of dead processes (pytest runs also do this as they start)."""
-    from .network import bridge
-
+def gc_command(dry_run: bool = False) -> int:
+    """Remove what dead pytest-nsbox processes left (each pytest run also does this first)."""
     try:
-        deleted = bridge.sweep()
+        removed = reaper.sweep(dry_run)
     except NsboxError as exc:
         print(exc, file=sys.stderr)
         return 1
-    for name in deleted:
-        print(f"deleted bridge {name}")
-    print(f"network: {len(deleted)} bridges deleted; leases of dead processes freed")
+    verb = "would remove" if dry_run else "removed"
+    for line in removed:
+        print(f"{verb} {line}")
+    print(f"{len(removed)} leftovers {verb}" if removed else "nothing left over")
     return 0
 
 

@@ -66,8 +66,9 @@ def process_start(pid: int) -> int | None:
 
 
 @contextlib.contextmanager
-def locked_document(name: str) -> Iterator[dict[str, Any]]:
-    """``STATE_DIR/<name>.json`` as a dict, held under its lock; written back if changed."""
+def locked_document(name: str, readonly: bool = False) -> Iterator[dict[str, Any]]:
+    """``STATE_DIR/<name>.json`` as a dict, held under its lock; written back if changed
+    (never with ``readonly``: what a dry run would change is left as it was)."""
     try:
         STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
@@ -94,7 +95,9 @@ def locked_document(name: str) -> Iterator[dict[str, Any]]:
         before = json.dumps(document, sort_keys=True)
         yield document
         after = json.dumps(document, sort_keys=True)
-        if not document:
+        if readonly:
+            pass
+        elif not document:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # nothing held: no file left behind
         elif after != before:

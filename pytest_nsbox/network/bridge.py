@@ -157,19 +157,22 @@ def leave_shared() -> None:
                 _delete(ipr, shared_name(subnet))
 
 
-def sweep() -> list[str]:
+def sweep(dry_run: bool = False) -> list[str]:
     """Remove what dead processes left: their leases, their private bridges, shared bridges
     nobody uses, and bridges of ours that no state mentions (the state was lost). Returns
-    the names of the bridges deleted."""
+    what it removed (or, with ``dry_run``, would remove), one line each."""
     from . import nat  # the NAT state of dead owners goes too
 
-    nat.sweep()
-    deleted: list[str] = []
-    with pool.locked_all() as pools, netns.host() as ipr:
+    removed = nat.sweep(dry_run)
+    with pool.locked_all(readonly=dry_run) as pools, netns.host() as ipr:
         in_use: set[str] = set()
         for entry in pools:
-            deleted += [name for name in entry.dead_private if _lookup(ipr, name) is not None]
-            delete_dead(entry, ipr)
+            removed += [f"lease {address} of dead process {pid}" for address, pid in entry.reclaimed]
+            for name in entry.dead_private:
+                if _lookup(ipr, name) is not None:
+                    removed.append(f"bridge {name} (a pair's, its owner is dead)")
+            if not dry_run:
+                delete_dead(entry, ipr)
             in_use |= set(entry.entry["private"])
             if not entry.unused:
                 in_use.add(shared_name(entry.subnet))
@@ -181,9 +184,10 @@ def sweep() -> list[str]:
             name = link.get_attr("IFLA_IFNAME") or ""
             candidate = name.startswith((SHARED_PREFIX, PRIVATE_PREFIX)) and name not in in_use
             if candidate and ours(ipr, link["index"]):
-                _delete(ipr, name)
-                deleted.append(name)
-    return deleted
+                if not dry_run:
+                    _delete(ipr, name)
+                removed.append(f"bridge {name} (nobody uses it)")
+    return removed
 
 
 # ---------------------------------------------------------------------------- private

@@ -66,12 +66,21 @@ def disable(attachment: Attachment) -> None:
         _reclaim(document)
 
 
-def sweep() -> None:
+def sweep(dry_run: bool = False) -> list[str]:
     """Forget NAT boxes of dead processes (and, with none left, the table and forwarding)."""
     if not (state.STATE_DIR / f"{DOCUMENT}.json").exists():
-        return
-    with state.locked_document(DOCUMENT) as document:
-        _reclaim(document)
+        return []
+    with state.locked_document(DOCUMENT, readonly=dry_run) as document:
+        boxes = document.get("boxes", {})
+        dead = [a for a, owner in boxes.items() if not state.Owner.from_json(owner).alive()]
+        removed = [f"NAT of {address} (its owner is dead)" for address in dead]
+        if dead and len(dead) == len(boxes):
+            removed.append(
+                f"nftables table ip {TABLE}; ip_forward back to {document.get('forwarding_before')}"
+            )
+        if not dry_run:
+            _reclaim(document)
+        return removed
 
 
 def _reclaim(document: dict[str, object]) -> None:

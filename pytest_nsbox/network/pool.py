@@ -61,6 +61,7 @@ class Pool:
         entry.setdefault("private", {})
         entry.setdefault("next", 2)
         self.dead_private: list[str] = []  # private bridges of dead owners, to delete
+        self.reclaimed: list[tuple[str, int]] = []  # (address, pid) of dead owners' leases
 
     @property
     def gateway(self) -> str:
@@ -139,8 +140,10 @@ class Pool:
     def reclaim(self) -> list[str]:
         """Free what dead processes left; returns their private bridges, for deletion."""
         for address, lease in list(self.entry["leases"].items()):
-            if not state.Owner.from_json(lease["owner"]).alive():
+            owner = state.Owner.from_json(lease["owner"])
+            if not owner.alive():
                 self.give_back(address)
+                self.reclaimed.append((address, owner.pid))
         for address, interface in list(self.entry["cooling"].items()):
             if not interface_exists(interface):
                 del self.entry["cooling"][address]
@@ -168,9 +171,10 @@ def locked(subnet: ipaddress.IPv4Network) -> Iterator[Pool]:
 
 
 @contextlib.contextmanager
-def locked_all() -> Iterator[list[Pool]]:
-    """Every subnet's pool under the lock (for the sweeper), dead owners reclaimed."""
-    with state.locked_document(DOCUMENT) as document:
+def locked_all(readonly: bool = False) -> Iterator[list[Pool]]:
+    """Every subnet's pool under the lock (for the sweeper), dead owners reclaimed (in
+    memory only, with ``readonly``)."""
+    with state.locked_document(DOCUMENT, readonly) as document:
         pools = document.setdefault("pools", {})
         found = []
         for subnet, entry in pools.items():

@@ -1,4 +1,4 @@
-"""The sweeper: what killed runs left on the network goes, what is not ours stays."""
+"""The sweeper (`nsbox gc`, and every session start): what killed runs left goes, what is not ours stays."""
 
 from __future__ import annotations
 
@@ -42,10 +42,14 @@ def test_gc_deletes_our_orphaned_bridges_and_leaves_foreign_ones(capsys: pytest.
     try:
         _add_bridge(orphan, f"{bridge.MARK} private 10.213.0.0/16")  # ours, in no state: a lost one
         _add_bridge(foreign, "somebody else's")  # our prefix, but not our mark
+        assert nsbox_cli(["gc", "--dry-run"]) == 0
+        assert f"would remove bridge {orphan} (nobody uses it)" in capsys.readouterr().out
+        assert _exists(orphan), "a dry run removed something"
         assert nsbox_cli(["gc"]) == 0
         assert not _exists(orphan)
         assert _exists(foreign), "a bridge without our mark was deleted"
-        assert f"deleted bridge {orphan}" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"removed bridge {orphan} (nobody uses it)" in out and foreign not in out
     finally:
         _delete_if_there(orphan)
         _delete_if_there(foreign)
@@ -75,8 +79,9 @@ def test_a_killed_owners_lease_and_shared_bridge_are_reclaimed(tmp_path: Path) -
     try:
         shared = bridge.shared_name(subnet)
         assert _exists(shared)
-        deleted = bridge.sweep()
-        assert shared in deleted
+        removed = bridge.sweep()
+        assert f"lease {address} of dead process {owner.pid}" in removed
+        assert f"bridge {shared} (nobody uses it)" in removed
         assert not _exists(shared)
         with pool.locked(subnet) as entry:
             assert address not in entry.entry["leases"]
@@ -114,3 +119,25 @@ def test_a_host_interface_name_that_exists_is_not_taken_over(monkeypatch: pytest
         assert _exists(squatter), "the other interface was touched"
     finally:
         _delete_if_there(squatter)
+
+
+def test_gc_removes_an_empty_box_cgroup_left_by_a_killed_helper(capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_nsbox import cgroups, reaper
+
+    backend = cgroups.driver()
+    if backend is None:
+        pytest.skip("this host has no usable cgroups")
+    fresh = backend.create(cgroups.NAME_PREFIX + "gc" + os.urandom(3).hex())
+    stale = backend.create(cgroups.NAME_PREFIX + "gc" + os.urandom(3).hex())
+    try:
+        old = time.time() - reaper.EMPTY_CGROUP_AGE - 60
+        for directory in stale:
+            os.utime(directory, (old, old))  # as if its helper had died a while ago
+        assert nsbox_cli(["gc"]) == 0
+        out = capsys.readouterr().out
+        assert f"removed cgroup {stale[0].name}" in out
+        assert not any(d.exists() for d in stale)
+        assert all(d.exists() for d in fresh), "a cgroup made a moment ago was taken"
+    finally:
+        backend.remove(fresh)
+        backend.remove(stale)
