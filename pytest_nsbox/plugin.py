@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from . import network, probe, state
+from . import interrupts, network, probe, reaper
 from .box import Box, stop_all
 from .cgroups import Cgroup
 from .errors import ConfigError, HostUnsupportedError, ImageError, NsboxError
@@ -83,6 +83,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _MARKER_HELP)
+    interrupts.install()  # SIGTERM tears boxes down as Ctrl-C does
     option = config.getoption("nsbox_strict")
     config.stash[STRICT] = bool(config.getini("nsbox_strict") if option is None else option)
     defaults: dict[str, Any] = {}
@@ -112,12 +113,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if probe.missing():
         return  # no boxes here: the box tests will skip and say why
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if os.path.exists(state.STATE_DIR / f"{network.pool.DOCUMENT}.json"):
-        try:
-            network.bridge.sweep()
-        except NsboxError as exc:
+    try:
+        for line in reaper.sweep():
             if reporter is not None:
-                reporter.write_line(f"nsbox: could not reclaim leftovers of earlier runs: {exc}")
+                reporter.write_line(f"nsbox: removed what a killed run left: {line}")
+    except NsboxError as exc:
+        if reporter is not None:
+            reporter.write_line(f"nsbox: could not reclaim leftovers of earlier runs: {exc}")
     if "image" not in defaults:
         return
 
@@ -147,6 +149,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     # Boxes are stopped by their fixtures; this catches any a test made with Box() and
     # forgot, and ends this process's zygote.
     stop_all()
+    interrupts.uninstall()
 
 
 def require_boxes(config: pytest.Config) -> None:
