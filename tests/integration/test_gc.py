@@ -38,20 +38,28 @@ def _delete_if_there(name: str) -> None:
 
 
 def test_gc_deletes_our_orphaned_bridges_and_leaves_foreign_ones(capsys: pytest.CaptureFixture[str]) -> None:
-    orphan, foreign = "nsbp" + os.urandom(4).hex()[:8], "nsbp" + os.urandom(4).hex()[:8]
+    foreign = "nsbp" + os.urandom(4).hex()[:8]
+    orphan = ""
     try:
-        _add_bridge(orphan, f"{bridge.MARK} private 10.213.0.0/16")  # ours, in no state: a lost one
         _add_bridge(foreign, "somebody else's")  # our prefix, but not our mark
-        assert nsbox_cli(["gc", "--dry-run"]) == 0
-        assert f"would remove bridge {orphan} (nobody uses it)" in capsys.readouterr().out
-        assert _exists(orphan), "a dry run removed something"
+        # Other pytest-nsbox processes on this host (xdist workers, sessions that tests start)
+        # sweep too, and may take the orphan first: then make another one.
+        for _attempt in range(5):
+            orphan = "nsbp" + os.urandom(4).hex()[:8]
+            _add_bridge(orphan, f"{bridge.MARK} private 10.213.0.0/16")  # ours, in no state: lost
+            assert nsbox_cli(["gc", "--dry-run"]) == 0
+            out = capsys.readouterr().out
+            if _exists(orphan):
+                break
+        assert f"would remove bridge {orphan} (nobody uses it)" in out
+        assert foreign not in out
         assert nsbox_cli(["gc"]) == 0
         assert not _exists(orphan)
         assert _exists(foreign), "a bridge without our mark was deleted"
-        out = capsys.readouterr().out
-        assert f"removed bridge {orphan} (nobody uses it)" in out and foreign not in out
+        assert foreign not in capsys.readouterr().out
     finally:
-        _delete_if_there(orphan)
+        if orphan:
+            _delete_if_there(orphan)
         _delete_if_there(foreign)
 
 
@@ -78,10 +86,7 @@ def test_a_killed_owners_lease_and_shared_bridge_are_reclaimed(tmp_path: Path) -
         owner.wait()
     try:
         shared = bridge.shared_name(subnet)
-        assert _exists(shared)
-        removed = bridge.sweep()
-        assert f"lease {address} of dead process {owner.pid}" in removed
-        assert f"bridge {shared} (nobody uses it)" in removed
+        bridge.sweep()  # (another pytest-nsbox process on this host may sweep first: same result)
         assert not _exists(shared)
         with pool.locked(subnet) as entry:
             assert address not in entry.entry["leases"]
@@ -121,7 +126,7 @@ def test_a_host_interface_name_that_exists_is_not_taken_over(monkeypatch: pytest
         _delete_if_there(squatter)
 
 
-def test_gc_removes_an_empty_box_cgroup_left_by_a_killed_helper(capsys: pytest.CaptureFixture[str]) -> None:
+def test_gc_removes_an_empty_box_cgroup_left_by_a_killed_helper() -> None:
     from pytest_nsbox import cgroups, reaper
 
     backend = cgroups.driver()
@@ -134,9 +139,7 @@ def test_gc_removes_an_empty_box_cgroup_left_by_a_killed_helper(capsys: pytest.C
         for directory in stale:
             os.utime(directory, (old, old))  # as if its helper had died a while ago
         assert nsbox_cli(["gc"]) == 0
-        out = capsys.readouterr().out
-        assert f"removed cgroup {stale[0].name}" in out
-        assert not any(d.exists() for d in stale)
+        assert not any(d.exists() for d in stale)  # by us, or by another process's sweep
         assert all(d.exists() for d in fresh), "a cgroup made a moment ago was taken"
     finally:
         backend.remove(fresh)
