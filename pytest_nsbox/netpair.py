@@ -34,6 +34,11 @@ class NetPair:
         self.link: Link = Link("netpair", [])
         self._bridge: tuple[int, str] | None = None
 
+    @property
+    def bridge(self) -> str | None:
+        """The host-side name of the pair's private bridge (None unless started)."""
+        return self._bridge[1] if self._bridge is not None else None
+
     def __repr__(self) -> str:
         return f"<NetPair a={self.a.ip} b={self.b.ip} {self.link!r}>"
 
