@@ -25,6 +25,7 @@ from .syscalls import (
     MS_PRIVATE,
     MS_RDONLY,
     MS_REC,
+    MS_REMOUNT,
     MS_SLAVE,
 )
 
@@ -42,6 +43,42 @@ _DEVICES = (  # name, major, minor: the set Docker gives a container, nothing fr
     ("urandom", 1, 9),
     ("tty", 5, 0),
 )
+# Hardening, as Docker's defaults (moby's oci/defaults.go); a privileged box gets none of it.
+# Parts of the host's kernel a box's proc and sysfs would show: some only read-only ...
+_READ_ONLY = ("proc/sys", "proc/sysrq-trigger", "proc/irq", "proc/bus", "proc/fs")
+# ... some not at all: files become /dev/null, directories an empty read-only tmpfs. A path
+# this kernel lacks is skipped.
+_MASKED_FILES = (
+    "proc/kcore",
+    "proc/keys",
+    "proc/latency_stats",
+    "proc/timer_list",
+    "proc/timer_stats",
+    "proc/sched_debug",
+)
+_MASKED_DIRS = ("proc/acpi", "proc/asound", "proc/scsi", "sys/firmware", "sys/devices/virtual/powercap")
+# The capabilities a box's commands may hold (root's get exactly these): Docker's default list
+# without CAP_MKNOD, which Docker pairs with a device cgroup that refuses all but its own
+# nodes; a box has no such guard, so a block node it made would open the host's disk.
+BOX_CAPABILITIES = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_RAW",
+    "CAP_SYS_CHROOT",
+    "CAP_AUDIT_WRITE",
+    "CAP_SETFCAP",
+)
+_KEPT_CAPABILITIES = frozenset(syscalls.CAPABILITIES[name] for name in BOX_CAPABILITIES)
+
+_PROC_FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC
+_SYSFS_FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY  # sysfs writes reach the hardware
 _DEV_LINKS = (
     ("fd", "/proc/self/fd"),
     ("stdin", "/proc/self/fd/0"),
@@ -121,11 +158,47 @@ def prepare_root() -> dict[str, Any]:
     # 2. Kernel filesystems of the box's own namespaces, staged in the scratch and moved into
     #    the root later: proc of its pid ns, sysfs of its net ns (read-only: sysfs writes
     #    reach the real hardware), and a /dev of its own.
-    _mount_dir("proc", f"{_KERNEL}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    _mount_dir("sysfs", f"{_KERNEL}/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+    _mount_dir("proc", f"{_KERNEL}/proc", "proc", _PROC_FLAGS)
+    _mount_dir("sysfs", f"{_KERNEL}/sys", "sysfs", _SYSFS_FLAGS)
     _build_dev(f"{_KERNEL}/dev")
+    #    Then hardened, while nobody waits for the box: undoing it costs a privileged box two
+    #    mounts at the hand-off, where hardening every other box there would cost it a dozen.
+    mask_kernel_files(_KERNEL, f"{_KERNEL}/dev/null")
     syscalls.set_link_up("lo")
     return {"host_pid": host_pid, "scratch_fd": scratch_fd}
+
+
+def mask_kernel_files(kernel: str, null: str) -> list[str]:
+    """Make the parts of proc and sysfs (mounted in ``kernel``) a box must not touch read-only
+    or empty, ``null`` standing in for masked files; returns the mount points made."""
+    made = []
+    for name in _READ_ONLY:
+        path = f"{kernel}/{name}"
+        if _mount_if_there(path, path, None, MS_BIND):
+            # Why the other flags: a bind remount sets all of the mount's flags at once.
+            flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+            syscalls.mount(None, path, None, flags)
+            made.append(path)
+    for name in _MASKED_FILES:
+        if _mount_if_there(null, f"{kernel}/{name}", None, MS_BIND):
+            made.append(f"{kernel}/{name}")
+    for name in _MASKED_DIRS:
+        flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+        if _mount_if_there("nsbox-masked", f"{kernel}/{name}", "tmpfs", flags, "size=4k,mode=0555"):
+            made.append(f"{kernel}/{name}")
+    return made
+
+
+def _mount_if_there(
+    source: str, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> bool:
+    try:
+        syscalls.mount(source, target, fstype, flags, data)
+    except OSError as exc:
+        if exc.errno == 2:  # ENOENT: this kernel has no such file
+            return False
+        raise
+    return True
 
 
 def _join_cgroup(cgroup_dirs: list[str]) -> None:
@@ -141,6 +214,13 @@ def _join_cgroup(cgroup_dirs: list[str]) -> None:
 def finish_root(config: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]:
     """Mount the test's root from its options and pivot into it; returns what the host needs."""
     root = f"{SCRATCH}/root"
+    privileged = bool(config.get("privileged"))
+    if privileged:
+        # Proc and sysfs with nothing masked: each bound over itself without MS_REC, which
+        # copies no mount on it; the hardened ones stay behind with the host's tree. Why not
+        # unmount the masks: each unmount waits for an RCU grace period, milliseconds in all.
+        for kernel_fs in (f"{_KERNEL}/proc", f"{_KERNEL}/sys"):
+            syscalls.mount(kernel_fs, kernel_fs, None, MS_BIND)
 
     # 3. The overlay: image layers below (top first), the throwaway upper on top.
     lowers = ":".join(escape_overlay_path(p) for p in _short_lowers(config["lowers"]))
@@ -214,7 +294,41 @@ def finish_root(config: dict[str, Any], prepared: dict[str, Any]) -> dict[str, A
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
+
+    # 7. Last, once init has no more mounting to do: the capabilities its commands may have.
+    #    Init keeps all of its own (to start commands as any user), which also keeps commands
+    #    out of it: ptrace, /proc/1/fd and /proc/1/root need a superset of its capabilities.
+    if not privileged:
+        limit_capabilities(*_CAPABILITY_PLAN)
     return {**prepared, "made": made}
+
+
+def capabilities_to_drop(last_cap: int) -> list[int]:
+    """What a box that is not privileged gives up: this process's bounding set (the host's
+    may lack some already) less ``BOX_CAPABILITIES``, up to capability ``last_cap``."""
+    return [
+        cap for cap in range(last_cap + 1) if cap not in _KEPT_CAPABILITIES and syscalls.in_bounding_set(cap)
+    ]
+
+
+# Worked out once, in the zygote before it forks any box (each inherits the zygote's sets):
+# the reads would cost every new box most of a millisecond of cold calls.
+_CAPABILITY_PLAN = (capabilities_to_drop(syscalls.last_capability()), syscalls.capability_sets())
+
+
+def limit_capabilities(drop: list[int], sets: tuple[int, int, int]) -> None:
+    """Take ``drop`` out of every capability the commands init starts could get; init keeps
+    its own. ``sets`` are init's (effective, permitted, inheritable) sets.
+
+    An ``execve`` grants at most the bounding set (root's programs get all of it) plus what
+    the inheritable and ambient sets carry over; the ambient set is a subset of the
+    inheritable one, and capset trims it along.
+    """
+    syscalls.drop_from_bounding_set(drop)
+    effective, permitted, inheritable = sets
+    dropped = sum(1 << cap for cap in drop)
+    if inheritable & dropped:
+        syscalls.set_capability_sets(effective, permitted, inheritable & ~dropped)
 
 
 def _short_lowers(lowers: list[str]) -> list[str]:
@@ -498,13 +612,17 @@ def _read_table(path: str) -> list[list[str]]:
 
 
 __all__ = [
+    "BOX_CAPABILITIES",
     "SCRATCH",
     "Server",
     "await_box",
+    "capabilities_to_drop",
     "escape_overlay_path",
     "find_program",
     "finish_root",
     "hosts_file",
+    "limit_capabilities",
+    "mask_kernel_files",
     "prepare_root",
     "resolve_in_root",
     "resolve_user",

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import json
 import os
 import pathlib
 import pwd
+import subprocess
+from collections.abc import Callable, Iterable
 
 import pytest
 
-from pytest_nsbox import init
+from pytest_nsbox import init, syscalls
 from pytest_nsbox.init import escape_overlay_path, find_program, hosts_file, resolve_user
 
 # ---------------------------------------------------------------------- escape_overlay_path
@@ -222,3 +226,137 @@ def test_read_table_splits_lines_and_skips_short_ones(tmp_path: pathlib.Path) ->
 def test_read_table_of_a_missing_file_is_empty(tmp_path: pathlib.Path) -> None:
     assert init._read_table(str(tmp_path / "missing")) == []
     assert not os.path.exists(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------- hardening
+
+
+def in_child(function: Callable[[], object]) -> object:
+    """``function()`` run in a forked child, so that what it changes dies with it."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            try:
+                payload = {"result": function()}
+            except BaseException as exc:
+                payload = {"error": f"{type(exc).__name__}: {exc}"}
+            os.write(write_end, json.dumps(payload).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as handle:
+        data = handle.read()
+    os.waitpid(pid, 0)
+    payload = json.loads(data)
+    if "error" in payload:
+        pytest.fail(f"in the child: {payload['error']}")
+    return payload["result"]
+
+
+def capabilities_of(status: str) -> dict[str, int]:
+    """The ``Cap*`` lines of a ``/proc/PID/status``, as numbers."""
+    fields = (line.split(":") for line in status.splitlines() if line.startswith("Cap"))
+    return {name: int(value, 16) for name, value in fields}
+
+
+def own_capabilities() -> dict[str, int]:
+    with open("/proc/self/status") as handle:
+        return capabilities_of(handle.read())
+
+
+def mask_of(names: Iterable[str]) -> int:
+    return sum(1 << syscalls.CAPABILITIES[name] for name in names)
+
+
+def test_box_capabilities_are_dockers_defaults_without_mknod() -> None:
+    docker = {
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FSETID",
+        "CAP_FOWNER",
+        "CAP_MKNOD",
+        "CAP_NET_RAW",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT",
+        "CAP_KILL",
+        "CAP_AUDIT_WRITE",
+    }
+    assert set(init.BOX_CAPABILITIES) == docker - {"CAP_MKNOD"}
+    assert len(init.BOX_CAPABILITIES) == len(set(init.BOX_CAPABILITIES))
+
+
+def test_capabilities_to_drop_are_the_bounding_set_less_the_kept_ones() -> None:
+    last = syscalls.last_capability()
+    drop = init.capabilities_to_drop(last)
+    bounding = own_capabilities()["CapBnd"]
+    kept = mask_of(init.BOX_CAPABILITIES)
+    assert drop == sorted(drop)
+    assert mask_of(name for name, cap in syscalls.CAPABILITIES.items() if cap in drop) == bounding & ~kept
+
+
+@pytest.mark.requires("root")
+def test_limit_capabilities_leaves_nothing_a_program_could_regain() -> None:
+    admin = syscalls.CAPABILITIES["CAP_SYS_ADMIN"]
+    kill = syscalls.CAPABILITIES["CAP_KILL"]
+
+    def limit() -> list[str]:
+        # Before: CAP_SYS_ADMIN inheritable and ambient, which a root program would get back.
+        effective, permitted, inheritable = syscalls.capability_sets()
+        syscalls.set_capability_sets(effective, permitted, inheritable | 1 << admin | 1 << kill)
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.prctl(47, 2, admin, 0, 0) == 0  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE
+        init.limit_capabilities(
+            init.capabilities_to_drop(syscalls.last_capability()), syscalls.capability_sets()
+        )
+        with open("/proc/self/status") as handle:
+            own = handle.read()
+        program = subprocess.run(["cat", "/proc/self/status"], capture_output=True, text=True, check=True)
+        return [own, program.stdout]
+
+    before = own_capabilities()
+    statuses = in_child(limit)
+    assert isinstance(statuses, list)
+    own, program = (capabilities_of(status) for status in statuses)
+    kept = mask_of(init.BOX_CAPABILITIES) & before["CapBnd"]
+    assert own == {**before, "CapBnd": kept, "CapInh": 1 << kill, "CapAmb": 0}  # its own stay
+    assert program == {"CapInh": 1 << kill, "CapPrm": kept, "CapEff": kept, "CapBnd": kept, "CapAmb": 0}
+
+
+@pytest.mark.requires("root")
+def test_mask_kernel_files_guards_proc_and_sysfs(tmp_path: pathlib.Path) -> None:
+    kernel = str(tmp_path)
+
+    def mask() -> dict[str, object]:
+        syscalls.unshare(syscalls.CLONE_NEWNS)  # the child's own mounts, gone when it exits
+        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+        for name, fstype in (("proc", "proc"), ("sys", "sysfs")):
+            os.mkdir(f"{kernel}/{name}")
+            syscalls.mount(name, f"{kernel}/{name}", fstype, syscalls.MS_NOSUID | syscalls.MS_NODEV)
+        made = init.mask_kernel_files(kernel, "/dev/null")
+        with open(f"{kernel}/proc/timer_list", "rb") as handle:
+            timer_list = handle.read()
+        try:
+            with open(f"{kernel}/proc/sys/vm/swappiness", "r+") as handle:
+                handle.write(handle.read())  # the value it has: harmless, were it allowed
+            written = "written"
+        except OSError as exc:
+            written = os.strerror(exc.errno or 0)
+        acpi = os.listdir(f"{kernel}/proc/acpi") if os.path.isdir(f"{kernel}/proc/acpi") else []
+        return {"made": made, "timer_list": len(timer_list), "written": written, "acpi": acpi}
+
+    result = in_child(mask)
+    assert isinstance(result, dict)
+    names = [
+        name
+        for name in init._READ_ONLY + init._MASKED_FILES + init._MASKED_DIRS
+        if os.path.exists(f"/{name}")
+    ]
+    assert result["made"] == [f"{kernel}/{name}" for name in names]
+    assert (result["timer_list"], result["written"], result["acpi"]) == (0, "Read-only file system", [])
+    assert not os.path.ismount(f"{kernel}/proc")  # nothing of it reached this process

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -212,3 +213,115 @@ def test_openat2_ignores_mode_when_not_creating(root_dir: tuple[pathlib.Path, in
         assert os.path.samestat(os.fstat(opened), os.stat(root / "sub"))
     finally:
         os.close(opened)
+
+
+# --------------------------------------------------------------------------- capabilities
+
+
+def status_capabilities() -> dict[str, int]:
+    """The ``Cap*`` lines of this process's ``/proc/self/status``, as numbers."""
+    with open("/proc/self/status") as handle:
+        fields = [line.split(":") for line in handle if line.startswith("Cap")]
+    return {name: int(value, 16) for name, value in fields}
+
+
+def test_capability_numbers_follow_the_kernel_header() -> None:
+    table = syscalls.CAPABILITIES
+    assert sorted(table.values()) == list(range(len(table)))
+    assert (table["CAP_CHOWN"], table["CAP_NET_ADMIN"], table["CAP_SYS_ADMIN"]) == (0, 12, 21)
+    assert (table["CAP_MKNOD"], table["CAP_SETFCAP"], table["CAP_CHECKPOINT_RESTORE"]) == (27, 31, 40)
+
+
+def test_last_capability_is_the_kernels() -> None:
+    with open("/proc/sys/kernel/cap_last_cap") as handle:
+        assert syscalls.last_capability() == int(handle.read())
+    assert syscalls.last_capability() >= syscalls.CAPABILITIES["CAP_AUDIT_READ"]  # Linux 3.16
+
+
+def test_in_bounding_set_agrees_with_proc_status() -> None:
+    bounding = status_capabilities()["CapBnd"]
+    for cap in range(syscalls.last_capability() + 1):
+        assert syscalls.in_bounding_set(cap) == bool(bounding & (1 << cap)), cap
+
+
+def test_in_bounding_set_of_an_unknown_capability_raises_naming_it() -> None:
+    with pytest.raises(SyscallError) as info:
+        syscalls.in_bounding_set(syscalls.last_capability() + 1)
+    assert info.value.errno == errno.EINVAL
+    assert f"cap {syscalls.last_capability() + 1}" in str(info.value)
+
+
+def test_capability_sets_agree_with_proc_status() -> None:
+    status = status_capabilities()
+    assert syscalls.capability_sets() == (status["CapEff"], status["CapPrm"], status["CapInh"])
+
+
+def in_child(function: Callable[[], object]) -> object:
+    """``function()`` run in a forked child, so that what it changes dies with it."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            try:
+                payload = {"result": function()}
+            except BaseException as exc:
+                payload = {"error": f"{type(exc).__name__}: {exc}"}
+            os.write(write_end, json.dumps(payload).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as handle:
+        data = handle.read()
+    os.waitpid(pid, 0)
+    payload = json.loads(data)
+    if "error" in payload:
+        pytest.fail(f"in the child: {payload['error']}")
+    return payload["result"]
+
+
+def test_set_capability_sets_refuses_what_the_kernel_forbids() -> None:
+    def attempt() -> str:
+        effective, _, inheritable = syscalls.capability_sets()
+        # Root: an effective capability must stay permitted. Others: none may grant itself one.
+        wanted = (effective, 0, inheritable) if effective else (0, 1, inheritable)
+        try:
+            syscalls.set_capability_sets(*wanted)
+        except SyscallError as exc:
+            return f"{exc.errno} {exc}"
+        return "no error"
+
+    text = str(in_child(attempt))
+    assert text.startswith(f"{errno.EPERM} capset failed: EPERM")
+    assert "effective=" in text and "inheritable=" in text
+
+
+@pytest.mark.requires("root")
+def test_set_capability_sets_changes_the_inheritable_set() -> None:
+    kill = 1 << syscalls.CAPABILITIES["CAP_KILL"]
+
+    def change() -> list[int]:
+        effective, permitted, inheritable = syscalls.capability_sets()
+        syscalls.set_capability_sets(effective, permitted, inheritable | kill)
+        return list(syscalls.capability_sets())
+
+    effective, permitted, inheritable = syscalls.capability_sets()
+    assert in_child(change) == [effective, permitted, inheritable | kill]
+    assert syscalls.capability_sets() == (effective, permitted, inheritable)
+
+
+@pytest.mark.requires("root")
+def test_drop_from_bounding_set_drops_for_good() -> None:
+    effective = syscalls.capability_sets()[0]
+    held = [cap for cap in range(syscalls.last_capability() + 1) if syscalls.in_bounding_set(cap)]
+    cap = max(cap for cap in held if effective & (1 << cap))
+
+    def drop() -> list[object]:
+        syscalls.drop_from_bounding_set([cap])
+        syscalls.drop_from_bounding_set([cap])  # dropping what is gone is no error
+        still_effective = bool(syscalls.capability_sets()[0] & (1 << cap))
+        return [syscalls.in_bounding_set(cap), still_effective, status_capabilities()["CapBnd"]]
+
+    # Gone from the bounding set, still the process's own.
+    assert in_child(drop) == [False, True, status_capabilities()["CapBnd"] & ~(1 << cap)]
+    assert syscalls.in_bounding_set(cap)  # the parent's is untouched
