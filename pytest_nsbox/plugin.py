@@ -7,12 +7,12 @@ entry point), so ``Box`` stays usable from plain Python.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import pytest
 
-from . import interrupts, network, probe, reaper
+from . import hookspecs, interrupts, network, probe, reaper, report
 from .box import Box, stop_all
 from .cgroups import Cgroup
 from .errors import ConfigError, HostUnsupportedError, ImageError, NsboxError
@@ -23,6 +23,8 @@ from .spec import BoxSpec
 
 STRICT = pytest.StashKey[bool]()
 DEFAULTS = pytest.StashKey[dict[str, Any]]()  # box options from the command line and ini
+BOXES = pytest.StashKey[list[Box]]()  # on a test item: the boxes its fixtures started
+CALL_REPORT = pytest.StashKey[pytest.TestReport]()  # on a test item: its call phase's report
 
 _MARKER_HELP = (
     "nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None, cache=None, "
@@ -30,6 +32,10 @@ _MARKER_HELP = (
     "test's nsbox, e.g. tmpfs={'/data': '16M'} for a size-capped scratch dir, "
     "limits={'pids': 10, 'memory': '64M', 'cpus': 0.5}, network='bridge' for eth0 with an address"
 )
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -152,6 +158,32 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     interrupts.uninstall()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed setup or call gets a section per box the test's fixtures started.
+
+    The call phase's report is made before teardown stops the boxes, so the processes shown
+    are those alive at the failure. A passing test costs a stash look-up.
+    """
+    test_report = yield
+    if call.when == "call":
+        item.stash[CALL_REPORT] = test_report
+    if test_report.failed and call.when in ("setup", "call"):
+        for box in item.stash.get(BOXES, ()):
+            test_report.sections.append(_box_section(box))
+    return test_report
+
+
+def _box_section(box: Box) -> tuple[str, str]:
+    try:
+        text = report.describe(box)
+    except Exception as exc:  # describe() does not raise; this is for what it cannot foresee
+        text = f"could not describe this box: {type(exc).__name__}: {exc}"
+    return f"nsbox box {getattr(box, 'id', '?')}", text
+
+
 def require_boxes(config: pytest.Config) -> None:
     """Skip the current test when this host cannot make boxes; fail under --nsbox-strict."""
     try:
@@ -167,27 +199,68 @@ def require_boxes(config: pytest.Config) -> None:
 
 
 class BoxRegistry:
-    """The boxes one test started; all stopped at its teardown, the last one first."""
+    """The boxes one test started; all stopped at its teardown, the last one first.
+
+    Each box goes through the plugin hooks (``hookspecs.py``) with the request of the fixture
+    that asked for it: configure, started, and at teardown stopping.
+    """
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.boxes: list[Box] = []
+        self._requests: list[pytest.FixtureRequest] = []
 
-    def start(self, spec: BoxSpec) -> Box:
+    def start(self, spec: BoxSpec, request: pytest.FixtureRequest) -> Box:
         require_boxes(self.config)
-        box = Box(spec=spec).start()
+        box = Box(spec=configure_spec(request, spec)).start()
         self.boxes.append(box)
+        self._requests.append(request)
+        _track(request, box)
+        request.node.ihook.pytest_nsbox_started(box=box, request=request)
         return box
 
     def stop_all(self) -> None:
-        failures = []
-        for box in reversed(self.boxes):
+        failures: list[BaseException] = []
+        for box, request in reversed(list(zip(self.boxes, self._requests, strict=True))):
+            failures.extend(_stopping(request, [box]))
             try:
                 box.stop()
             except NsboxError as exc:
                 failures.append(exc)
         if failures:
             raise failures[0]
+
+
+def configure_spec(request: pytest.FixtureRequest, spec: BoxSpec) -> BoxSpec:
+    """``spec`` as the ``pytest_nsbox_configure`` hooks leave it."""
+    try:
+        result = request.node.ihook.pytest_nsbox_configure(spec=spec, request=request)
+    except ConfigError as exc:  # spec.merged(...) with a bad value: the message names the option
+        message = f"pytest_nsbox_configure: {exc}"
+    else:
+        if result is None or isinstance(result, BoxSpec):
+            return spec if result is None else result
+        message = f"pytest_nsbox_configure must return a BoxSpec or None, got {result!r}"
+    pytest.fail(message, pytrace=False)
+
+
+def _track(request: pytest.FixtureRequest, box: Box) -> None:
+    """Remember ``box`` on the test item, for its failure report."""
+    request.node.stash.setdefault(BOXES, []).append(box)
+
+
+def _stopping(request: pytest.FixtureRequest, boxes: Sequence[Box]) -> list[BaseException]:
+    """Call ``pytest_nsbox_stopping`` for each running box; return what the hooks raised."""
+    test_report = request.node.stash.get(CALL_REPORT, None)
+    raised: list[BaseException] = []
+    for box in boxes:
+        if not box.running:
+            continue  # the test stopped it itself
+        try:
+            request.node.ihook.pytest_nsbox_stopping(box=box, request=request, report=test_report)
+        except BaseException as exc:  # even Ctrl-C: the boxes are stopped first, then it goes on
+            raised.append(exc)
+    return raised
 
 
 @pytest.fixture
@@ -208,7 +281,7 @@ def nsbox_factory(request: pytest.FixtureRequest, _nsbox_registry: BoxRegistry) 
     defaults = request.config.stash.get(DEFAULTS, {})
 
     def factory(**options: Any) -> Box:
-        return _nsbox_registry.start(_spec("nsbox_factory(...)", {**defaults, **options}))
+        return _nsbox_registry.start(_spec("nsbox_factory(...)", {**defaults, **options}), request)
 
     return factory
 
@@ -226,7 +299,7 @@ def nsbox(request: pytest.FixtureRequest, _nsbox_registry: BoxRegistry) -> Box:
         options = dict(marker.kwargs)
     # The marker is checked before the host: a typo must not hide behind a skip.
     defaults = request.config.stash.get(DEFAULTS, {})
-    return _nsbox_registry.start(_spec("@pytest.mark.nsbox(...)", {**defaults, **options}))
+    return _nsbox_registry.start(_spec("@pytest.mark.nsbox(...)", {**defaults, **options}), request)
 
 
 @pytest.fixture
@@ -248,10 +321,40 @@ def netpair(request: pytest.FixtureRequest) -> Iterator[NetPair]:
         message = f"netpair: {exc}"
     else:
         require_boxes(request.config)
+        _configure_pair(request, pair)
         with pair:
+            for box in (pair.a, pair.b):
+                _track(request, box)
+            for box in (pair.a, pair.b):
+                request.node.ihook.pytest_nsbox_started(box=box, request=request)
             yield pair
+            failures = _stopping(request, [pair.b, pair.a])
+            if failures:
+                raise failures[0]  # the pair stops on the way out all the same
         return
     pytest.fail(message, pytrace=False)
+
+
+def _configure_pair(request: pytest.FixtureRequest, pair: NetPair) -> None:
+    """Run ``pytest_nsbox_configure`` on both boxes of a pair that has not started yet."""
+    for name in ("a", "b"):
+        spec: BoxSpec = getattr(pair, f"spec_{name}")
+        configured = configure_spec(request, spec)
+        if configured is spec:
+            continue
+        changed = [
+            field
+            for field in ("hostname", "network", "nat", "subnet")
+            if getattr(configured, field) != getattr(spec, field)
+        ]
+        if changed:
+            pytest.fail(
+                f"pytest_nsbox_configure: netpair box {name}: the pair sets hostname, network, nat and "
+                f"subnet itself; the hook changed {', '.join(changed)}",
+                pytrace=False,
+            )
+        setattr(pair, f"spec_{name}", configured)
+        setattr(pair, name, Box(spec=configured))
 
 
 @pytest.fixture
@@ -284,7 +387,7 @@ def overlay_root(request: pytest.FixtureRequest, _nsbox_registry: BoxRegistry) -
         box: Box = request.getfixturevalue("nsbox")
     else:
         defaults = request.config.stash.get(DEFAULTS, {})
-        box = _nsbox_registry.start(_spec("overlay_root", dict(defaults)))
+        box = _nsbox_registry.start(_spec("overlay_root", dict(defaults)), request)
     assert box.root is not None
     return box.root
 
