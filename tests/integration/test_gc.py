@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cleanup import rmdir_when_empty
 
 from pytest_nsbox.cli import main as nsbox_cli
 from pytest_nsbox.network import bridge, netns, pool
@@ -97,12 +98,7 @@ def test_a_killed_owners_lease_and_shared_bridge_are_reclaimed(tmp_path: Path) -
         assert not _exists(interface)
     finally:
         for directory in cgroup_dirs:  # a SIGKILLed owner cannot remove its box's cgroup
-            deadline = time.monotonic() + 10
-            while os.path.isdir(directory) and time.monotonic() < deadline:
-                try:
-                    os.rmdir(directory)
-                except OSError:
-                    time.sleep(0.05)
+            rmdir_when_empty(directory)
 
 
 def test_a_host_interface_name_that_exists_is_not_taken_over(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cleanup import rmdir_when_empty
 
 from pytest_nsbox import Box, BoxError, ConfigError, ImageError, cgroups, zygote
 
@@ -136,7 +137,7 @@ def test_every_box_process_dies_when_its_owner_is_killed(tmp_path: Path) -> None
     finally:
         # A SIGKILLed owner cannot remove its box's (now empty) cgroup: that is the reaper's job.
         for directory in cgroup_dirs:
-            _rmdir_when_empty(directory)
+            rmdir_when_empty(directory)
 
 
 def test_an_owner_killed_at_any_moment_leaves_no_cgroup_and_no_helper(tmp_path: Path) -> None:
@@ -177,15 +178,6 @@ def _empty_cgroups() -> set[str]:
         except OSError:
             continue
     return empty
-
-
-def _rmdir_when_empty(directory: str) -> None:
-    deadline = time.monotonic() + 10
-    while os.path.isdir(directory) and time.monotonic() < deadline:
-        try:
-            os.rmdir(directory)
-        except OSError:
-            time.sleep(0.05)
 
 
 def test_box_works_without_pytest(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 import pytest
+from cleanup import rmdir_when_empty
 
 from pytest_nsbox import Box, BoxProcess, ConfigError, Link, NetPair, NetworkError, live_boxes, state
 from pytest_nsbox.network import bridge, nat, netns, pool
@@ -489,7 +490,7 @@ def test_lease_of_a_killed_owner_is_reclaimed(
         assert _host_fetch(fresh.ip, PORT) == b"fresh"
     finally:
         for directory in cgroup_dirs:  # a SIGKILLed owner cannot remove its box's cgroup
-            _rmdir_when_empty(directory)
+            rmdir_when_empty(directory)
 
 
 def _zombie(pid: int) -> bool:
@@ -497,15 +498,6 @@ def _zombie(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-def _rmdir_when_empty(directory: str) -> None:
-    deadline = time.monotonic() + 10
-    while os.path.isdir(directory) and time.monotonic() < deadline:
-        try:
-            os.rmdir(directory)
-        except OSError:
-            time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------- published ports
@@ -636,7 +628,7 @@ def test_nat_state_of_a_killed_owner_is_reclaimed_by_the_sweeper(
         # Whatever the sweeper did, leave the host as it was: a NAT box's stop reclaims the rest.
         Box(network="bridge", nat=True, subnet=str(subnet)).start().stop()
         for directory in cgroup_dirs:
-            _rmdir_when_empty(directory)
+            rmdir_when_empty(directory)
 
 
 def test_a_bridged_box_without_nat_fails_name_lookups_at_once(nsbox_factory: Callable[..., Box]) -> None:
