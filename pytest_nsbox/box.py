@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from . import cgroups, channel, probe, zygote
+from . import cgroups, channel, kept, probe, state, zygote
 from . import network as networking
 from .boxfs import BoxFiles
 from .errors import (
@@ -234,6 +234,46 @@ class Box:
         pid = self._require_pid()
         hosts_path = f"/proc/{pid}/fd/{self._scratch_fd}/etc/hosts"
         self.network = networking.plug(pid, self.id, self.hostname, hosts_path, subnet, private)
+
+    def keep(self, test: str = "") -> None:
+        """Leave the box running after this process ends, for ``nsbox shell`` (``nsbox gc``
+        ends it). Its init stops dying with its helper; its lease passes to the init."""
+        with self._lock:
+            if self._state != "running" or self._link is None or self.pid is None:
+                raise BoxError(f"box {self.id} is not running, so it cannot be kept")
+            reply = self._link.request({"op": "keep"})
+            if "error" in reply:
+                raise BoxError(f"box {self.id}: init refused to be kept: {reply['error']}")
+            zygote.get().forget(self.pid)
+            init = state.Owner(self.pid, state.process_start(self.pid) or 0)
+            if self.network is not None:
+                self.network.hand_over(init)
+            kept.record(
+                {
+                    "id": self.id,
+                    "pid": init.pid,
+                    "start": init.start,
+                    "hostname": self.hostname,
+                    "image": self.spec.image or "host /",
+                    "ip": self.ip,
+                    "cgroup": self.cgroup.name if self.cgroup.driver else "",
+                    "test": test,
+                    "privileged": self.spec.privileged,
+                }
+            )
+            # Let go of everything without killing: the box is the ledger's now.
+            for forwarder in self._published.values():
+                forwarder.close()
+            self._published = {}
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
+            if self._files is not None:
+                os.close(self._files.root_fd)
+                self._files = None
+            self._link.close()
+            self._state = "kept"
+            _live.discard(self)
 
     def _release_network(self) -> None:
         """After the kill: close published ports, take the box out of NAT and give back its

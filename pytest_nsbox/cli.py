@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from . import probe, reaper
+from . import kept, probe, reaper
 from .box import Box
 from .errors import NsboxError
 from .layers import LayerStore, default_cache
@@ -28,9 +28,19 @@ def main(argv: list[str] | None = None) -> int:
         "gc", help="remove what killed pytest-nsbox processes left: cgroups, leases, bridges, NAT rules"
     )
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    shell_parser = commands.add_parser(
+        "shell", help="a shell (or a command) in a box kept by --nsbox-keep, or in a fresh one"
+    )
+    shell_parser.add_argument("box_id", nargs="?", help="a kept box's id (a unique prefix will do)")
+    shell_parser.add_argument("--image", help="start a fresh box of this image instead (stopped on exit)")
+    shell_parser.add_argument(
+        "argv", nargs="*", metavar="COMMAND", help="what to run (default /bin/sh -l); put it after --"
+    )
     args = parser.parse_args(argv)
     if args.command == "gc":
         return gc_command(args.dry_run)
+    if args.command == "shell":
+        return shell_command(args.box_id, args.argv, args.image)
     if args.command == "doctor":
         return doctor_command(try_box=not args.no_box)
     if args.command == "images":
@@ -65,10 +75,34 @@ def doctor_command(try_box: bool = True) -> int:
     return 0
 
 
+def shell_command(box_id: str | None, command: list[str], image: str | None) -> int:
+    """Run ``command`` in a kept box, or in a fresh box of ``image``; its exit status."""
+    from .shell import shell
+
+    if image is not None and box_id is not None:
+        command, box_id = [box_id, *command], None  # `--image X -- cmd`: argparse took cmd for an id
+    command = command or ["/bin/sh", "-l"]
+    if box_id is None and image is None:
+        kept_boxes = kept.entries()
+        if len(kept_boxes) != 1:
+            listing = "\n".join(f"  {key}  {e['hostname']}  {e['test']}" for key, e in kept_boxes.items())
+            print(
+                f"nsbox shell: say which box (kept boxes:\n{listing or '  none'}) or give --image",
+                file=sys.stderr,
+            )
+            return 2
+        box_id = next(iter(kept_boxes))
+    try:
+        return shell(box_id, command, image)
+    except NsboxError as exc:
+        print(f"nsbox shell: {exc}", file=sys.stderr)
+        return 1
+
+
 def gc_command(dry_run: bool = False) -> int:
     """Remove what dead pytest-nsbox processes left (each pytest run also does this first)."""
     try:
-        removed = reaper.sweep(dry_run)
+        removed = kept.end_all(dry_run) + reaper.sweep(dry_run)
     except NsboxError as exc:
         print(exc, file=sys.stderr)
         return 1

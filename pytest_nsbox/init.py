@@ -444,10 +444,20 @@ class Server:
         self.workdir: str = config.get("workdir") or "/"
         self.image_user: str | None = config.get("user") or None
         self.children: dict[int, subprocess.Popen[bytes] | None] = {}
+        self.kept = False
 
     def serve(self) -> None:
-        """Until the host goes: then PID 1 exits and the kernel kills the rest of the box."""
+        """Until the host goes: then PID 1 exits and the kernel kills the rest of the box,
+        unless the host asked to keep it (``--nsbox-keep``): then it goes on reaping orphans
+        until someone (``nsbox gc``) kills it."""
         channel.serve(self.sock, self.handle, self.reap)
+        if self.kept:
+            self.sock.close()
+            while True:
+                try:
+                    os.wait()
+                except ChildProcessError:
+                    time.sleep(1)  # no child now; an orphan may be handed to us later
 
     def handle(self, message: dict[str, Any], fds: list[int]) -> None:
         op = message.get("op")
@@ -459,6 +469,10 @@ class Server:
                 reply["ok"] = self.kill(message["pid"], message["sig"], message.get("group", False))
             elif op == "ping":
                 reply["ok"] = True
+            elif op == "keep":
+                # Outlive the helper and the host: no parent-death signal, no exit on EOF.
+                syscalls.prctl(syscalls.PR_SET_PDEATHSIG, 0)
+                self.kept = reply["ok"] = True
             else:
                 raise ValueError(f"unknown request {op!r}")
         except OSError as exc:

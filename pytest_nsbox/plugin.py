@@ -25,6 +25,8 @@ STRICT = pytest.StashKey[bool]()
 DEFAULTS = pytest.StashKey[dict[str, Any]]()  # box options from the command line and ini
 BOXES = pytest.StashKey[list[Box]]()  # on a test item: the boxes its fixtures started
 CALL_REPORT = pytest.StashKey[pytest.TestReport]()  # on a test item: its call phase's report
+KEEP = pytest.StashKey[str]()  # --nsbox-keep: never, failed or always
+KEPT = pytest.StashKey[list[tuple[str, Box]]]()  # (test id, box) kept by this session
 
 _MARKER_HELP = (
     "nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None, cache=None, "
@@ -46,6 +48,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="fail, rather than skip, box tests on a host that cannot make boxes "
         "(not root, no overlayfs, ...). ini: nsbox_strict",
+    )
+    group.addoption(
+        "--nsbox-keep",
+        choices=("never", "failed", "always"),
+        default=None,
+        help="keep the boxes of failed (or all) tests running after the session, to look inside "
+        "with `nsbox shell BOX_ID`; `nsbox gc` ends them. Default never. ini: nsbox_keep",
+    )
+    parser.addini(
+        "nsbox_keep", type="string", default="never", help="never, failed or always (see --nsbox-keep)"
     )
     group.addoption(
         "--no-nsbox-strict",
@@ -110,6 +122,10 @@ def pytest_configure(config: pytest.Config) -> None:
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[DEFAULTS] = defaults
+    keep = config.getoption("nsbox_keep") or config.getini("nsbox_keep") or "never"
+    if keep not in ("never", "failed", "always"):
+        raise pytest.UsageError(f"nsbox_keep: {keep!r} is not one of never, failed, always")
+    config.stash[KEEP] = keep
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -224,11 +240,38 @@ class BoxRegistry:
         for box, request in reversed(list(zip(self.boxes, self._requests, strict=True))):
             failures.extend(_stopping(request, [box]))
             try:
-                box.stop()
+                if _keeps(request) and box.running:
+                    box.keep(request.node.nodeid)
+                    self.config.stash.setdefault(KEPT, []).append((request.node.nodeid, box))
+                else:
+                    box.stop()
             except NsboxError as exc:
                 failures.append(exc)
         if failures:
             raise failures[0]
+
+
+def _keeps(request: pytest.FixtureRequest) -> bool:
+    """Whether --nsbox-keep asks to keep this test's boxes (never under xdist: the workers'
+    output of how to enter them would be lost)."""
+    keep = request.config.stash.get(KEEP, "never")
+    if keep == "never" or hasattr(request.config, "workerinput"):
+        return False
+    if keep == "always":
+        return True
+    report = request.node.stash.get(CALL_REPORT, None)
+    return report is None or report.failed
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """How to enter the boxes --nsbox-keep kept."""
+    kept = config.stash.get(KEPT, [])
+    if not kept:
+        return
+    terminalreporter.section("nsbox: kept boxes")
+    for test, box in kept:
+        terminalreporter.write_line(f"{box.id}  {box.hostname:<12} {box.ip or '-':<15} {test}")
+    terminalreporter.write_line("enter one with `nsbox shell BOX_ID`; end them all with `nsbox gc`")
 
 
 def configure_spec(request: pytest.FixtureRequest, spec: BoxSpec) -> BoxSpec:

@@ -103,6 +103,14 @@ class Zygote:
             except OSError as exc:
                 raise BoxError(f"the nsbox zygote (pid {self.pid}) is gone: {self.log() or exc}") from exc
 
+    def forget(self, pid: int) -> None:
+        """Leave the box of init ``pid`` alone from now on (it is being kept)."""
+        with self._lock:
+            try:
+                channel.send(self._sock, {"op": "forget", "pid": pid})
+            except OSError as exc:
+                raise BoxError(f"the nsbox zygote (pid {self.pid}) is gone: {self.log() or exc}") from exc
+
     def log(self) -> str:
         size = os.fstat(self._log).st_size
         return os.pread(self._log, size, 0).decode("utf-8", "replace").strip()[-4000:]
@@ -174,6 +182,9 @@ def _serve(sock: socket.socket) -> None:
         if message.get("op") == "box" and len(fds) == 1:
             with _sigterm_held():
                 _hand_out(message["config"], fds[0], sock)
+        elif message.get("op") == "forget":
+            with _sigterm_held():
+                _forget(int(message["pid"]))
 
     def reap() -> None:
         with _sigterm_held():
@@ -224,6 +235,13 @@ def _remove_box_cgroup(pid: int) -> None:
         backend.remove_named(cgroup[0].name)  # every hierarchy, those joined late included
 
 
+def _forget(pid: int) -> None:
+    """A kept box (``--nsbox-keep``) is on its own now: neither killed, reaped nor its cgroup
+    removed by us; ``nsbox gc`` ends it."""
+    _boxes.discard(pid)
+    _handed_out_cgroups.pop(pid, None)
+
+
 def _shutdown() -> None:
     """Kill every box still running and reap them all before exiting.
 
@@ -237,11 +255,12 @@ def _shutdown() -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    while True:
+    # Only our boxes: a kept one is a child too, and lives on (adopted by the host's init).
+    for pid in list(_boxes) + list(_unclaimed_cgroups):
         try:
-            pid, _status = os.waitpid(-1, 0)
+            os.waitpid(pid, 0)
         except ChildProcessError:
-            break
+            pass
         _remove_box_cgroup(pid)
     os._exit(0)
 

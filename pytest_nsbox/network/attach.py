@@ -46,6 +46,14 @@ class Attachment:
     def prefixlen(self) -> int:
         return self.subnet.prefixlen
 
+    def hand_over(self, owner: state.Owner) -> None:
+        """The box is kept beyond its process: its lease now belongs to ``owner`` (its init)."""
+        with pool.locked(self.subnet) as entry:
+            lease = entry.entry["leases"].get(self.address)
+            if lease is not None:
+                lease["owner"] = owner.to_json()
+        self.released = True  # nothing of it is ours to give back any more
+
     def release(self) -> None:
         """The box has stopped: its address goes back to the pool, its name out of the hosts
         files of its peers. Idempotent."""

@@ -1,0 +1,74 @@
+"""Boxes kept alive after their test (``--nsbox-keep``), for a look inside with ``nsbox shell``.
+
+A kept box is on its own: its init no longer dies with its helper, the helper no longer reaps
+it, and its address lease is owned by the init itself. This ledger
+(``STATE_DIR/kept.json``, under its lock) is how ``nsbox shell`` finds one and how
+``nsbox gc`` ends it: each entry names the init as (pid, start time), so a reused pid is
+never mistaken for it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from . import cgroups, state
+from .errors import BoxError
+
+DOCUMENT = "kept"
+
+
+def record(entry: dict[str, Any]) -> None:
+    with state.locked_document(DOCUMENT) as document:
+        document[entry["id"]] = entry
+
+
+def entries() -> dict[str, dict[str, Any]]:
+    """Kept boxes whose init still lives, by box id."""
+    if not (state.STATE_DIR / f"{DOCUMENT}.json").exists():
+        return {}
+    with state.locked_document(DOCUMENT, readonly=True) as document:
+        return {key: dict(value) for key, value in document.items() if _alive(value)}
+
+
+def find(box_id: str) -> dict[str, Any]:
+    kept = entries()
+    matches = [key for key in kept if key.startswith(box_id)] if box_id else []
+    if len(matches) != 1:
+        listing = ", ".join(f"{key} ({value['hostname']}, {value['test']})" for key, value in kept.items())
+        what = "no kept box" if not matches else "more than one kept box"
+        raise BoxError(f"{what} matches {box_id!r}; kept boxes: {listing or 'none'}")
+    return kept[matches[0]]
+
+
+def end_all(dry_run: bool = False) -> list[str]:
+    """Kill every kept box (and forget those already dead): ``nsbox gc``."""
+    if not (state.STATE_DIR / f"{DOCUMENT}.json").exists():
+        return []
+    removed = []
+    with state.locked_document(DOCUMENT, readonly=dry_run) as document:
+        for box_id, entry in list(document.items()):
+            removed.append(f"kept box {box_id} ({entry['hostname']}, from {entry['test']})")
+            if dry_run:
+                continue
+            if _alive(entry):
+                os.kill(entry["pid"], signal.SIGKILL)  # the kernel kills the rest of its box
+                _wait_gone(entry)
+            backend = cgroups.driver()
+            if backend is not None and entry.get("cgroup"):
+                backend.remove_named(entry["cgroup"])
+            del document[box_id]
+    return removed
+
+
+def _alive(entry: dict[str, Any]) -> bool:
+    return state.Owner(int(entry["pid"]), int(entry["start"])).alive()
+
+
+def _wait_gone(entry: dict[str, Any], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(entry) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # Reaped by the host's init in its own time; a zombie has left its cgroup already.
