@@ -117,8 +117,16 @@ def _bridge_of_subnet(name: str) -> bool:
     return name == bridge.shared_name(IPv4Network(SUBNET))
 
 
+def _host_mounts() -> int:
+    """Mounts of ours in the host's table (a box's live in its own mount namespace only)."""
+    with open("/proc/self/mountinfo") as handle:
+        return sum(1 for line in handle if "nsb" in line)
+
+
 def _nothing_left(info: dict[str, object]) -> list[str]:
     problems = []
+    if _host_mounts():
+        problems.append(f"{_host_mounts()} mounts of ours on the host")
     for key in ("init", "sleeper"):
         if not _dead(int(info[key])):  # type: ignore[call-overload]
             problems.append(f"box process {key} ({info[key]}) alive")
