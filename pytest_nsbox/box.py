@@ -122,6 +122,8 @@ class Box:
         """The box's link to its network: ``down()``, ``up()``, ``set(delay_ms=...)``, ``clear()``."""
         if self.network is None:
             raise NetworkError(f"box {self.id} has no network link; start it with network='bridge'")
+        if self._state != "running":
+            raise NetworkError(f"box {self.id} is {self._state}: its link is gone")
         return self.network.link
 
     def host_port(self, box_port: int) -> int:
@@ -248,6 +250,8 @@ class Box:
             init = state.Owner(self.pid, state.process_start(self.pid) or 0)
             if self.network is not None:
                 self.network.hand_over(init)
+                if self.spec.nat:
+                    networking.nat.hand_over(self.network.address, init)
             kept.record(
                 {
                     "id": self.id,
@@ -560,14 +564,18 @@ def live_boxes() -> list[Box]:
 
 def stop_all() -> None:
     """Stop every running box of this process, then its zygote; leave the shared network."""
-    for box in live_boxes():
+    try:
+        for box in live_boxes():
+            try:
+                box.stop()
+            except Exception:  # at exit, one box's trouble must not spare the rest
+                continue
+    finally:
         try:
-            box.stop()
-        except BoxError:
-            pass
-    zygote.shutdown()  # reaps every box init: their cgroups can go now
-    cgroups.flush_pending(wait=5.0)
-    networking.shutdown()
+            zygote.shutdown()  # reaps every box init: their cgroups can go now
+            cgroups.flush_pending(wait=5.0)
+        finally:
+            networking.shutdown()
 
 
 atexit.register(stop_all)

@@ -68,6 +68,7 @@ class NetPair:
     def stop(self) -> None:
         """Stop both boxes; the private bridge is kept for this process's next pair."""
         failures: list[NsboxError] = []
+        self.link.close()
         for box in (self.b, self.a):
             try:
                 box.stop()

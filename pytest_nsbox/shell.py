@@ -12,8 +12,9 @@ import os
 import sys
 import traceback
 
-from . import cgroups, init, kept, syscalls
+from . import cgroups, init, kept, state, syscalls
 from .box import Box
+from .errors import BoxError
 from .spec import DEFAULT_PATH
 
 _NAMESPACES = ("ipc", "uts", "net", "cgroup", "pid", "mnt")
@@ -23,7 +24,8 @@ def shell(box_id: str | None, command: list[str], image: str | None = None) -> i
     """Enter a kept box (``box_id``, a prefix will do), or a fresh box of ``image``."""
     if box_id is not None:
         entry = kept.find(box_id)
-        return enter(int(entry["pid"]), entry["id"], entry.get("cgroup", ""), entry["privileged"], command)
+        pid, start = int(entry["pid"]), int(entry["start"])
+        return enter(pid, entry["id"], entry.get("cgroup", ""), entry["privileged"], command, start)
     with Box(image=image, hostname="shell") as box:
         assert box.pid is not None
         return enter(
@@ -31,8 +33,14 @@ def shell(box_id: str | None, command: list[str], image: str | None = None) -> i
         )
 
 
-def enter(pid: int, box_id: str, cgroup: str, privileged: bool, command: list[str]) -> int:
+def enter(
+    pid: int, box_id: str, cgroup: str, privileged: bool, command: list[str], start: int | None = None
+) -> int:
     namespaces = [os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name in _NAMESPACES]
+    if start is not None and state.process_start(pid) != start:
+        for fd in namespaces:
+            os.close(fd)
+        raise BoxError(f"box {box_id} has just ended (its init, pid {pid}, is gone)")
     procs_files = _cgroup_procs_files(cgroup)
     sys.stdout.flush()
     child = os.fork()

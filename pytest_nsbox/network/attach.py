@@ -60,6 +60,7 @@ class Attachment:
         if self.released:
             return
         self.released = True
+        self.link.close()
         hosts.leave(self.bridge, self.box_id)
         with pool.locked(self.subnet) as entry:
             entry.give_back(self.address)
@@ -113,7 +114,13 @@ def plug(
     # the box sees its carrier drop.
     ends = [
         End(host_index, host_interface),
-        End(box_index, f"{box_id}:{BOX_INTERFACE}", netns_pid=init_pid, can_go_down=False),
+        End(
+            box_index,
+            f"{box_id}:{BOX_INTERFACE}",
+            netns_pid=init_pid,
+            can_go_down=False,
+            netns_start=state.process_start(init_pid),
+        ),
     ]
     link = Link(f"{box_id}:{BOX_INTERFACE}", ends)
     attachment = Attachment(

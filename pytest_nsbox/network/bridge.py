@@ -52,8 +52,25 @@ def _create(ipr: IPRoute, name: str, alias: str) -> int:
         raise NetworkError(f"cannot create bridge {name}: {netns.describe(exc)}") from exc
     index = _lookup(ipr, name)
     assert index is not None
-    ipr.link("set", index=index, ifalias=alias)
+    try:
+        ipr.link("set", index=index, ifalias=alias)
+    except BaseException:
+        ipr.link("del", index=index)  # unmarked, it would never be ours again: not even to delete
+        raise
     return index
+
+
+def _ensure_gateway(ipr: IPRoute, index: int, gateway: str, prefixlen: int) -> None:
+    """The shared bridge has its address and is up (a run interrupted while making it may
+    have left it without either)."""
+    try:
+        ipr.addr("add", index=index, address=gateway, prefixlen=prefixlen)
+    except Exception as exc:
+        if netns.netlink_errno(exc) != errno.EEXIST:
+            raise NetworkError(
+                f"cannot give the box bridge its address {gateway}: {netns.describe(exc)}"
+            ) from exc
+    ipr.link("set", index=index, state="up")
 
 
 def _delete(ipr: IPRoute, name: str) -> None:
@@ -124,8 +141,7 @@ def join_shared(entry: pool.Pool, ipr: IPRoute) -> int:
     if index is None:
         check_subnet(ipr, subnet, name)
         index = _create(ipr, name, f"{MARK} shared {subnet}")
-        ipr.addr("add", index=index, address=entry.gateway, prefixlen=subnet.prefixlen)
-        ipr.link("set", index=index, state="up")
+    _ensure_gateway(ipr, index, entry.gateway, subnet.prefixlen)
     entry.add_user(state.Owner.current())
     with _registered_lock:
         _registered[str(subnet)] = index

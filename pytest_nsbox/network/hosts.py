@@ -11,8 +11,12 @@ called ``server`` never answer for each other.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
+from typing import IO
+
+from .. import syscalls
 
 MARKER = "# boxes on this network (pytest-nsbox)"
 
@@ -64,10 +68,24 @@ def render(current: str, own: Entry, members: list[Entry]) -> str:
 def _rewrite(members: list[Entry]) -> None:
     for member in members:
         try:
-            with open(member.path, "r+") as handle:
+            with _open_in_scratch(member.path) as handle:
                 text = render(handle.read(), member, members)
                 handle.seek(0)
                 handle.write(text)
                 handle.truncate()
         except OSError:
             continue  # that box is stopping: its file is going away with it
+
+
+def _open_in_scratch(path: str) -> IO[str]:
+    """Open ``<scratch>/etc/hosts`` for update without following any symlink below the
+    scratch directory: a privileged box can reach that directory, and must not be able to
+    send our write to a file of the host."""
+    scratch, _, below = path.rpartition("/etc/")
+    directory = os.open(scratch, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        resolve = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS
+        fd = syscalls.openat2(directory, f"etc/{below}", os.O_RDWR | os.O_CLOEXEC, 0, resolve)
+    finally:
+        os.close(directory)
+    return os.fdopen(fd, "r+")

@@ -50,12 +50,29 @@ def enable(attachment: Attachment) -> None:
     with state.locked_document(DOCUMENT) as document:
         _reclaim(document)
         boxes = document.setdefault("boxes", {})
-        if not boxes:
-            document["forwarding_before"] = _read_forwarding()
-            _nft(_RULES, f"box {attachment.box_id}: cannot create the nftables table {TABLE}")
-            _write_forwarding("1")
-        _nft(f"add element ip {TABLE} boxes {{ {attachment.address} }}", f"box {attachment.box_id}: nat")
+        first = not boxes
+        before = _read_forwarding()
+        try:
+            if first:
+                _nft(_RULES, f"box {attachment.box_id}: cannot create the nftables table {TABLE}")
+                _write_forwarding("1")
+            _nft(f"add element ip {TABLE} boxes {{ {attachment.address} }}", f"box {attachment.box_id}: nat")
+        except BaseException:
+            if first:  # undo what this call did: the document, not written on error, knows nothing
+                _nft(f"delete table ip {TABLE}", "nat", check=False)
+                _write_forwarding(before)
+            raise
+        if first:
+            document["forwarding_before"] = before
         boxes[attachment.address] = state.Owner.current().to_json()
+
+
+def hand_over(address: str, owner: state.Owner) -> None:
+    """A kept box's NAT entry now belongs to its init (see ``Box.keep``)."""
+    with state.locked_document(DOCUMENT) as document:
+        boxes = document.get("boxes", {})
+        if address in boxes:
+            boxes[address] = owner.to_json()
 
 
 def disable(attachment: Attachment) -> None:
@@ -94,7 +111,9 @@ def _reclaim(document: dict[str, object]) -> None:
             _nft(f"delete element ip {TABLE} boxes {{ {address} }}", "nat", check=False)
     if not boxes:
         _nft(f"delete table ip {TABLE}", "nat", check=False)
-        _write_forwarding(str(document.get("forwarding_before", "0")))
+        # Put back what we found, unless someone else (Docker, libvirt) changed it since.
+        if _read_forwarding() == "1":
+            _write_forwarding(str(document.get("forwarding_before", "0")))
         document.clear()
 
 

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .. import syscalls
+from .. import state, syscalls
 from ..errors import NetworkError
 
 if TYPE_CHECKING:
@@ -36,11 +36,12 @@ def host() -> Iterator[IPRoute]:
 
 
 @contextlib.contextmanager
-def inside(pid: int) -> Iterator[IPRoute]:
-    """An ``IPRoute`` of the network namespace of process ``pid`` (a box's init)."""
+def inside(pid: int, start: int | None = None) -> Iterator[IPRoute]:
+    """An ``IPRoute`` of the network namespace of process ``pid`` (a box's init); with
+    ``start``, only if ``pid`` is still that process (not a later one that reuses its pid)."""
     from pyroute2 import IPRoute
 
-    ipr = _in_namespace_of(pid, IPRoute)
+    ipr = _in_namespace_of(pid, IPRoute, start)
     try:
         yield ipr
     finally:
@@ -52,11 +53,14 @@ def socket_inside(pid: int, family: int = socket.AF_INET, kind: int = socket.SOC
     return _in_namespace_of(pid, lambda: socket.socket(family, kind))
 
 
-def _in_namespace_of(pid: int, make: Any) -> Any:
+def _in_namespace_of(pid: int, make: Any, start: int | None = None) -> Any:
     try:
         target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise NetworkError(f"process {pid} is gone: its box has stopped") from None
+    if start is not None and state.process_start(pid) != start:
+        os.close(target)  # opened the namespace of whoever has that pid now: not ours
+        raise NetworkError(f"process {pid} is gone: its box has stopped")
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         syscalls.setns(target, syscalls.CLONE_NEWNET)

@@ -46,6 +46,7 @@ class End:
     name: str
     netns_pid: int | None = None
     can_go_down: bool = True
+    netns_start: int | None = None  # the start time of ``netns_pid``, against pid reuse
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,17 @@ class Link:
         self.ends = ends
         self.shape = Shape()
         self.is_up = True
+        self.closed = False
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Its boxes have stopped: the interface indexes may soon name other interfaces."""
+        with self._lock:
+            self.closed = True
+
+    def _require_open(self) -> None:
+        if self.closed:
+            raise NetworkError(f"link {self.name}: its boxes have stopped")
 
     def __repr__(self) -> str:
         state = "up" if self.is_up else "down"
@@ -136,6 +147,7 @@ class Link:
         bandwidth cap in each direction (``"1mbit"``). Replaces what ``set`` did before."""
         shape = parse_shape(delay_ms, jitter_ms, loss_pct, rate)
         with self._lock:
+            self._require_open()
             touched: list[End] = []
             try:
                 for end in self.ends:
@@ -156,6 +168,7 @@ class Link:
     def clear(self) -> Link:
         """Remove every emulated impairment (the link's up/down state is left as it is)."""
         with self._lock:
+            self._require_open()
             for end in self.ends:
                 self._clear(end)
             self.shape = Shape()
@@ -165,6 +178,7 @@ class Link:
 
     def _set_state(self, wanted: str) -> None:
         with self._lock:
+            self._require_open()
             for end in self.ends:
                 if not end.can_go_down:
                     continue
@@ -242,7 +256,7 @@ def _netem_options(shape: Shape, ends: int) -> dict[str, Any]:
 
 
 def _socket(end: End) -> Any:
-    return netns.host() if end.netns_pid is None else netns.inside(end.netns_pid)
+    return netns.host() if end.netns_pid is None else netns.inside(end.netns_pid, end.netns_start)
 
 
 def _gone_or(exc: BaseException, end: End, what: str) -> NetworkError:

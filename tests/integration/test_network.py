@@ -639,3 +639,26 @@ def test_a_bridged_box_without_nat_fails_name_lookups_at_once(nsbox_factory: Cal
     missing = box.run(["getent", "hosts", "no-such-host.example"], timeout=10)
     assert missing.returncode == 2
     assert box.run(["getent", "hosts", box.hostname], timeout=10).stdout.split()[0] == box.ip
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nat=True needs the nft program (nftables)")
+def test_a_nat_setup_that_fails_half_way_leaves_the_host_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_nsbox.network import nat
+
+    with open("/proc/sys/net/ipv4/ip_forward") as handle:
+        forwarding_before = handle.read().strip()
+    real_nft = nat._nft
+
+    def failing_nft(script: str, what: str, check: bool = True) -> None:
+        if script.startswith("add element"):
+            raise NetworkError(f"{what}: nft failed: injected")
+        real_nft(script, what, check)
+
+    monkeypatch.setattr(nat, "_nft", failing_nft)
+    with pytest.raises(NetworkError, match="injected"):
+        Box(network="bridge", nat=True).start()
+    with open("/proc/sys/net/ipv4/ip_forward") as handle:
+        assert handle.read().strip() == forwarding_before
+    table = subprocess.run(["nft", "list", "table", "ip", nat.TABLE], capture_output=True, check=False)
+    assert table.returncode != 0, "the half-made table was left behind"
+    assert not (state.STATE_DIR / f"{nat.DOCUMENT}.json").exists()

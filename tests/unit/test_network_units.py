@@ -385,8 +385,10 @@ def test_render_keeps_user_lines_replaces_the_block_and_drops_the_loopback_name(
 
 
 def test_join_and_leave_rewrite_every_member_s_file(tmp_path: Path) -> None:
-    paths = {name: tmp_path / name for name in ("one", "two", "three")}
+    # As in a box's scratch: <scratch>/etc/hosts, opened below the scratch without symlinks.
+    paths = {name: tmp_path / name / "etc" / "hosts" for name in ("one", "two", "three")}
     for name, path in paths.items():
+        path.parent.mkdir(parents=True)
         path.write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n")
     bridge = f"nsbbunit{os.getpid()}"
     entries = {
@@ -403,7 +405,7 @@ def test_join_and_leave_rewrite_every_member_s_file(tmp_path: Path) -> None:
         for name in ("one", "two"):
             assert "three" not in paths[name].read_text()
         assert "10.9.0.3\ttwo" in paths["one"].read_text()
-        hosts.join(bridge, _entry("four", "four", "10.9.0.5", str(tmp_path / "missing")))
+        hosts.join(bridge, _entry("four", "four", "10.9.0.5", str(tmp_path / "missing" / "etc" / "hosts")))
         assert "10.9.0.5\tfour" in paths["one"].read_text()
         hosts.leave(bridge, "two")
         hosts.leave(bridge, "four")
@@ -553,3 +555,18 @@ def test_locked_document_in_an_unusable_directory_raises_state_error(
     monkeypatch.setattr(state, "STATE_DIR", blocker / "state")
     with pytest.raises(StateError, match="cannot create the state directory"), state.locked_document("x"):
         pass
+
+
+def test_a_hosts_file_replaced_by_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    """A privileged box can reach its scratch: a symlink there must not lead our write out."""
+    target = tmp_path / "host-file"
+    target.write_text("precious\n")
+    scratch = tmp_path / "scratch"
+    (scratch / "etc").mkdir(parents=True)
+    (scratch / "etc" / "hosts").symlink_to(target)
+    bridge = f"nsbbsym{os.getpid()}"
+    try:
+        hosts.join(bridge, _entry("evil", "evil", "10.9.0.9", str(scratch / "etc" / "hosts")))
+    finally:
+        hosts.leave(bridge, "evil")
+    assert target.read_text() == "precious\n"
