@@ -14,3 +14,16 @@ def rmdir_when_empty(directory: str, timeout: float = 10.0) -> None:
             os.rmdir(directory)
         except OSError:
             time.sleep(0.05)
+
+
+def box_mounts() -> list[str]:
+    """Mount table lines of this namespace that a box could leak: overlays and the boxes'
+    scratch tmpfs (source ``nsbox``). Other mounts may mention "nsbox" harmlessly (the test
+    guest's cgroup is called pytest-nsbox.service)."""
+    found = []
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            fstype, source = [*line.split(" - ", 1)[1].split(), "", ""][:2]
+            if fstype == "overlay" or source == "nsbox":
+                found.append(line.strip())
+    return found

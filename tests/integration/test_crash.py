@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cleanup import box_mounts
 
 from pytest_nsbox import state
 from pytest_nsbox.cli import main as nsbox_cli
@@ -54,6 +55,7 @@ def _start_held_box(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, ob
     test_file = tmp_path / "test_held.py"
     test_file.write_text(textwrap.dedent(_HELD_TEST))
     info_path = tmp_path / "held.json"
+    mounts_before = box_mounts()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -78,7 +80,9 @@ def _start_held_box(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, ob
             process.kill()
             pytest.fail(f"the held box never started: {process.communicate()[0][-3000:]}")
         time.sleep(0.05)
-    return process, json.loads(info_path.read_text())
+    info = json.loads(info_path.read_text())
+    info["mounts_before"] = mounts_before
+    return process, info
 
 
 def _dead(pid: int) -> bool:
@@ -117,16 +121,11 @@ def _bridge_of_subnet(name: str) -> bool:
     return name == bridge.shared_name(IPv4Network(SUBNET))
 
 
-def _host_mounts() -> int:
-    """Mounts of ours in the host's table (a box's live in its own mount namespace only)."""
-    with open("/proc/self/mountinfo") as handle:
-        return sum(1 for line in handle if "nsb" in line)
-
-
 def _nothing_left(info: dict[str, object]) -> list[str]:
     problems = []
-    if _host_mounts():
-        problems.append(f"{_host_mounts()} mounts of ours on the host")
+    leaked = set(box_mounts()) - set(info["mounts_before"])  # type: ignore[arg-type]
+    if leaked:
+        problems.append(f"mounts of ours on the host: {sorted(leaked)}")
     for key in ("init", "sleeper"):
         if not _dead(int(info[key])):  # type: ignore[call-overload]
             problems.append(f"box process {key} ({info[key]}) alive")

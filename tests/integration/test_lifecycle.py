@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cleanup import rmdir_when_empty
+from cleanup import box_mounts, rmdir_when_empty
 
 from pytest_nsbox import Box, BoxError, ConfigError, ImageError, cgroups, zygote
 
@@ -26,10 +26,9 @@ def _open_fds() -> int:
 
 
 def _mount_count() -> int:
-    """Mounts on the host a box could leak: overlays and our tmpfs (other tests, on other xdist
-    workers, may mount unrelated things meanwhile)."""
-    with open("/proc/self/mountinfo") as handle:
-        return sum(1 for line in handle if " - overlay " in line or "nsb" in line)
+    """Mounts on the host a box could leak (other tests, on other xdist workers, may mount
+    unrelated things meanwhile)."""
+    return len(box_mounts())
 
 
 def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
