@@ -20,9 +20,7 @@ import argparse
 import contextlib
 import ipaddress
 import json
-import math
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -35,6 +33,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from box_lifecycle import machine_facts, p95
 
 from pytest_nsbox import Box, live_boxes, zygote
 from pytest_nsbox.box import stop_all
@@ -333,12 +333,6 @@ def measure(contenders: list[Contender], n: int, warmup: int) -> None:
             contender.record(contender.trial())
 
 
-def p95(samples: Sequence[float]) -> float:
-    """The 95th percentile by nearest rank: the sample at sorted index ceil(0.95 n) - 1."""
-    ordered = sorted(samples)
-    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
-
-
 def stats_ms(samples_s: Sequence[float]) -> dict[str, Any]:
     return {
         "n": len(samples_s),
@@ -376,17 +370,6 @@ def summarize(
 
 def _rounded(samples_s: Sequence[float]) -> list[float]:
     return [round(s * 1000, 4) for s in samples_s]
-
-
-def machine_facts(load_before: tuple[float, float, float]) -> dict[str, Any]:
-    return {
-        "nproc": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
-    }
 
 
 # ------------------------------------------------------------------------------- output

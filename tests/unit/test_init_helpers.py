@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import pathlib
 import pwd
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import pytest
+from forking import in_child
 
 from pytest_nsbox import init, syscalls
 from pytest_nsbox.init import escape_overlay_path, find_program, hosts_file, resolve_user
@@ -229,30 +229,6 @@ def test_read_table_of_a_missing_file_is_empty(tmp_path: pathlib.Path) -> None:
 
 
 # ------------------------------------------------------------------------------- hardening
-
-
-def in_child(function: Callable[[], object]) -> object:
-    """``function()`` run in a forked child, so that what it changes dies with it."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_end)
-            try:
-                payload = {"result": function()}
-            except BaseException as exc:
-                payload = {"error": f"{type(exc).__name__}: {exc}"}
-            os.write(write_end, json.dumps(payload).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as handle:
-        data = handle.read()
-    os.waitpid(pid, 0)
-    payload = json.loads(data)
-    if "error" in payload:
-        pytest.fail(f"in the child: {payload['error']}")
-    return payload["result"]
 
 
 def capabilities_of(status: str) -> dict[str, int]:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
+from forking import in_child
 
 from pytest_nsbox import syscalls
 from pytest_nsbox.errors import MountError, SyscallError
@@ -254,30 +254,6 @@ def test_in_bounding_set_of_an_unknown_capability_raises_naming_it() -> None:
 def test_capability_sets_agree_with_proc_status() -> None:
     status = status_capabilities()
     assert syscalls.capability_sets() == (status["CapEff"], status["CapPrm"], status["CapInh"])
-
-
-def in_child(function: Callable[[], object]) -> object:
-    """``function()`` run in a forked child, so that what it changes dies with it."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_end)
-            try:
-                payload = {"result": function()}
-            except BaseException as exc:
-                payload = {"error": f"{type(exc).__name__}: {exc}"}
-            os.write(write_end, json.dumps(payload).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as handle:
-        data = handle.read()
-    os.waitpid(pid, 0)
-    payload = json.loads(data)
-    if "error" in payload:
-        pytest.fail(f"in the child: {payload['error']}")
-    return payload["result"]
 
 
 def test_set_capability_sets_refuses_what_the_kernel_forbids() -> None:
