@@ -14,9 +14,7 @@ from .box import Box, live_boxes
 from .errors import (
     BoxError,
     CgroupError,
-    CommandFailedError,
     CommandNotFoundError,
-    CommandTimeoutError,
     ConfigError,
     HostUnsupportedError,
     ImageError,
@@ -29,7 +27,7 @@ from .errors import (
 from .netpair import NetPair
 from .network import Link
 from .overlay import Changes, OverlayRoot
-from .process import BoxProcess, RunResult
+from .process import BoxProcess, CommandFailedError, CommandTimeoutError, RunResult
 from .spec import BoxSpec
 
 __version__ = "0.1.0"

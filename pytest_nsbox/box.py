@@ -29,15 +29,13 @@ from .boxfs import BoxFiles
 from .errors import (
     BoxError,
     CgroupError,
-    CommandFailedError,
     CommandNotFoundError,
-    CommandTimeoutError,
     NetworkError,
 )
 from .image import HOST_ROOT, Image, load_image
 from .link import InitLink
 from .overlay import OverlayRoot
-from .process import BoxProcess, RunResult, command_argv
+from .process import BoxProcess, CommandFailedError, CommandTimeoutError, RunResult, command_argv
 from .spec import BoxSpec
 
 START_TIMEOUT = 30.0

@@ -13,8 +13,13 @@ import os
 import select
 import signal
 import socket
-from collections.abc import Callable
-from typing import Any
+
+TYPE_CHECKING = False  # the box helper loads this module: typing stays out of it
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeAlias
+
+    Message: TypeAlias = dict[str, Any]
 
 # A datagram must fit the socket buffer (about 200 KiB by default); anything larger, such as a
 # long shell script, travels in a memfd whose descriptor rides along as the last fd.
@@ -23,7 +28,6 @@ _RECV_SIZE = _INLINE_LIMIT + 1024
 MAX_FDS = 8
 _FD_SIZE = array.array("i").itemsize
 
-Message = dict[str, Any]
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:

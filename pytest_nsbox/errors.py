@@ -18,6 +18,10 @@ derives from it, so code written against ``subprocess`` or ``os`` keeps working:
         ├── CommandFailedError (subprocess.CalledProcessError)   run(check=True), non-zero exit
         └── CommandTimeoutError (subprocess.TimeoutExpired)      run(timeout=...) ran out
 
+The last two live in ``process`` beside ``RunResult``, the other subclass of a ``subprocess``
+type: this module stays free of ``subprocess`` (and of ``typing``), because the helper process
+that forks every box imports it, and each module it loads is copied into every box at fork.
+
 A message says what failed, on which path, box or interface, and what to do about it.
 """
 
@@ -25,15 +29,15 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-import subprocess
-from typing import Any
+
+TYPE_CHECKING = False  # typing itself is not imported: the box helper loads this module
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "BoxError",
     "CgroupError",
-    "CommandFailedError",
     "CommandNotFoundError",
-    "CommandTimeoutError",
     "ConfigError",
     "HostUnsupportedError",
     "ImageError",
@@ -133,60 +137,12 @@ class CommandNotFoundError(BoxError, FileNotFoundError):
         return str(self.args[1])
 
 
-class CommandFailedError(BoxError, subprocess.CalledProcessError):
-    """``run(check=True)`` saw a non-zero exit; it is a ``subprocess.CalledProcessError``."""
-
-    def __init__(
-        self,
-        returncode: int,
-        cmd: Any,
-        output: Any = None,
-        stderr: Any = None,
-        *,
-        box_id: str = "?",
-    ) -> None:
-        subprocess.CalledProcessError.__init__(self, returncode, cmd, output, stderr)
-        self.box_id = box_id
-
-    def __str__(self) -> str:
-        text = f"box {self.box_id}: " + subprocess.CalledProcessError.__str__(self)
-        tail = _tail(self.stderr) or _tail(self.output)
-        if tail:
-            text += f"\n--- last output ---\n{tail}"
-        return text
-
-
-class CommandTimeoutError(BoxError, subprocess.TimeoutExpired):
-    """``run(timeout=...)`` ran out; its process group was killed. Carries the output so far."""
-
-    def __init__(
-        self,
-        cmd: Any,
-        timeout: float,
-        output: Any = None,
-        stderr: Any = None,
-        *,
-        box_id: str = "?",
-    ) -> None:
-        subprocess.TimeoutExpired.__init__(self, cmd, timeout, output, stderr)
-        self.box_id = box_id
-
-    def __str__(self) -> str:
-        text = (
-            f"box {self.box_id}: command {self.cmd!r} timed out after {self.timeout} seconds; "
-            "its process group was killed"
-        )
-        tail = _tail(self.stderr) or _tail(self.output)
-        if tail:
-            text += f"\n--- output so far ---\n{tail}"
-        return text
-
-
 def _strerror(err: int) -> str:
     return os.strerror(err)
 
 
-def _tail(data: object) -> str:
+def output_tail(data: object) -> str:
+    """The last part of a command's output, for an error message."""
     if not data:
         return ""
     if isinstance(data, bytes):

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import time
-from typing import Any
+
+TYPE_CHECKING = False  # typing stays out of the box helper (see zygote_process)
+if TYPE_CHECKING:
+    from typing import Any
 
 from . import channel, syscalls
 from .syscalls import (
@@ -443,7 +445,7 @@ class Server:
         self.image_env: dict[str, str] = config.get("image_env", {})
         self.workdir: str = config.get("workdir") or "/"
         self.image_user: str | None = config.get("user") or None
-        self.children: dict[int, subprocess.Popen[bytes] | None] = {}
+        self.children: set[int] = set()
         self.kept = False
 
     def serve(self) -> None:
@@ -508,26 +510,12 @@ class Server:
         env.update(self.box_env)
         env.update(message.get("env") or {})
         cwd = message.get("cwd") or self.workdir
-        if cwd == "/" and uid is None:
-            pid = spawn_fast(message["argv"], env, fds)
-            self.children[pid] = None
-            return self.spawned(pid)
-        stdin, stdout, stderr = fds
-        process = subprocess.Popen(
-            message["argv"],
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,  # its own process group, so a timeout can kill all of it
-            user=uid,
-            group=gid,
-            extra_groups=groups,
-            close_fds=True,
-        )
-        self.children[process.pid] = process
-        return self.spawned(process.pid)
+        if uid is None:
+            pid = spawn_fast(message["argv"], env, fds, cwd)
+        else:
+            pid = spawn_as_user(message["argv"], env, fds, cwd, (uid, gid, groups))
+        self.children.add(pid)
+        return self.spawned(pid)
 
     def kill(self, pid: int, sig: int, group: bool) -> bool:
         try:
@@ -548,29 +536,87 @@ class Server:
             if pid == 0:
                 return
             if pid in self.children:
-                process = self.children.pop(pid)
-                if process is not None:
-                    process.returncode = os.waitstatus_to_exitcode(status)  # keeps Popen quiet
+                self.children.discard(pid)
                 channel.send(self.sock, {"exit": pid, "status": status})
 
 
-def spawn_fast(argv: list[str], env: dict[str, str], fds: list[int]) -> int:
-    """Start a command as root in ``/`` with ``posix_spawn`` (a vfork: no page-table copy).
+def spawn_fast(argv: list[str], env: dict[str, str], fds: list[int], cwd: str = "/") -> int:
+    """Start a command as root with ``posix_spawn`` (a vfork: no page-table copy).
 
-    Why: it is most commands, and ``subprocess.Popen`` costs about a millisecond more. Python
-    ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec: restore their defaults,
-    as ``Popen(restore_signals=True)`` would.
+    Why: it is most commands, and a fork of this Python process costs about a millisecond
+    more. ``posix_spawn`` cannot change directory here, so init itself steps into ``cwd`` for
+    the call (it is single-threaded). Python ignores SIGPIPE and SIGXFSZ, and ignored signals
+    survive exec: restore their defaults, as ``Popen(restore_signals=True)`` would.
     """
     program = find_program(argv[0], env.get("PATH", ""))
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
-    return os.posix_spawn(
-        program,
-        argv,
-        env,
-        file_actions=actions,
-        setsid=True,  # its own process group, so a timeout can kill all of it
-        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-    )
+    if cwd != "/":
+        try:
+            os.chdir(cwd)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, cwd) from None
+    try:
+        return os.posix_spawn(
+            program,
+            argv,
+            env,
+            file_actions=actions,
+            setsid=True,  # its own process group, so a timeout can kill all of it
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        )
+    finally:
+        if cwd != "/":
+            os.chdir("/")
+
+
+def spawn_as_user(
+    argv: list[str],
+    env: dict[str, str],
+    fds: list[int],
+    cwd: str,
+    ids: tuple[int | None, int | None, list[int] | None],
+) -> int:
+    """Start a command as another user: fork, drop to its ids, exec.
+
+    Why not ``subprocess.Popen``: that module (and what it imports) would be copied into every
+    box at fork, for the few commands that change user. A failure before exec comes back
+    through a close-on-exec pipe as the ``OSError`` it was, naming the directory or program.
+    """
+    uid, gid, groups = ids
+    program = find_program(argv[0], env.get("PATH", ""))
+    failure_read, failure_write = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child execs or exits
+        step = "chdir"
+        try:
+            os.close(failure_read)
+            os.setsid()  # its own process group, so a timeout can kill all of it
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+            os.chdir(cwd)
+            step = "ids"
+            if groups is not None:
+                os.setgroups(groups)
+            if gid is not None:
+                os.setgid(gid)
+            os.setuid(uid if uid is not None else 0)
+            step = "exec"
+            for number in (signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(number, signal.SIG_DFL)
+            os.execve(program, argv, env)
+        except OSError as exc:
+            os.write(failure_write, f"{exc.errno or 0}\n{step}\n{exc.strerror}".encode())
+        finally:
+            os._exit(127)
+    os.close(failure_write)
+    with open(failure_read, "rb") as pipe:
+        report = pipe.read()
+    if not report:
+        return pid
+    os.waitpid(pid, 0)
+    number, step, reason = report.decode(errors="replace").split("\n", 2)
+    filename = {"chdir": cwd, "exec": argv[0]}.get(step)
+    raise OSError(int(number), reason, filename)
 
 
 def find_program(name: str, search_path: str) -> str:
@@ -640,5 +686,6 @@ __all__ = [
     "prepare_root",
     "resolve_in_root",
     "resolve_user",
+    "spawn_as_user",
     "spawn_fast",
 ]

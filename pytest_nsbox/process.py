@@ -16,6 +16,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .errors import BoxError, output_tail
+
 if TYPE_CHECKING:
     from .box import Box
 
@@ -49,6 +51,55 @@ class RunResult(subprocess.CompletedProcess[Any]):
             f"RunResult(args={self.args!r}, returncode={self.returncode}{extra}, "
             f"duration={self.duration:.3f}, stdout={self.stdout!r}, stderr={self.stderr!r})"
         )
+
+
+class CommandFailedError(BoxError, subprocess.CalledProcessError):
+    """``run(check=True)`` saw a non-zero exit; it is a ``subprocess.CalledProcessError``."""
+
+    def __init__(
+        self,
+        returncode: int,
+        cmd: Any,
+        output: Any = None,
+        stderr: Any = None,
+        *,
+        box_id: str = "?",
+    ) -> None:
+        subprocess.CalledProcessError.__init__(self, returncode, cmd, output, stderr)
+        self.box_id = box_id
+
+    def __str__(self) -> str:
+        text = f"box {self.box_id}: " + subprocess.CalledProcessError.__str__(self)
+        tail = output_tail(self.stderr) or output_tail(self.output)
+        if tail:
+            text += f"\n--- last output ---\n{tail}"
+        return text
+
+
+class CommandTimeoutError(BoxError, subprocess.TimeoutExpired):
+    """``run(timeout=...)`` ran out; its process group was killed. Carries the output so far."""
+
+    def __init__(
+        self,
+        cmd: Any,
+        timeout: float,
+        output: Any = None,
+        stderr: Any = None,
+        *,
+        box_id: str = "?",
+    ) -> None:
+        subprocess.TimeoutExpired.__init__(self, cmd, timeout, output, stderr)
+        self.box_id = box_id
+
+    def __str__(self) -> str:
+        text = (
+            f"box {self.box_id}: command {self.cmd!r} timed out after {self.timeout} seconds; "
+            "its process group was killed"
+        )
+        tail = output_tail(self.stderr) or output_tail(self.output)
+        if tail:
+            text += f"\n--- output so far ---\n{tail}"
+        return text
 
 
 class BoxProcess:

@@ -10,12 +10,16 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
-import platform
 import socket
 import struct
-from collections.abc import Iterable
 
 from .errors import MountError, SyscallError
+
+TYPE_CHECKING = False  # the box helper loads this module: nothing it does not need at run time
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+_MACHINE = os.uname().machine  # _MACHINE, without importing platform
 
 # Namespace flags (linux/sched.h).
 CLONE_NEWNS = 0x00020000
@@ -222,9 +226,9 @@ def fork_into_namespaces(flags: int) -> int:
     (``PyOS_BeforeFork``/``AfterFork``) runs around the call, as ``os.fork`` does; the caller
     must be single-threaded (the zygote is).
     """
-    numbers = _SYSCALL_NUMBERS.get(platform.machine())
+    numbers = _SYSCALL_NUMBERS.get(_MACHINE)
     if numbers is None:
-        raise SyscallError(38, "clone", f"no syscall number known for {platform.machine()}")
+        raise SyscallError(38, "clone", f"no syscall number known for {_MACHINE}")
     _python.PyOS_BeforeFork()
     # x86_64 and aarch64 both take (flags, newsp, parent_tid, child_tid, tls); newsp=0 keeps
     # the caller's stack, as fork does.
@@ -293,9 +297,9 @@ def umount2(target: str, flags: int = 0) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     """pivot_root(2); ``pivot_root(".", ".")`` stacks the old root on the new one (as runc does)."""
-    numbers = _SYSCALL_NUMBERS.get(platform.machine())
+    numbers = _SYSCALL_NUMBERS.get(_MACHINE)
     if numbers is None:
-        raise MountError(38, "pivot_root", f"no syscall number known for {platform.machine()}")
+        raise MountError(38, "pivot_root", f"no syscall number known for {_MACHINE}")
     result = _libc.syscall(
         ctypes.c_long(numbers["pivot_root"]),
         ctypes.c_char_p(os.fsencode(new_root)),

@@ -27,6 +27,7 @@ __all__ = [
     "adopt",
     "driver",
     "flush_pending",
+    "helper_plan",
     "release",
 ]
 
@@ -40,6 +41,21 @@ def driver() -> Driver | None:
     if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
         return V2Driver()
     return None
+
+
+def helper_plan() -> dict[str, Any]:
+    """Where the zygote makes and removes box cgroups, as plain paths (``zygote_process.Plan``).
+
+    Why the host works it out: the zygote would otherwise import this package (pathlib,
+    dataclasses, the drivers), and every box forked from it would carry their pages.
+    """
+    backend = driver()
+    if backend is None:
+        return {}
+    try:
+        return backend.helper_plan()
+    except CgroupError as exc:
+        return {"error": str(exc)}
 
 
 class Cgroup:

@@ -50,6 +50,8 @@ class Driver(Protocol):
 
     def existing(self) -> list[Path]: ...
 
+    def helper_plan(self) -> dict[str, Any]: ...
+
 
 def box_dirs(parents: list[Path]) -> list[Path]:
     """The box cgroups (``nsb-*``) in these parent directories, for leak checks and reapers."""

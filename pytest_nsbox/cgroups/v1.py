@@ -190,6 +190,15 @@ class V1Driver:
     def existing(self) -> list[Path]:
         return box_dirs(list(self.parents.values()))
 
+    def helper_plan(self) -> dict[str, Any]:
+        """Made in the hierarchies every box joins; removed from all (some are joined late).
+        Co-mounted controllers (cpu,cpuacct) share one directory, listed once."""
+        make = [str(self.parents[c]) for c in ALWAYS if c in self.parents]
+        return {
+            "make": list(dict.fromkeys(make)),
+            "remove": list(dict.fromkeys(str(p) for p in self.parents.values())),
+        }
+
 
 _CONTROLLER_OF = {
     "pids": "pids",

@@ -162,3 +162,13 @@ class V2Driver:
 
     def existing(self) -> list[Path]:
         return box_dirs([self.parent])
+
+    def helper_plan(self) -> dict[str, Any]:
+        """One parent, delegated now; should it vanish (removed with another process's last
+        box), the zygote remakes it and enables the same controllers in it."""
+        self._prepare()
+        return {
+            "make": [str(self.parent)],
+            "remove": [str(self.parent)],
+            "delegate": read(self.parent / "cgroup.subtree_control").split(),
+        }

@@ -8,12 +8,12 @@ import subprocess
 
 import pytest
 
+import pytest_nsbox
 from pytest_nsbox import errors
+from pytest_nsbox.process import CommandFailedError, CommandTimeoutError
 from pytest_nsbox.errors import (
     BoxError,
-    CommandFailedError,
     CommandNotFoundError,
-    CommandTimeoutError,
     ConfigError,
     MountError,
     NsboxError,
@@ -21,9 +21,9 @@ from pytest_nsbox.errors import (
 )
 
 
-@pytest.mark.parametrize("name", errors.__all__)
+@pytest.mark.parametrize("name", [*errors.__all__, "CommandFailedError", "CommandTimeoutError"])
 def test_every_error_is_an_nsbox_error(name: str) -> None:
-    cls = getattr(errors, name)
+    cls = getattr(pytest_nsbox, name)
     assert issubclass(cls, NsboxError)
     assert issubclass(cls, Exception)
 

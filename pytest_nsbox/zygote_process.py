@@ -1,0 +1,348 @@
+"""The zygote process itself: the loop that clones every box (the host's handle is ``zygote``).
+
+Why a module of its own, and why so few imports: every page of this process is shared with
+each box it forks, so its size is paid at every fork (page tables copied), every box's exit
+(page tables torn down) and every write after the fork (a page copied). Everything here and
+below (``init``, ``channel``, ``syscalls``, ``errors``) therefore imports only the standard
+library's basics: no ``typing``, ``subprocess``, ``pathlib`` or ``dataclasses``, and no cgroup
+driver: the host works out where box cgroups go and hands over plain paths (``Plan``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import time
+
+from . import channel, init, syscalls
+from .syscalls import (
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUTS,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+# No CLONE_NEWCGROUP here: the box joins its own cgroup when it is handed out, and only then
+# makes its cgroup namespace, so that inside it /proc/self/cgroup shows "/".
+BOX_NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID
+NAME_PREFIX = "nsb-"  # cgroups.NAME_PREFIX, which this process does not import
+
+
+def main(argv: list[str]) -> None:
+    """Entry point: ``FD PARENT_PID PDEATHSIG CGROUP_PLAN_JSON`` (see ``zygote.Zygote``)."""
+    fd, parent, pdeathsig = int(argv[1]), int(argv[2]), argv[3] == "1"
+    global _plan
+    _plan = Plan(json.loads(argv[4]) if len(argv) > 4 else {})
+    syscalls.set_process_name("nsbox-zygote")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Why SIGTERM, not SIGKILL: when pytest dies, the zygote still kills and reaps its boxes and
+    # removes their cgroups, which nobody else would.
+    signal.signal(signal.SIGTERM, _terminate)
+    if pdeathsig:
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the line above: nobody to serve
+            os._exit(0)
+    _serve(socket.socket(fileno=fd))
+
+
+class Plan:
+    """Where box cgroups are made and removed, worked out by the host's cgroup driver.
+
+    ``make``: the parent directories a box cgroup is made in (one per hierarchy every box
+    joins); ``remove``: every parent one may be in (the host joins some late, on demand);
+    ``delegate``: the controllers to enable again in a v2 parent that had to be remade;
+    ``error``: why there are no box cgroups, told to a box that asks for limits.
+    """
+
+    def __init__(self, plan: dict[str, Any]) -> None:
+        self.make: list[str] = list(plan.get("make", []))
+        self.remove: list[str] = list(plan.get("remove", []))
+        self.delegate: list[str] = list(plan.get("delegate", []))
+        self.error: str = str(plan.get("error", ""))
+
+    def make_cgroup(self, name: str) -> list[str]:
+        """mkdir the box's cgroup in every ``make`` parent; raises OSError (and undoes)."""
+        made: list[str] = []
+        try:
+            for parent in self.make:
+                path = f"{parent}/{name}"
+                try:
+                    os.mkdir(path)
+                except FileNotFoundError:
+                    self._remake_parent(parent)  # another process removed it with its last box
+                    os.mkdir(path)
+                made.append(path)
+        except OSError:
+            self.remove_cgroup(name)
+            raise
+        return made
+
+    def _remake_parent(self, parent: str) -> None:
+        try:
+            os.mkdir(parent)
+        except FileExistsError:
+            return
+        for controller in self.delegate:
+            try:
+                with open(f"{parent}/cgroup.subtree_control", "w") as handle:
+                    handle.write(f"+{controller}")
+            except OSError:
+                pass  # a box that needs it is told by the host when it sets the limit
+
+    def remove_cgroup(self, name: str) -> bool:
+        """rmdir the box's cgroup wherever it is; False if one is still busy (host retries)."""
+        gone = True
+        for parent in self.remove:
+            try:
+                os.rmdir(f"{parent}/{name}")
+            except FileNotFoundError:
+                pass
+            except OSError:
+                gone = False
+        return gone
+
+    def remove_parents(self) -> None:
+        """The shared parents go with the last process using them; others' boxes keep them."""
+        for parent in self.remove:
+            try:
+                os.rmdir(parent)
+            except OSError:
+                pass
+
+
+_plan = Plan({})
+
+
+def _terminate(_sig: int, _frame: object) -> None:
+    raise SystemExit(0)  # unwinds the serve loop into its cleanup
+
+
+def _serve(sock: socket.socket) -> None:
+    def handle(message: dict[str, Any], fds: list[int]) -> None:
+        if message.get("op") == "box" and len(fds) == 1:
+            with _sigterm_held:
+                _hand_out(message["config"], fds[0], sock)
+        elif message.get("op") == "forget":
+            with _sigterm_held:
+                _forget(int(message["pid"]))
+
+    def reap() -> None:
+        with _sigterm_held:
+            _reap()
+
+    try:
+        channel.serve(sock, handle, reap)  # until EOF: pytest is gone, or done with us
+    finally:
+        _shutdown()  # also after SIGTERM (pytest died) or a crash: boxes and cgroups go
+
+
+class _SigtermHeld:
+    """Defer SIGTERM until the bookkeeping is consistent again.
+
+    Why: a SIGTERM that lands between making a cgroup and recording it (or between forgetting
+    a reaped box's cgroup and removing it) would leave that cgroup to nobody.
+    """
+
+    def __enter__(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def __exit__(self, *exc_info: object) -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+_sigterm_held = _SigtermHeld()
+
+_boxes: set[int] = set()  # pids of the box inits this zygote forked and has not reaped
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _boxes.discard(pid)
+        _remove_box_cgroup(pid)
+
+
+def _remove_box_cgroup(pid: int) -> None:
+    """Once a box's init is reaped its cgroup is empty (the kernel killed the rest first):
+    remove it, in every hierarchy, those the host joined late included. The host tries too;
+    the first one wins. This covers the boxes that never started, and every box of a host
+    that died."""
+    name = _unclaimed_cgroups.pop(pid, "") or _handed_out_cgroups.pop(pid, "")
+    if name:
+        _plan.remove_cgroup(name)
+
+
+def _forget(pid: int) -> None:
+    """A kept box (``--nsbox-keep``) is on its own now: neither killed, reaped nor its cgroup
+    removed by us; ``nsbox gc`` ends it."""
+    _boxes.discard(pid)
+    _handed_out_cgroups.pop(pid, None)
+
+
+def _shutdown() -> None:
+    """Kill every box still running and reap them all before exiting.
+
+    Why not just exit: PDEATHSIG would kill them, but their zombies (and those of boxes the
+    host just stopped) would be left to the host's init, which may take its time reaping.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # a second one must not cut this short
+    _discard_warm()  # EOF on its control socket: it exits even if it were missing from _boxes
+    for pid in _boxes:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    # Only our boxes: a kept one is a child too, and lives on (adopted by the host's init).
+    for pid in list(_boxes) + list(_unclaimed_cgroups):
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        _remove_box_cgroup(pid)
+    _plan.remove_parents()
+    os._exit(0)
+
+
+class _Warm:
+    """The next box, already cloned into its namespaces and cgroup, waiting for its options."""
+
+    def __init__(self, pid: int, control: socket.socket) -> None:
+        self.pid = pid
+        self.control = control
+
+
+# Box cgroup names by init pid, removed when the init is reaped: unclaimed ones (never handed
+# out) and handed-out ones (the host's from then on; should it die, ours again at the end).
+_unclaimed_cgroups: dict[int, str] = {}
+_handed_out_cgroups: dict[int, str] = {}
+
+
+_warm: _Warm | None = None
+_warm_failure: OSError | None = None
+_mountinfo_fd = -1  # our /proc/self/mountinfo: poll() flags any change of the host's mounts
+
+
+def _hand_out(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket) -> None:
+    """Give the waiting box its options and the host's socket; then clone the next one."""
+    global _warm
+    if _warm is not None and _host_mounts_changed():
+        # Its copy of the host's mounts is stale (say, an image directory on a filesystem
+        # mounted since): a fresh clone sees them as they are now.
+        _discard_warm()
+    if _warm is None:
+        _clone_warm(zygote_sock)
+    if _warm is None:
+        _report(box_fd, _warm_failure or OSError("no box"), "clone into new namespaces")
+        return
+    taken, _warm = _warm, None
+    name = _unclaimed_cgroups.pop(taken.pid, "")
+    if name:
+        _handed_out_cgroups[taken.pid] = name
+    config["t_handoff"] = time.monotonic()  # the box reports its phases to the host
+    try:
+        channel.send(taken.control, {"config": config}, [box_fd])
+    except OSError as exc:
+        _report(box_fd, exc, "hand-off to the box")
+    taken.control.close()
+    # The next box's namespaces and kernel mounts are made while this one finishes its root,
+    # on the other core, and while the test runs.
+    _clone_warm(zygote_sock)
+
+
+def _clone_warm(zygote_sock: socket.socket) -> None:
+    global _warm, _warm_failure
+    _note_host_mounts()  # before the clone: a change during it shows at the next hand-out
+    name = NAME_PREFIX + os.urandom(4).hex()
+    cgroup_error = _plan.error
+    cgroup: list[str] = []
+    if _plan.make:
+        try:
+            cgroup = _plan.make_cgroup(name)
+        except OSError as exc:
+            # A read-only cgroupfs (a container without --privileged): boxes still run, without
+            # limits; a box that asks for limits is told why it cannot have them.
+            cgroup_error = f"cannot create cgroup {name} ({exc.strerror}); run as root"
+    ours, theirs = channel.socketpair()
+    try:
+        # The child is born in the box's namespaces as PID 1 of its new pid namespace.
+        pid = syscalls.fork_into_namespaces(BOX_NAMESPACES)
+    except OSError as exc:
+        ours.close()
+        theirs.close()
+        if cgroup:
+            _plan.remove_cgroup(name)
+        _warm_failure = exc
+        return
+    if pid == 0:
+        # In the box: forget the zygote's plumbing before anything else.
+        channel.forget_signal_wakeup()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # held by our parent only
+        zygote_sock.close()
+        ours.close()
+        # Any other descriptor of the zygote (such as the socket of the box just handed
+        # out) must not be held by this one: the host learns of a box's death by EOF.
+        os.closerange(3, theirs.fileno())
+        os.closerange(theirs.fileno() + 1, 1 << 16)
+        init.await_box(theirs, cgroup, cgroup_error)  # never returns
+    theirs.close()
+    _boxes.add(pid)  # the zygote reaps it in _reap() when it dies
+    if cgroup:
+        _unclaimed_cgroups[pid] = name
+    _warm, _warm_failure = _Warm(pid, ours), None
+
+
+def _discard_warm() -> None:
+    global _warm
+    if _warm is not None:
+        _warm.control.close()  # EOF: it exits unused (and is reaped in _reap)
+        _warm = None
+
+
+def _host_mounts_changed() -> bool:
+    """Whether the host's mount table changed since ``_note_host_mounts`` (a poll, no read)."""
+    if _mountinfo_fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(_mountinfo_fd, select.POLLPRI)
+    return bool(poller.poll(0))
+
+
+def _note_host_mounts() -> None:
+    """Remember the host's mount table as a fresh clone copies it (reading resets poll)."""
+    global _mountinfo_fd
+    if _mountinfo_fd < 0:
+        _mountinfo_fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+    os.lseek(_mountinfo_fd, 0, os.SEEK_SET)
+    while os.read(_mountinfo_fd, 65536):
+        pass
+
+
+def _report(box_fd: int, exc: BaseException, step: str) -> None:
+    try:
+        sock = socket.socket(fileno=os.dup(box_fd))
+        channel.send(
+            sock,
+            {
+                "error": {
+                    "type": type(exc).__name__,
+                    "message": f"{step}: {exc}",
+                    "errno": getattr(exc, "errno", None),
+                }
+            },
+        )
+        sock.close()
+    except OSError:
+        pass
