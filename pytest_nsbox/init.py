@@ -601,8 +601,8 @@ def spawn_as_user(
                 os.setgid(gid)
             os.setuid(uid if uid is not None else 0)
             step = "exec"
-            for number in (signal.SIGPIPE, signal.SIGXFSZ):
-                signal.signal(number, signal.SIG_DFL)
+            for ignored in (signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(ignored, signal.SIG_DFL)
             os.execve(program, argv, env)
         except OSError as exc:
             os.write(failure_write, f"{exc.errno or 0}\n{step}\n{exc.strerror}".encode())
