@@ -29,7 +29,6 @@ MAX_FDS = 8
 _FD_SIZE = array.array("i").itemsize
 
 
-
 def socketpair() -> tuple[socket.socket, socket.socket]:
     """A connected pair of seqpacket sockets, close-on-exec."""
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -12,10 +12,6 @@ import signal
 import socket
 import time
 
-TYPE_CHECKING = False  # typing stays out of the box helper (see zygote_process)
-if TYPE_CHECKING:
-    from typing import Any
-
 from . import channel, syscalls
 from .syscalls import (
     MNT_DETACH,
@@ -30,6 +26,10 @@ from .syscalls import (
     MS_REMOUNT,
     MS_SLAVE,
 )
+
+TYPE_CHECKING = False  # typing stays out of the box helper (see zygote_process)
+if TYPE_CHECKING:
+    from typing import Any
 
 # The scratch tmpfs (upper, work, merged root, generated /etc files) is mounted over /proc of
 # the box's copy of the host mounts: every host has that directory, it never holds image layers

@@ -10,7 +10,6 @@ import pytest
 
 import pytest_nsbox
 from pytest_nsbox import errors
-from pytest_nsbox.process import CommandFailedError, CommandTimeoutError
 from pytest_nsbox.errors import (
     BoxError,
     CommandNotFoundError,
@@ -19,6 +18,7 @@ from pytest_nsbox.errors import (
     NsboxError,
     SyscallError,
 )
+from pytest_nsbox.process import CommandFailedError, CommandTimeoutError
 
 
 @pytest.mark.parametrize("name", [*errors.__all__, "CommandFailedError", "CommandTimeoutError"])
