@@ -492,10 +492,15 @@ class Server:
         nothing. (The child ran at init's score for the microseconds before this write.)
         """
         try:
-            with open(f"/proc/{pid}/oom_score_adj", "w") as handle:
-                handle.write("1000")
+            fd = os.open(f"/proc/{pid}/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
         except OSError:
-            pass  # it has exited already
+            return pid  # it has exited already
+        try:
+            os.write(fd, b"1000")
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
         return pid
 
     def start(self, message: dict[str, Any], fds: list[int]) -> int:
@@ -548,7 +553,11 @@ def spawn_fast(argv: list[str], env: dict[str, str], fds: list[int], cwd: str = 
     the call (it is single-threaded). Python ignores SIGPIPE and SIGXFSZ, and ignored signals
     survive exec: restore their defaults, as ``Popen(restore_signals=True)`` would.
     """
-    program = find_program(argv[0], env.get("PATH", ""))
+    # posix_spawnp walks PATH itself, in C: as execvp, it reads init's own environment, so
+    # that holds the command's PATH for the call.
+    search_path = env.get("PATH", "")
+    if os.environ.get("PATH") != search_path:
+        os.environ["PATH"] = search_path
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
     if cwd != "/":
         try:
@@ -556,14 +565,16 @@ def spawn_fast(argv: list[str], env: dict[str, str], fds: list[int], cwd: str = 
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, cwd) from None
     try:
-        return os.posix_spawn(
-            program,
+        return os.posix_spawnp(
+            argv[0],
             argv,
             env,
             file_actions=actions,
             setsid=True,  # its own process group, so a timeout can kill all of it
             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
         )
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, argv[0]) from None
     finally:
         if cwd != "/":
             os.chdir("/")

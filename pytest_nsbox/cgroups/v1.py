@@ -169,8 +169,12 @@ class V1Driver:
         )
 
     def oom_kills(self, dirs: list[Path]) -> int:
+        path = self.oom_kills_file(dirs)
+        return keyed(path).get("oom_kill", 0) if path else 0
+
+    def oom_kills_file(self, dirs: list[Path]) -> Path | None:
         memory = self._find(dirs, "memory")
-        return keyed(memory / "memory.oom_control").get("oom_kill", 0) if memory else 0
+        return memory / "memory.oom_control" if memory else None
 
     def empty(self, dirs: list[Path]) -> bool:
         return all(not read(d / "cgroup.procs").strip() for d in dirs)

@@ -134,7 +134,10 @@ class V2Driver:
         )
 
     def oom_kills(self, dirs: list[Path]) -> int:
-        return keyed(dirs[0] / "memory.events").get("oom_kill", 0)
+        return keyed(self.oom_kills_file(dirs)).get("oom_kill", 0)
+
+    def oom_kills_file(self, dirs: list[Path]) -> Path:
+        return dirs[0] / "memory.events"
 
     def empty(self, dirs: list[Path]) -> bool:
         return "populated 0" in read(dirs[0] / "cgroup.events")
