@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 SCRATCH = "/proc"
 _KERNEL = f"{SCRATCH}/kernel"  # where proc, sys and dev wait before they move into the root
 
+# Paths nearly every first command looks up (the shell, the dynamic loader's cache): looked
+# up while the box waits, so that the first command finds the overlay's dentries warm.
+_FIRST_LOOKUPS = ("/bin/sh", "/usr/bin/env", "/etc/ld.so.cache", "/etc/passwd", "/etc/nsswitch.conf")
 _DEVICES = (  # name, major, minor: the set Docker gives a container, nothing from the host.
     ("null", 1, 3),
     ("zero", 1, 5),
@@ -90,12 +93,16 @@ _DEV_LINKS = (
 )
 
 
-def await_box(control: socket.socket, cgroup_dirs: list[str], cgroup_error: str = "") -> None:
+def await_box(
+    control: socket.socket, cgroup_dirs: list[str], cgroup_error: str = "", hint: dict[str, Any] | None = None
+) -> None:
     """Life of a pre-cloned box: get everything generic ready, wait to be asked, become the box.
 
     The zygote clones the next box into its namespaces as soon as it hands one out, so the
-    clone and every mount that does not depend on the test's options happen while the test
-    runs, not while it waits for its box. Never returns.
+    clone, every kernel mount, and (with a ``hint``: the image layers and privilege the last
+    box had, which the next one almost always shares) the whole root with its pivot happen
+    while the test runs, not while it waits for its box. The zygote hands a box out only to a
+    request that matches its hint. Never returns.
     """
     status = 0
     sock: socket.socket | None = None
@@ -109,11 +116,14 @@ def await_box(control: socket.socket, cgroup_dirs: list[str], cgroup_error: str 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.umask(0o022)
         failure: BaseException | None = None
+        built: dict[str, Any] | None = None
         try:
             prepared = prepare_root()
             _join_cgroup(cgroup_dirs)
             prepared["cgroup"] = cgroup_dirs
             prepared["cgroup_error"] = cgroup_error
+            if hint is not None:
+                built = build_root(hint, prepared)
         except Exception as exc:  # reported to the host that asks for this box
             prepared, failure = {}, exc
         message, fds = channel.recv(control)
@@ -126,7 +136,9 @@ def await_box(control: socket.socket, cgroup_dirs: list[str], cgroup_error: str 
         if failure is not None:
             raise failure
         config = message["config"]
-        ready = finish_root(config, prepared)
+        if built is None:
+            built = build_root(root_hint(config), prepared)
+        ready = finish_root(config, built)
         ready.update(t_handoff=config["t_handoff"], t_woken=woken, t_built=time.monotonic())
         channel.send(sock, {"ready": ready})
         Server(sock, config).serve()
@@ -213,10 +225,22 @@ def _join_cgroup(cgroup_dirs: list[str]) -> None:
     syscalls.unshare(syscalls.CLONE_NEWCGROUP)
 
 
-def finish_root(config: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]:
-    """Mount the test's root from its options and pivot into it; returns what the host needs."""
+def root_hint(config: dict[str, Any]) -> dict[str, Any]:
+    """What of a box's options its root is built from before it is asked for: its image's
+    layers, its privilege, and whether it gets a resolv.conf of its own (bound over the
+    image's; a bind needs its source in this mount namespace, which the pivot leaves)."""
+    return {
+        "lowers": list(config["lowers"]),
+        "privileged": bool(config.get("privileged")),
+        "resolv_conf": bool(config.get("resolv_conf")),
+    }
+
+
+def build_root(hint: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]:
+    """Mount the root of an image and pivot into it: all of a box that depends only on its
+    ``root_hint``, so that a waiting box can do it before anyone asks."""
+    lowers, privileged = hint["lowers"], hint["privileged"]
     root = f"{SCRATCH}/root"
-    privileged = bool(config.get("privileged"))
     if privileged:
         # Proc and sysfs with nothing masked: each bound over itself without MS_REC, which
         # copies no mount on it; the hardened ones stay behind with the host's tree. Why not
@@ -225,63 +249,32 @@ def finish_root(config: dict[str, Any], prepared: dict[str, Any]) -> dict[str, A
             syscalls.mount(kernel_fs, kernel_fs, None, MS_BIND)
 
     # 3. The overlay: image layers below (top first), the throwaway upper on top.
-    lowers = ":".join(escape_overlay_path(p) for p in _short_lowers(config["lowers"]))
+    joined = ":".join(escape_overlay_path(p) for p in _short_lowers(lowers))
     syscalls.mount(
         "nsbox",
         root,
         "overlay",
         0,
-        f"lowerdir={lowers},upperdir={SCRATCH}/upper,workdir={SCRATCH}/work",
+        f"lowerdir={joined},upperdir={SCRATCH}/upper,workdir={SCRATCH}/work",
     )
 
     # 4. Mount points in the image are found *inside* it: the image is not trusted, and an
     #    /etc or /proc that is a symlink must not lead a mount, or a file we create, to the
     #    host. Each target is resolved with RESOLVE_IN_ROOT, made if missing, and mounted on
-    #    through /proc/self/fd (of the box's own proc, still at its staging place).
+    #    through /proc/self/fd (of the box's own proc, still at its staging place). The
+    #    hostname files are filled in when the box is handed out.
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    hostname = config["hostname"]
     targets: list[tuple[str, str, str | None, int, str | None]] = [
         (f"{_KERNEL}/sys", "/sys", None, MS_MOVE, None),
         (f"{_KERNEL}/dev", "/dev", None, MS_MOVE, None),
-        (_scratch_file("hostname", f"{hostname}\n"), "/etc/hostname", None, MS_BIND, None),
-        (_scratch_file("hosts", hosts_file(hostname)), "/etc/hosts", None, MS_BIND, None),
+        (_scratch_file("hostname", ""), "/etc/hostname", None, MS_BIND, None),
+        (_scratch_file("hosts", ""), "/etc/hosts", None, MS_BIND, None),
     ]
-    if config.get("resolv_conf"):
-        targets.append(
-            (_scratch_file("resolv.conf", config["resolv_conf"]), "/etc/resolv.conf", None, MS_BIND, None)
-        )
-    # 5. Size-capped scratch space the test asked for (filling it gives ENOSPC).
-    for path, size in config["tmpfs"].items():
-        tmpfs_options = "mode=1777" + (f",size={size}" if size else "")
-        targets.append(("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, tmpfs_options))
+    if hint["resolv_conf"]:
+        targets.append((_scratch_file("resolv.conf", ""), "/etc/resolv.conf", None, MS_BIND, None))
     targets.append((f"{_KERNEL}/proc", "/proc", None, MS_MOVE, None))  # last: the others use it
-    for source, box_path, fstype, flags, data in targets:
-        kind = "file" if box_path.startswith("/etc/") else "dir"
-        try:
-            fd = resolve_in_root(root_fd, box_path, kind)
-        except OSError as exc:
-            what = (
-                f"the tmpfs asked for at {box_path}" if fstype == "tmpfs" else f"the mount point {box_path}"
-            )
-            reason = os.strerror(exc.errno or 0)
-            raise OSError(exc.errno, f"cannot make {what} in the image: {reason}") from None
-        try:
-            syscalls.mount(source, f"{_KERNEL}/proc/self/fd/{fd}", fstype, flags, data)
-        finally:
-            os.close(fd)
-    if config.get("workdir"):
-        os.close(resolve_in_root(root_fd, config["workdir"], "dir"))  # Docker makes it too
+    _mount_all(root_fd, targets, f"{_KERNEL}/proc")
     os.close(root_fd)
-
-    syscalls.sethostname(hostname)
-
-    # What the steps above had to create in the upper layer (mount points an image lacked):
-    # the box's own doing, which diff() must not report as the test's.
-    made = [
-        os.path.join(top, name)[len(SCRATCH) + len("/upper") :]
-        for top, dirs, files in os.walk(f"{SCRATCH}/upper")
-        for name in dirs + files
-    ]
 
     # 6. Swap roots: the overlay becomes /, the host's tree is detached from the box's view.
     os.chdir(root)
@@ -297,12 +290,79 @@ def finish_root(config: dict[str, Any], prepared: dict[str, Any]) -> dict[str, A
         os.dup2(null, fd)
     os.close(null)
 
-    # 7. Last, once init has no more mounting to do: the capabilities its commands may have.
-    #    Init keeps all of its own (to start commands as any user), which also keeps commands
-    #    out of it: ptrace, /proc/1/fd and /proc/1/root need a superset of its capabilities.
+    # 7. Last, once init has no more mounting to do but the test's own: the capabilities its
+    #    commands may have. Init keeps all of its own (to start commands as any user, and to
+    #    mount the test's tmpfs), which also keeps commands out of it: ptrace, /proc/1/fd and
+    #    /proc/1/root need a superset of its capabilities.
     if not privileged:
         limit_capabilities(*_CAPABILITY_PLAN)
-    return {**prepared, "made": made}
+    # Lookups the first command will make, done now: an overlay's dentries start cold.
+    for path in _FIRST_LOOKUPS:
+        try:
+            os.stat(path)
+        except OSError:
+            pass
+    return {**prepared, "made": _made_by_box(prepared)}
+
+
+def finish_root(config: dict[str, Any], built: dict[str, Any]) -> dict[str, Any]:
+    """The box's own part of its root, from the test's options: hostname, resolv.conf, the
+    tmpfs it asked for, its working directory. Runs in the box's root, after the pivot."""
+    scratch_fd = int(built["scratch_fd"])
+    hostname = config["hostname"]
+    files = {"hostname": f"{hostname}\n", "hosts": hosts_file(hostname)}
+    if config.get("resolv_conf"):
+        files["resolv.conf"] = config["resolv_conf"]
+    for name, content in files.items():  # each bound over the image's file already
+        fd = os.open(f"etc/{name}", os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, dir_fd=scratch_fd)
+        try:
+            os.write(fd, content.encode())
+        finally:
+            os.close(fd)
+    syscalls.sethostname(hostname)
+    targets: list[tuple[str, str, str | None, int, str | None]] = []
+    # 5. Size-capped scratch space the test asked for (filling it gives ENOSPC).
+    for path, size in config["tmpfs"].items():
+        tmpfs_options = "mode=1777" + (f",size={size}" if size else "")
+        targets.append(("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, tmpfs_options))
+    made = built["made"]
+    if targets or config.get("workdir"):
+        root_fd = os.open("/", os.O_PATH | os.O_DIRECTORY)
+        try:
+            _mount_all(root_fd, targets, "/proc")
+            if config.get("workdir"):
+                os.close(resolve_in_root(root_fd, config["workdir"], "dir"))  # Docker makes it too
+        finally:
+            os.close(root_fd)
+        made = _made_by_box(built)
+    return {key: built[key] for key in ("host_pid", "scratch_fd", "cgroup", "cgroup_error")} | {"made": made}
+
+
+def _mount_all(root_fd: int, targets: list[tuple[str, str, str | None, int, str | None]], proc: str) -> None:
+    """Mount each ``(source, box path, fstype, flags, data)`` on its path found in the root."""
+    for source, box_path, fstype, flags, data in targets:
+        kind = "file" if box_path.startswith("/etc/") else "dir"
+        try:
+            fd = resolve_in_root(root_fd, box_path, kind)
+        except OSError as exc:
+            what = (
+                f"the tmpfs asked for at {box_path}" if fstype == "tmpfs" else f"the mount point {box_path}"
+            )
+            reason = os.strerror(exc.errno or 0)
+            raise OSError(exc.errno, f"cannot make {what} in the image: {reason}") from None
+        try:
+            syscalls.mount(source, f"{proc}/self/fd/{fd}", fstype, flags, data)
+        finally:
+            os.close(fd)
+
+
+def _made_by_box(prepared: dict[str, Any]) -> list[str]:
+    """What the box had to create in the upper layer (mount points an image lacked): its own
+    doing, which ``diff()`` must not report as the test's."""
+    upper = f"/proc/self/fd/{prepared['scratch_fd']}/upper"  # after the pivot: the box's proc
+    return [
+        os.path.join(top, name)[len(upper) :] for top, dirs, files in os.walk(upper) for name in dirs + files
+    ]
 
 
 def capabilities_to_drop(last_cap: int) -> list[int]:

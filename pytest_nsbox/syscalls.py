@@ -378,6 +378,15 @@ def set_process_name(name: str) -> None:
     _libc.prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)
 
 
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the kernel (``malloc_trim``).
+
+    Why: the zygote's every resident page is copied into each box's page tables at fork and
+    torn down at its exit; the heap that imports grew and freed again is over a megabyte of them, for nothing.
+    """
+    _libc.malloc_trim(0)
+
+
 def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) -> int:
     """openat2(2) (Linux 5.6+): with ``RESOLVE_IN_ROOT`` a path cannot climb out of ``dirfd``.
 

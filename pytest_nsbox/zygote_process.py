@@ -50,6 +50,7 @@ def main(argv: list[str]) -> None:
         syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before the line above: nobody to serve
             os._exit(0)
+    syscalls.release_free_heap()  # before the first fork: every box would carry it
     _serve(socket.socket(fileno=fd))
 
 
@@ -217,11 +218,13 @@ def _shutdown() -> None:
 
 
 class _Warm:
-    """The next box, already cloned into its namespaces and cgroup, waiting for its options."""
+    """The next box, already cloned into its namespaces and cgroup, its root built from the
+    ``hint`` (layers and privilege of the box before it), waiting for its options."""
 
-    def __init__(self, pid: int, control: socket.socket) -> None:
+    def __init__(self, pid: int, control: socket.socket, hint: dict[str, Any]) -> None:
         self.pid = pid
         self.control = control
+        self.hint = hint
 
 
 # Box cgroup names by init pid, removed when the init is reaped: unclaimed ones (never handed
@@ -238,12 +241,14 @@ _mountinfo_fd = -1  # our /proc/self/mountinfo: poll() flags any change of the h
 def _hand_out(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket) -> None:
     """Give the waiting box its options and the host's socket; then clone the next one."""
     global _warm
-    if _warm is not None and _host_mounts_changed():
-        # Its copy of the host's mounts is stale (say, an image directory on a filesystem
-        # mounted since): a fresh clone sees them as they are now.
+    hint = init.root_hint(config)
+    if _warm is not None and (_warm.hint != hint or _host_mounts_changed()):
+        # Built for another image (or privilege), or its copy of the host's mounts is stale
+        # (say, an image directory on a filesystem mounted since): a fresh clone, built for
+        # this request, sees them as they are now.
         _discard_warm()
     if _warm is None:
-        _clone_warm(zygote_sock)
+        _clone_warm(zygote_sock, hint)
     if _warm is None:
         _report(box_fd, _warm_failure or OSError("no box"), "clone into new namespaces")
         return
@@ -257,12 +262,13 @@ def _hand_out(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket) -
     except OSError as exc:
         _report(box_fd, exc, "hand-off to the box")
     taken.control.close()
-    # The next box's namespaces and kernel mounts are made while this one finishes its root,
-    # on the other core, and while the test runs.
-    _clone_warm(zygote_sock)
+    # The next box's namespaces, mounts and root are made while this one finishes, on the
+    # other core, and while the test runs: for the same image, which the next test most
+    # likely wants too.
+    _clone_warm(zygote_sock, hint)
 
 
-def _clone_warm(zygote_sock: socket.socket) -> None:
+def _clone_warm(zygote_sock: socket.socket, hint: dict[str, Any]) -> None:
     global _warm, _warm_failure
     _note_host_mounts()  # before the clone: a change during it shows at the next hand-out
     name = NAME_PREFIX + os.urandom(4).hex()
@@ -296,12 +302,12 @@ def _clone_warm(zygote_sock: socket.socket) -> None:
         # out) must not be held by this one: the host learns of a box's death by EOF.
         os.closerange(3, theirs.fileno())
         os.closerange(theirs.fileno() + 1, 1 << 16)
-        init.await_box(theirs, cgroup, cgroup_error)  # never returns
+        init.await_box(theirs, cgroup, cgroup_error, hint)  # never returns
     theirs.close()
     _boxes.add(pid)  # the zygote reaps it in _reap() when it dies
     if cgroup:
         _unclaimed_cgroups[pid] = name
-    _warm, _warm_failure = _Warm(pid, ours), None
+    _warm, _warm_failure = _Warm(pid, ours, hint), None
 
 
 def _discard_warm() -> None:
