@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from . import cgroups, channel, kept, probe, state, zygote
+from . import cgroups, channel, kept, probe, state, teardown, zygote
 from . import network as networking
 from .boxfs import BoxFiles
 from .errors import (
@@ -322,6 +322,9 @@ class Box:
                 return
             self._state = "stopping"
             assert self._pidfd is not None
+            # Held across the kill, so that the init's exit leaves the mounts' teardown to us,
+            # and we to a background thread (see teardown).
+            mount_namespace = _open_mount_namespace(self.pid)
             try:
                 # Killing PID 1 makes the kernel SIGKILL every other process of the namespace;
                 # the pidfd becomes readable only after they are all gone.
@@ -335,9 +338,11 @@ class Box:
                 process._finish(self._link.exit_status(process.pid) if self._link else None)
             os.close(self._pidfd)
             self._pidfd = None
+            leftovers = [] if mount_namespace is None else [mount_namespace]
             if self._files is not None:
-                os.close(self._files.root_fd)
+                leftovers.append(self._files.root_fd)
                 self._files = None
+            teardown.close_later(leftovers)
             if self._link is not None:
                 self._link.close()
             self._state = "stopped"
@@ -570,6 +575,7 @@ def stop_all() -> None:
                 continue
     finally:
         try:
+            teardown.wait_closed()  # the stopped boxes' mounts are gone, not just unreachable
             zygote.shutdown()  # reaps every box init: their cgroups can go now
             cgroups.flush_pending(wait=5.0)
         finally:
@@ -577,6 +583,13 @@ def stop_all() -> None:
 
 
 atexit.register(stop_all)
+
+
+def _open_mount_namespace(pid: int | None) -> int | None:
+    try:
+        return os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # init is gone already: nothing left to hold
 
 
 def _start_timings(asked: float, ready: dict[str, Any], done: float) -> dict[str, float]:

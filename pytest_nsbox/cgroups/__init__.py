@@ -151,6 +151,7 @@ def adopt(dirs: list[str]) -> Cgroup:
 
 
 _pending: list[Cgroup] = []
+_PENDING_CHECK = 64
 
 
 def release(cgroup: Cgroup) -> None:
@@ -163,6 +164,11 @@ def release(cgroup: Cgroup) -> None:
     cgroup.close()
     if cgroup.driver is not None:
         _pending.append(cgroup)
+        if len(_pending) > _PENDING_CHECK:
+            # Forget those the zygote has removed by now, so that a session of thousands of
+            # boxes keeps no record of each. Now and then only: a stat of a cgroup directory
+            # can wait for the cgroup lock, a fraction of a millisecond no stop() should pay.
+            _pending[:] = [kept for kept in _pending if any(os.path.isdir(d) for d in kept.dirs)]
 
 
 def flush_pending(wait: float = 0.0) -> list[Cgroup]:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from cleanup import box_mounts, rmdir_when_empty
 
-from pytest_nsbox import Box, BoxError, ConfigError, ImageError, cgroups, zygote
+from pytest_nsbox import Box, BoxError, ConfigError, ImageError, cgroups, teardown, zygote
 
 pytestmark = pytest.mark.requires("boxes")
 
@@ -78,14 +78,16 @@ def test_stop_does_not_hang_on_a_box_full_of_processes() -> None:
 
 def test_a_hundred_boxes_leave_fds_mounts_and_children_as_they_were() -> None:
     Box().start().stop()  # the helper process is started once, before the baseline
+    teardown.wait_closed()  # and that box's mount namespace let go (stop hands it over)
     fds, mounts = _open_fds(), _mount_count()
     children = sorted(p.pid for p in psutil.Process().children(recursive=False))
     for _ in range(100):
         box = Box().start()
         box.run(["true"], check=True)
         box.stop()
+    assert _mount_count() == mounts  # unreachable at once: no process is left in them
+    assert teardown.wait_closed()  # and closed by the background thread soon after
     assert _open_fds() == fds
-    assert _mount_count() == mounts
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and sorted(p.pid for p in psutil.Process().children()) != children:
         time.sleep(0.05)
