@@ -37,9 +37,6 @@ if TYPE_CHECKING:
 SCRATCH = "/proc"
 _KERNEL = f"{SCRATCH}/kernel"  # where proc, sys and dev wait before they move into the root
 
-# Paths nearly every first command looks up (the shell, the dynamic loader's cache): looked
-# up while the box waits, so that the first command finds the overlay's dentries warm.
-_FIRST_LOOKUPS = ("/bin/sh", "/usr/bin/env", "/etc/ld.so.cache", "/etc/passwd", "/etc/nsswitch.conf")
 _DEVICES = (  # name, major, minor: the set Docker gives a container, nothing from the host.
     ("null", 1, 3),
     ("zero", 1, 5),
@@ -296,12 +293,6 @@ def build_root(hint: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]
     #    /proc/1/root need a superset of its capabilities.
     if not privileged:
         limit_capabilities(*_CAPABILITY_PLAN)
-    # Lookups the first command will make, done now: an overlay's dentries start cold.
-    for path in _FIRST_LOOKUPS:
-        try:
-            os.stat(path)
-        except OSError:
-            pass
     return {**prepared, "made": _made_by_box(prepared)}
 
 
