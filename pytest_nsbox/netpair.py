@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from . import state
 from .box import Box
 from .errors import ConfigError, NsboxError
 from .network import bridge, pool
@@ -62,7 +63,8 @@ class NetPair:
             attachment = box.network
             assert attachment is not None
             ends.append(End(attachment.host_index, attachment.host_interface))
-        self.link = Link(f"netpair {self.a.ip} <-> {self.b.ip}", ends)
+        boxes = [(box.pid, state.process_start(box.pid)) for box in (self.a, self.b) if box.pid is not None]
+        self.link = Link(f"netpair {self.a.ip} <-> {self.b.ip}", ends, boxes)
         return self
 
     def stop(self) -> None:

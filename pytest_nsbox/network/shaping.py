@@ -103,9 +103,16 @@ def parse_shape(delay_ms: float, jitter_ms: float, loss_pct: float, rate: object
 class Link:
     """The link of a box pair (``netpair.link``) or of one bridged box (``box.link``)."""
 
-    def __init__(self, name: str, ends: list[End]) -> None:
+    def __init__(self, name: str, ends: list[End], boxes: list[tuple[int, int | None]] | None = None) -> None:
         self.name = name
         self.ends = ends
+        # The boxes behind the link, (init pid, its start time): up() makes them forget the
+        # neighbours they failed to reach while it was down.
+        self.boxes = (
+            boxes
+            if boxes is not None
+            else [(end.netns_pid, end.netns_start) for end in ends if end.netns_pid is not None]
+        )
         self.shape = Shape()
         self.is_up = True
         self.closed = False
@@ -130,8 +137,17 @@ class Link:
         return self
 
     def up(self) -> Link:
-        """Restore the link; addresses and routes are as they were."""
+        """Restore the link; addresses and routes are as they were.
+
+        A box that tried to reach its peer while the link was down has that neighbour marked
+        unreachable (or still half-resolved), and its next connection would fail at once with
+        "No route to host" until the kernel probed again: as if the cable were back but the
+        boxes had not noticed. So the boxes forget those entries, and resolve afresh.
+        """
         self._set_state("up")
+        with self._lock:
+            for pid, start in self.boxes:
+                _forget_unresolved_neighbours(pid, start)
         return self
 
     def set(
@@ -253,6 +269,20 @@ def _netem_options(shape: Shape, ends: int) -> dict[str, Any]:
     if shape.loss_pct:
         options["loss"] = shape.loss_pct
     return options
+
+
+_NUD_INCOMPLETE = 0x01
+_NUD_FAILED = 0x20
+
+
+def _forget_unresolved_neighbours(pid: int, start: int | None) -> None:
+    try:
+        with netns.inside(pid, start) as ipr:
+            for entry in ipr.get_neighbours():
+                if entry["state"] & (_NUD_INCOMPLETE | _NUD_FAILED):
+                    ipr.neigh("del", dst=entry.get_attr("NDA_DST"), ifindex=entry["ifindex"])
+    except Exception:  # best effort: a box that stopped meanwhile has nothing to forget
+        pass
 
 
 def _socket(end: End) -> Any:
