@@ -95,11 +95,11 @@ def await_box(
 ) -> None:
     """Life of a pre-cloned box: get everything generic ready, wait to be asked, become the box.
 
-    The zygote clones the next box into its namespaces as soon as it hands one out, so the
+    The zygote clones the next box into its namespaces as soon as the host takes one, so the
     clone, every kernel mount, and (with a ``hint``: the image layers and privilege the last
     box had, which the next one almost always shares) the whole root with its pivot happen
-    while the test runs, not while it waits for its box. The zygote hands a box out only to a
-    request that matches its hint. Never returns.
+    while the test runs, not while it waits for its box. The host sends its options (over
+    ``control``) only to a box whose hint matches them. Never returns.
     """
     status = 0
     sock: socket.socket | None = None

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import socket
-import time
 
 from . import channel, init, syscalls
 from .syscalls import (
@@ -128,11 +126,14 @@ def _terminate(_sig: int, _frame: object) -> None:
 
 def _serve(sock: socket.socket) -> None:
     def handle(message: dict[str, Any], fds: list[int]) -> None:
-        if message.get("op") == "box" and len(fds) == 1:
-            with _sigterm_held:
-                _hand_out(message["config"], fds[0], sock)
-        elif message.get("op") == "forget":
-            with _sigterm_held:
+        op = message.get("op")
+        with _sigterm_held:
+            if op == "want":  # the host has no waiting box that fits: make one now
+                _clone_warm(sock, dict(message["hint"]), int(message["seq"]))
+            elif op == "taken":  # the host gave the waiting box to a test: make the next
+                _taken(int(message["pid"]))
+                _clone_warm(sock, _last_hint, int(message["seq"]))
+            elif op == "forget":
                 _forget(int(message["pid"]))
 
     def reap() -> None:
@@ -200,7 +201,6 @@ def _shutdown() -> None:
     host just stopped) would be left to the host's init, which may take its time reaping.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # a second one must not cut this short
-    _discard_warm()  # EOF on its control socket: it exits even if it were missing from _boxes
     for pid in _boxes:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -217,60 +217,33 @@ def _shutdown() -> None:
     os._exit(0)
 
 
-class _Warm:
-    """The next box, already cloned into its namespaces and cgroup, its root built from the
-    ``hint`` (layers and privilege of the box before it), waiting for its options."""
-
-    def __init__(self, pid: int, control: socket.socket, hint: dict[str, Any]) -> None:
-        self.pid = pid
-        self.control = control
-        self.hint = hint
-
-
 # Box cgroup names by init pid, removed when the init is reaped: unclaimed ones (never handed
 # out) and handed-out ones (the host's from then on; should it die, ours again at the end).
 _unclaimed_cgroups: dict[int, str] = {}
 _handed_out_cgroups: dict[int, str] = {}
 
 
-_warm: _Warm | None = None
-_warm_failure: OSError | None = None
-_mountinfo_fd = -1  # our /proc/self/mountinfo: poll() flags any change of the host's mounts
+_last_hint: dict[str, Any] = {}  # what the last box asked for was built from
 
 
-def _hand_out(config: dict[str, Any], box_fd: int, zygote_sock: socket.socket) -> None:
-    """Give the waiting box its options and the host's socket; then clone the next one."""
-    global _warm
-    hint = init.root_hint(config)
-    if _warm is not None and (_warm.hint != hint or _host_mounts_changed()):
-        # Built for another image (or privilege), or its copy of the host's mounts is stale
-        # (say, an image directory on a filesystem mounted since): a fresh clone, built for
-        # this request, sees them as they are now.
-        _discard_warm()
-    if _warm is None:
-        _clone_warm(zygote_sock, hint)
-    if _warm is None:
-        _report(box_fd, _warm_failure or OSError("no box"), "clone into new namespaces")
-        return
-    taken, _warm = _warm, None
-    name = _unclaimed_cgroups.pop(taken.pid, "")
+def _taken(pid: int) -> None:
+    """The host's now: it renames nothing, but should it die without removing the box's
+    cgroup, the zygote does so at its own end (see _shutdown)."""
+    name = _unclaimed_cgroups.pop(pid, "")
     if name:
-        _handed_out_cgroups[taken.pid] = name
-    config["t_handoff"] = time.monotonic()  # the box reports its phases to the host
-    try:
-        channel.send(taken.control, {"config": config}, [box_fd])
-    except OSError as exc:
-        _report(box_fd, exc, "hand-off to the box")
-    taken.control.close()
-    # The next box's namespaces, mounts and root are made while this one finishes, on the
-    # other core, and while the test runs: for the same image, which the next test most
-    # likely wants too.
-    _clone_warm(zygote_sock, hint)
+        _handed_out_cgroups[pid] = name
 
 
-def _clone_warm(zygote_sock: socket.socket, hint: dict[str, Any]) -> None:
-    global _warm, _warm_failure
-    _note_host_mounts()  # before the clone: a change during it shows at the next hand-out
+def _clone_warm(zygote_sock: socket.socket, hint: dict[str, Any], seq: int) -> None:
+    """Clone the next box and announce it to the host with its control socket.
+
+    The box builds its root from ``hint`` (the layers and privilege of the box before it,
+    which the next test most likely wants too) while the test runs, on the other core. The
+    host sends its options straight to it; should the host drop the socket unused, the box
+    exits on EOF and is reaped here.
+    """
+    global _last_hint
+    _last_hint = hint
     name = NAME_PREFIX + os.urandom(4).hex()
     cgroup_error = _plan.error
     cgroup: list[str] = []
@@ -290,7 +263,7 @@ def _clone_warm(zygote_sock: socket.socket, hint: dict[str, Any]) -> None:
         theirs.close()
         if cgroup:
             _plan.remove_cgroup(name)
-        _warm_failure = exc
+        _announce(zygote_sock, {"error": {"message": f"clone into new namespaces: {exc}"}, "seq": seq})
         return
     if pid == 0:
         # In the box: forget the zygote's plumbing before anything else.
@@ -298,8 +271,8 @@ def _clone_warm(zygote_sock: socket.socket, hint: dict[str, Any]) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # held by our parent only
         zygote_sock.close()
         ours.close()
-        # Any other descriptor of the zygote (such as the socket of the box just handed
-        # out) must not be held by this one: the host learns of a box's death by EOF.
+        # Any other descriptor of the zygote must not be held by this one: boxes learn of
+        # their host's end by EOF.
         os.closerange(3, theirs.fileno())
         os.closerange(theirs.fileno() + 1, 1 << 16)
         init.await_box(theirs, cgroup, cgroup_error, hint)  # never returns
@@ -307,48 +280,17 @@ def _clone_warm(zygote_sock: socket.socket, hint: dict[str, Any]) -> None:
     _boxes.add(pid)  # the zygote reaps it in _reap() when it dies
     if cgroup:
         _unclaimed_cgroups[pid] = name
-    _warm, _warm_failure = _Warm(pid, ours, hint), None
+    _announce(zygote_sock, {"warm": pid, "hint": hint, "seq": seq}, ours)
 
 
-def _discard_warm() -> None:
-    global _warm
-    if _warm is not None:
-        _warm.control.close()  # EOF: it exits unused (and is reaped in _reap)
-        _warm = None
-
-
-def _host_mounts_changed() -> bool:
-    """Whether the host's mount table changed since ``_note_host_mounts`` (a poll, no read)."""
-    if _mountinfo_fd < 0:
-        return True
-    poller = select.poll()
-    poller.register(_mountinfo_fd, select.POLLPRI)
-    return bool(poller.poll(0))
-
-
-def _note_host_mounts() -> None:
-    """Remember the host's mount table as a fresh clone copies it (reading resets poll)."""
-    global _mountinfo_fd
-    if _mountinfo_fd < 0:
-        _mountinfo_fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
-    os.lseek(_mountinfo_fd, 0, os.SEEK_SET)
-    while os.read(_mountinfo_fd, 65536):
-        pass
-
-
-def _report(box_fd: int, exc: BaseException, step: str) -> None:
+def _announce(
+    zygote_sock: socket.socket, message: dict[str, Any], control: socket.socket | None = None
+) -> None:
+    """Tell the host of a waiting box (and hand it the box's control socket), or of a failure."""
     try:
-        sock = socket.socket(fileno=os.dup(box_fd))
-        channel.send(
-            sock,
-            {
-                "error": {
-                    "type": type(exc).__name__,
-                    "message": f"{step}: {exc}",
-                    "errno": getattr(exc, "errno", None),
-                }
-            },
-        )
-        sock.close()
+        channel.send(zygote_sock, message, [control.fileno()] if control is not None else [])
     except OSError:
-        pass
+        pass  # the host is gone: EOF on our socket ends the loop
+    finally:
+        if control is not None:
+            control.close()  # the host's copy is the box's only link now
