@@ -151,17 +151,17 @@ class Zygote:
             message, fds = channel.recv(self._sock)
             if message is None:
                 raise OSError(errno.EPIPE, "the zygote closed its socket")
-            if "error" in message:
+            if message.get("seq") != self._expected or "error" in message or len(fds) != 1:
                 for fd in fds:
-                    os.close(fd)
-                error = message["error"]
-                raise BoxError(f"the nsbox zygote could not make a box: {error.get('message')}")
+                    os.close(fd)  # a box made before our latest request is not ours: it exits
+                if message.get("seq") == self._expected:
+                    self._expected = None
+                    error = message.get("error", {}).get("message", "no box in its answer")
+                    raise BoxError(f"the nsbox zygote (pid {self.pid}) could not make a box: {error}")
+                continue
             if self._announced is not None:
                 self._announced.control.close()
             self._announced = _Announced(message, socket.socket(fileno=fds[0]))
-            if self._announced.seq != self._expected:
-                self._announced.control.close()  # made before our latest request: not ours
-                self._announced = None
 
     def _note_mounts(self) -> None:
         os.lseek(self._mountinfo, 0, os.SEEK_SET)
