@@ -24,7 +24,7 @@ from pytest_nsbox import Box
 from pytest_nsbox.image import load_image
 
 
-def in_empty_dir(scratch: Path, job: Callable[[Path], None]) -> Callable[[], None]:
+def in_empty_dir(scratch: Path, job: Callable[[Path], None]) -> Callable[[], dict[str, float]]:
     """A trial that runs ``job`` in a new empty directory, removed after (untimed)."""
 
     def trial() -> dict[str, float]:

@@ -80,6 +80,8 @@ def fmt(value: float | None, unit: str = "") -> str:
     """A number with as many decimals as its size deserves."""
     if value is None:
         return "-"
+    if isinstance(value, int):
+        return f"{value:,}" + (f" {unit}" if unit else "")
     size = abs(value)
     digits = 3 if size < 1 else 2 if size < 100 else 1 if size < 10000 else 0
     return f"{value:,.{digits}f}" + (f" {unit}" if unit else "")
