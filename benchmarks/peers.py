@@ -31,7 +31,11 @@ NAME_PREFIX = "nsbox-bench"
 # crun (1.8) refuses to run on a hybrid cgroup host whose cgroup2 tree has any controller,
 # whichever cgroup manager it is told to use; see crun_workaround().
 UNIFIED = Path("/sys/fs/cgroup/unified")
-PODMAN_PARENT = "libpod_parent"  # the cgroup podman makes under every v1 controller
+PODMAN_PARENT = "libpod_parent"
+OCI_STATE_DIRS = (
+    Path("/run/crun"),
+    Path("/run/runc"),
+)  # made by the tools on first use  # the cgroup podman makes under every v1 controller
 
 
 @dataclass
@@ -287,6 +291,7 @@ def set_up_peers(
     removed by ``stack``; podman's image is removed by it too.
     """
     scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{NAME_PREFIX}-peers-")))
+    stack.callback(_delete_oci_leftovers, [d for d in OCI_STATE_DIRS if not d.exists()])
     contenders: list[Contender] = []
     notes: list[str] = []
     crun_preexec = crun_workaround if crun_needs_workaround() else None
@@ -328,7 +333,6 @@ def set_up_peers(
             "and stopped untimed, so that the helper's next waiting box is cloned outside the "
             "timings (the row 'right after' shows what a box start pays when it is not)"
         )
-    stack.callback(_delete_oci_leftovers)
     return contenders, [n for n in notes if n]
 
 
@@ -368,8 +372,9 @@ def _podman(rootfs: Rootfs, stack: ExitStack) -> tuple[Contender | None, str]:
     return None, f"podman: no variant ran ({'; '.join(failures)}), skipped"
 
 
-def _delete_oci_leftovers() -> None:
-    """Containers of this run that crun or runc still list (only after a failed run)."""
+def _delete_oci_leftovers(state_dirs: list[Path]) -> None:
+    """Containers of this run that crun or runc still list (only after a failed run), then
+    the tools' state directories if this run made them and they are empty again."""
     for tool in ("crun", "runc"):
         if shutil.which(tool) is None:
             continue
@@ -377,3 +382,5 @@ def _delete_oci_leftovers() -> None:
         for container in listed:
             if container.startswith(f"{NAME_PREFIX}-{os.getpid()}-"):
                 subprocess.run([tool, "delete", "-f", container], capture_output=True)
+    for directory in state_dirs:
+        _rmdir_quietly(directory)
