@@ -119,6 +119,7 @@ class HandRolled:
             self.sleepers.pop(process.pid, None)
 
     def attach(self, pid: int) -> dict[str, float]:
+        """The five ``ip`` steps on the process ``pid``, each timed."""
         veth = NAME_PREFIX + os.urandom(4).hex()  # never reused: a dying one may linger a moment
         self.veths.append(veth)
         address = self.bridge.subnet.network_address + self._next_host
@@ -148,6 +149,7 @@ class HandRolled:
                 subprocess.run(["nsenter", "-t", str(pid), "-n", *connect], check=True, capture_output=True)
 
     def kill_sleepers(self) -> None:
+        """Kill (by pid) and reap every sleeper still running."""
         for pid, process in list(self.sleepers.items()):
             process.kill()
             process.wait()
@@ -167,6 +169,7 @@ class TempBridge:
         self.made = False
 
     def create(self) -> None:
+        """Make the bridge, give it the gateway address and bring it up."""
         _ip("link", "add", self.name, "type", "bridge", "stp_state", "0", "forward_delay", "0")
         self.made = True
         _ip("addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.name)
@@ -193,14 +196,17 @@ class TempBridge:
 
 
 def _ip(*args: str) -> None:
+    """One ``ip`` command; raises with its stderr if it fails."""
     subprocess.run(["ip", *args], check=True, stdin=subprocess.DEVNULL, capture_output=True)
 
 
 def _interface_exists(name: str) -> bool:
+    """Whether the host has a network interface of that name."""
     return os.path.exists(f"/sys/class/net/{name}")
 
 
 def _netns_of(pid: int) -> str | None:
+    """The network namespace of ``pid``, or None if it is gone."""
     try:
         return os.readlink(f"/proc/{pid}/ns/net")
     except OSError:
@@ -298,6 +304,7 @@ def first_starts_ms() -> tuple[float, float]:
 def summarize(
     plain: Contender, bridged: Contender, network_ms: list[float], hand: Contender | None
 ) -> dict[str, Any]:
+    """Every statistic of the run, for the report and ``--json``."""
     rows = {c.name: {**summary_ms(c.samples), "samples_ms": _rounded(c.samples)} for c in (plain, bridged)}
     network = {
         **summary_ms([ms / 1000 for ms in network_ms]),
@@ -322,6 +329,7 @@ def summarize(
 
 
 def _rounded(samples_s: Sequence[float]) -> list[float]:
+    """Samples in ms, rounded, for ``--json``."""
     return [round(s * 1000, 4) for s in samples_s]
 
 
@@ -331,6 +339,7 @@ def _rounded(samples_s: Sequence[float]) -> list[float]:
 def print_report(
     facts: dict[str, Any], firsts: tuple[float, float], summary: dict[str, Any], notes: list[str]
 ) -> None:
+    """The machine, the first starts, the notes, then the table and the ratios."""
     print(machine_line(facts))
     print(f"first box in a process (includes helper start): {firsts[0]:.2f} ms")
     print(
@@ -375,10 +384,12 @@ HAND_LABEL = "hand-rolled: 5 x ip/nsenter (veth, addr, route)"
 
 
 def _row(label: str, row: dict[str, Any]) -> str:
+    """One line of the table."""
     return f"{label:<48} {row['n']:>5} {row['median_ms']:>10.2f} {row['p95_ms']:>9.2f}"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; see the module's docstring."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"N={QUICK_N} instead of {DEFAULT_N}")
     parser.add_argument("--n", type=int, help="samples per contender (overrides --quick)")
@@ -395,6 +406,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Measure, print, and leave no box, process or interface behind."""
     args = parse_args(argv)
     load_before = os.getloadavg()
     try:

@@ -71,6 +71,7 @@ def _shared_libraries(program: str) -> list[str]:
 
 
 def _copy_into(root: Path, path: str) -> None:
+    """Copy ``path`` (its target, if a symlink) to the same place under ``root``."""
     target = root / path.lstrip("/")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(os.path.realpath(path), target)
@@ -228,10 +229,12 @@ class Podman:
 
 
 def _podman_parents() -> set[Path]:
+    """podman's parent cgroups as they are now, one per v1 hierarchy."""
     return set(Path("/sys/fs/cgroup").glob(f"*/{PODMAN_PARENT}"))
 
 
 def _rmdir_quietly(path: Path) -> None:
+    """Remove an empty directory; leave it if it is in use or gone."""
     try:
         path.rmdir()
     except OSError:
@@ -254,16 +257,19 @@ class MountWatch:
         self.fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
 
     def reset(self) -> None:
+        """Read the table to its end: from now on, a change makes it poll as changed."""
         os.lseek(self.fd, 0, os.SEEK_SET)
         while os.read(self.fd, 65536):
             pass
 
     def changed(self) -> bool:
+        """Whether the table changed since ``reset()`` (a poll; nothing is read)."""
         poller = select.poll()
         poller.register(self.fd, select.POLLPRI)
         return bool(poller.poll(0))
 
     def close(self) -> None:
+        """Let go of the watched file."""
         os.close(self.fd)
 
 

@@ -29,11 +29,13 @@ class Row:
 
     @property
     def ratio(self) -> float | None:
+        """This median over ``against``'s; None without an ``against``."""
         if self.against_median is None or self.against_median == 0:
             return None
         return self.median / self.against_median
 
     def as_json(self) -> dict[str, Any]:
+        """A plain dict for ``--json``."""
         return {**asdict(self), "ratio": self.ratio}
 
 
@@ -51,6 +53,7 @@ class Section:
     seconds: float = 0.0
 
     def as_json(self) -> dict[str, Any]:
+        """A plain dict for ``--json``."""
         return {
             "title": self.title,
             "rows": [row.as_json() for row in self.rows],
@@ -73,6 +76,7 @@ class Target:
     unit: str = ""
 
     def as_json(self) -> dict[str, Any]:
+        """A plain dict for ``--json``."""
         return asdict(self)
 
 

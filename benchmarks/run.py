@@ -52,6 +52,7 @@ RSS_GROWTH_LIMIT = 1 << 20  # "no RSS growth": less than 1 MiB over the whole ro
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; see the module's docstring."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples and boxes (for CI)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every result here")
@@ -219,6 +220,7 @@ def scale_targets(section: Section | None) -> list[Target]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chosen sections, print them and the targets, check nothing is left behind."""
     args = parse_args(argv)
     if os.geteuid() != 0:
         print("error: boxes and the peers need root", file=sys.stderr)

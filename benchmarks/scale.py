@@ -25,6 +25,7 @@ from pytest_nsbox import Box, zygote
 
 MB = 1e6
 MIB = 1 << 20
+WARMUP = 20
 
 
 def footprint() -> dict[str, int]:
@@ -43,6 +44,7 @@ def footprint() -> dict[str, int]:
 
 
 def _alive(process: psutil.Process) -> bool:
+    """A zombie still shows among the children until the helper reaps it: not alive."""
     try:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -69,8 +71,11 @@ def lifecycle() -> float:
 
 def in_a_row(count: int) -> dict[str, Any]:
     """``count`` lifecycles back to back, and this process's footprint before and after."""
-    for _ in range(5):
-        lifecycle()  # the helper and the warm box exist before "before"
+    # Before "before": the helper and its waiting box exist, and what the previous section left
+    # for the kernel to tear down (a big tmpfs, network namespaces) is not on the first hundred.
+    time.sleep(1.0)
+    for _ in range(WARMUP):
+        lifecycle()
     before = footprint()
     samples = [lifecycle() for _ in range(count)]
     after = settled_footprint(before["live_children"])

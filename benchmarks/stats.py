@@ -132,6 +132,7 @@ def machine_facts(load_before: tuple[float, float, float]) -> dict[str, Any]:
 
 
 def _os_name() -> str:
+    """PRETTY_NAME of /etc/os-release, which says which distribution the tools came from."""
     try:
         for line in Path("/etc/os-release").read_text().splitlines():
             if line.startswith("PRETTY_NAME="):

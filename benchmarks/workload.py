@@ -42,6 +42,7 @@ class Test:
 
 
 def _number(pattern: str, output: str) -> float:
+    """The first number ``pattern`` captures in sysbench's output; a clear error if none."""
     match = re.search(pattern, output)
     if match is None:
         raise ValueError(f"sysbench output lacks {pattern!r}:\n{output[-2000:]}")
@@ -49,18 +50,22 @@ def _number(pattern: str, output: str) -> float:
 
 
 def events_per_second(output: str) -> float:
+    """cpu: sysbench prints the rate itself."""
     return _number(r"events per second:\s+([\d.]+)", output)
 
 
 def mib_per_second(output: str) -> float:
+    """memory: the rate in parentheses after the MiB transferred."""
     return _number(r"\(([\d.]+) MiB/sec\)", output)
 
 
 def events_over_time(output: str) -> float:
+    """threads: sysbench prints no rate, so events over the run's time."""
     return _number(r"total number of events:\s+(\d+)", output) / _number(r"total time:\s+([\d.]+)s", output)
 
 
 def read_plus_written(output: str) -> float:
+    """fileio rndrw: reads and writes both count; their sum is the throughput."""
     return _number(r"read, MiB/s:\s+([\d.]+)", output) + _number(r"written, MiB/s:\s+([\d.]+)", output)
 
 
@@ -125,10 +130,12 @@ class Sides:
         self.box_dirs = {"tmpfs": BOX_TMPFS, "overlay": BOX_OVERLAY_DIR}
 
     def host(self, argv: list[str], directory: str) -> str:
+        """Run ``argv`` on the host, in the test's directory; its output."""
         cwd = self.host_dirs[directory] if directory else None
         return subprocess.run(argv, cwd=cwd, check=True, capture_output=True, text=True).stdout
 
     def in_box(self, argv: list[str], directory: str) -> str:
+        """Run ``argv`` in the box, in the test's directory; its output."""
         cwd = self.box_dirs[directory] if directory else None
         return self.box.run(argv, cwd=cwd, check=True, timeout=600).stdout
 
