@@ -6,7 +6,8 @@ Run from the repository root, as root, after ``benchmarks/setup.sh``::
     python benchmarks/run.py --build-debian           # everything, Debian image included (minutes)
     python benchmarks/run.py --only lifecycle scale --json out.json
 
-Sections (``--only`` takes these names): lifecycle, run, server, costs, image, workload, scale.
+Sections (``--only`` takes these names), in the order they run: lifecycle, run, server, costs,
+scale, image, workload.
 Each prints a table of medians, p95s and ratios measured in the same run, interleaved; the
 targets the project set itself are printed last. See benchmarks/README.md for how to read it.
 Exit status: 0, or 1 if a section failed (a peer that cannot run is a note, not a failure) or
@@ -44,9 +45,11 @@ SECTIONS: dict[str, SectionRun] = {
     "run": features.run_round_trip,
     "server": features.server,
     "costs": features.costs,
+    # Before image and workload: a row of boxes measures drift, and those two leave the kernel
+    # freeing and writing back a gigabyte or so for a while after they end.
+    "scale": scale.run,
     "image": images.run,
     "workload": workload.run,
-    "scale": scale.run,
 }
 RSS_GROWTH_LIMIT = 1 << 20  # "no RSS growth": less than 1 MiB over the whole row, allocator noise
 
