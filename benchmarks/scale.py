@@ -92,6 +92,7 @@ def in_a_row(count: int) -> dict[str, Any]:
             "p99_ms": p99(last) * 1000,
             "p95_ms": p95(last) * 1000,
         },
+        "p50_per_hundred_ms": [median(samples[k : k + 100]) * 1000 for k in range(0, count, 100)],
         "before": before,
         "after": after,
         "samples_ms": [round(s * 1000, 4) for s in samples],
@@ -196,6 +197,8 @@ def lines(row: dict[str, Any], alive: dict[str, Any]) -> list[str]:
         f"{row['count']} lifecycles in a row: p50/p99 first hundred "
         f"{first['p50_ms']:.2f}/{first['p99_ms']:.2f} ms, "
         f"last hundred {last['p50_ms']:.2f}/{last['p99_ms']:.2f} ms",
+        "p50 of each hundred in turn, ms (a trend shows here; a noisy neighbour shows as a bump): "
+        + " ".join(f"{ms:.1f}" for ms in row["p50_per_hundred_ms"]),
         f"{'this process':<22}{'before':>12}{'after':>12}{'change':>10}",
     ]
     for key, label, scale in (
