@@ -19,8 +19,6 @@ from stats import Contender, Phases, interleave, median
 
 from pytest_nsbox import Box, zygote
 
-STEPS = ("request", "wake", "build_root", "handover")
-
 
 class NsboxTrial:
     """``Box(...)`` + ``start()``, ``run(["/bin/true"])``, ``stop()``, timed phase by phase.
@@ -123,12 +121,12 @@ def short_label(rootfs: Rootfs) -> str:
 
 
 def step_medians(timings: list[dict[str, float]]) -> dict[str, float]:
-    """Median of each step of ``box.timings`` over the starts that reported it."""
-    return {
-        step: median([t[step] for t in timings if step in t])
-        for step in (*STEPS, "total")
-        if any(step in t for t in timings)
-    }
+    """Median of each step of ``box.timings``, in the order the library reports them.
+
+    Whatever steps it reports: the library is optimised in parallel and may rename them.
+    """
+    steps = list(dict.fromkeys(step for t in timings for step in t))
+    return {step: median([t[step] for t in timings if step in t]) for step in steps}
 
 
 def explain(rootfs: Rootfs, first_ms: float | None, baseline: Contender, trial: NsboxTrial) -> list[str]:
