@@ -23,18 +23,16 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from box_lifecycle import machine_facts, p95
+from stats import Contender, describe, interleave, machine_facts, machine_line, median, summary_ms
 
 from pytest_nsbox import Box, live_boxes, zygote
 from pytest_nsbox.box import stop_all
@@ -46,21 +44,6 @@ DEFAULT_WARMUP = 3
 NAME_PREFIX = "nsbench"  # nsbench<8 hex> veths, nsbenchbr<6 hex> the bridge: `ip link | grep nsb` finds them
 HAND_STEPS = ("veth", "master_up", "addr", "link_up", "route")
 CANDIDATE_SUBNETS = [f"10.{second}.{third}.0/24" for second in (241, 242, 243) for third in (7, 77, 177)]
-
-
-@dataclass
-class Contender:
-    """One way of doing the job. ``trial`` runs it once and returns its phase times (s)."""
-
-    name: str
-    trial: Callable[[], dict[str, float]]
-    samples: list[float] = field(default_factory=list)
-    phases: dict[str, list[float]] = field(default_factory=dict)
-
-    def record(self, phases: dict[str, float]) -> None:
-        self.samples.append(sum(phases.values()))
-        for phase, seconds in phases.items():
-            self.phases.setdefault(phase, []).append(seconds)
 
 
 # ------------------------------------------------------------------------------ contenders
@@ -136,6 +119,7 @@ class HandRolled:
             self.sleepers.pop(process.pid, None)
 
     def attach(self, pid: int) -> dict[str, float]:
+        """The five ``ip`` steps on the process ``pid``, each timed."""
         veth = NAME_PREFIX + os.urandom(4).hex()  # never reused: a dying one may linger a moment
         self.veths.append(veth)
         address = self.bridge.subnet.network_address + self._next_host
@@ -165,6 +149,7 @@ class HandRolled:
                 subprocess.run(["nsenter", "-t", str(pid), "-n", *connect], check=True, capture_output=True)
 
     def kill_sleepers(self) -> None:
+        """Kill (by pid) and reap every sleeper still running."""
         for pid, process in list(self.sleepers.items()):
             process.kill()
             process.wait()
@@ -184,6 +169,7 @@ class TempBridge:
         self.made = False
 
     def create(self) -> None:
+        """Make the bridge, give it the gateway address and bring it up."""
         _ip("link", "add", self.name, "type", "bridge", "stp_state", "0", "forward_delay", "0")
         self.made = True
         _ip("addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.name)
@@ -210,14 +196,17 @@ class TempBridge:
 
 
 def _ip(*args: str) -> None:
+    """One ``ip`` command; raises with its stderr if it fails."""
     subprocess.run(["ip", *args], check=True, stdin=subprocess.DEVNULL, capture_output=True)
 
 
 def _interface_exists(name: str) -> bool:
+    """Whether the host has a network interface of that name."""
     return os.path.exists(f"/sys/class/net/{name}")
 
 
 def _netns_of(pid: int) -> str | None:
+    """The network namespace of ``pid``, or None if it is gone."""
     try:
         return os.readlink(f"/proc/{pid}/ns/net")
     except OSError:
@@ -291,15 +280,8 @@ def hand_rolled_contender(stack: ExitStack) -> tuple[list[Contender], list[str]]
         bridge.create()
         hand.probe()  # a contender that cannot do the job is left out, not half-measured
     except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
-        return [], [f"hand-rolled: its probe run failed ({_describe(exc)}), skipped"]
+        return [], [f"hand-rolled: its probe run failed ({describe(exc)}), skipped"]
     return [Contender("hand-rolled", hand)], []
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, subprocess.CalledProcessError) and exc.stderr:
-        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
-        return f"{' '.join(exc.cmd)}: {stderr.strip().splitlines()[-1]}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -311,43 +293,21 @@ def first_starts_ms() -> tuple[float, float]:
     if zygote.current() is not None:
         raise RuntimeError("the nsbox helper is already running; the first-box time would be wrong")
     times = []
-    for options in ({}, {"network": "bridge"}):
+    choices: list[dict[str, Any]] = [{}, {"network": "bridge"}]
+    for options in choices:
         t0 = time.perf_counter()
         with Box(**options):
             times.append((time.perf_counter() - t0) * 1000)
     return times[0], times[1]
 
 
-def measure(contenders: list[Contender], n: int, warmup: int) -> None:
-    """Warm every contender up, then take ``n`` samples each, interleaved round-robin.
-
-    The order rotates every round so no contender always runs right after the same other one.
-    """
-    for _ in range(warmup):
-        for contender in contenders:
-            contender.trial()
-    count = len(contenders)
-    for i in range(n):
-        for k in range(count):
-            contender = contenders[(i + k) % count]
-            contender.record(contender.trial())
-
-
-def stats_ms(samples_s: Sequence[float]) -> dict[str, Any]:
-    return {
-        "n": len(samples_s),
-        "median_ms": statistics.median(samples_s) * 1000,
-        "p95_ms": p95(samples_s) * 1000,
-        "min_ms": min(samples_s) * 1000,
-    }
-
-
 def summarize(
     plain: Contender, bridged: Contender, network_ms: list[float], hand: Contender | None
 ) -> dict[str, Any]:
-    rows = {c.name: {**stats_ms(c.samples), "samples_ms": _rounded(c.samples)} for c in (plain, bridged)}
+    """Every statistic of the run, for the report and ``--json``."""
+    rows = {c.name: {**summary_ms(c.samples), "samples_ms": _rounded(c.samples)} for c in (plain, bridged)}
     network = {
-        **stats_ms([ms / 1000 for ms in network_ms]),
+        **summary_ms([ms / 1000 for ms in network_ms]),
         "samples_ms": [round(ms, 4) for ms in network_ms],
     }
     difference = rows[bridged.name]["median_ms"] - rows[plain.name]["median_ms"]
@@ -357,10 +317,10 @@ def summarize(
         "nsbox_difference_of_medians_ms": difference,
     }
     if hand is not None:
-        hand_stats = stats_ms(hand.samples)
+        hand_stats = summary_ms(hand.samples)
         result["hand_rolled"] = {
             **hand_stats,
-            "step_median_ms": {step: statistics.median(hand.phases[step]) * 1000 for step in HAND_STEPS},
+            "step_median_ms": {step: median(hand.phases[step]) * 1000 for step in HAND_STEPS},
             "samples_ms": _rounded(hand.samples),
             "ratio_vs_network_timing": hand_stats["median_ms"] / network["median_ms"],
             "ratio_vs_difference": hand_stats["median_ms"] / difference if difference > 0 else None,
@@ -369,6 +329,7 @@ def summarize(
 
 
 def _rounded(samples_s: Sequence[float]) -> list[float]:
+    """Samples in ms, rounded, for ``--json``."""
     return [round(s * 1000, 4) for s in samples_s]
 
 
@@ -378,11 +339,8 @@ def _rounded(samples_s: Sequence[float]) -> list[float]:
 def print_report(
     facts: dict[str, Any], firsts: tuple[float, float], summary: dict[str, Any], notes: list[str]
 ) -> None:
-    before, after = (" ".join(f"{x:.2f}" for x in facts[key]) for key in ("loadavg_before", "loadavg_after"))
-    print(
-        f"machine: nproc={facts['nproc']} (usable {facts['usable_cpus']}), kernel {facts['kernel']}, "
-        f"python {facts['python']}, loadavg {before} before / {after} after"
-    )
+    """The machine, the first starts, the notes, then the table and the ratios."""
+    print(machine_line(facts))
     print(f"first box in a process (includes helper start): {firsts[0]:.2f} ms")
     print(
         f"first bridged box (includes importing pyroute2, maybe making the shared bridge): {firsts[1]:.2f} ms"
@@ -426,10 +384,12 @@ HAND_LABEL = "hand-rolled: 5 x ip/nsenter (veth, addr, route)"
 
 
 def _row(label: str, row: dict[str, Any]) -> str:
+    """One line of the table."""
     return f"{label:<48} {row['n']:>5} {row['median_ms']:>10.2f} {row['p95_ms']:>9.2f}"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; see the module's docstring."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"N={QUICK_N} instead of {DEFAULT_N}")
     parser.add_argument("--n", type=int, help="samples per contender (overrides --quick)")
@@ -446,6 +406,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Measure, print, and leave no box, process or interface behind."""
     args = parse_args(argv)
     load_before = os.getloadavg()
     try:
@@ -458,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hand, notes = hand_rolled_contender(stack)
             plain = Contender("nsbox: Box().start()", plain_trial)
             bridged = Contender('nsbox: Box(network="bridge").start()', bridged_trial)
-            measure([plain, bridged, *hand], args.n, args.warmup)
+            interleave([plain, bridged, *hand], args.n, args.warmup)
             if live_boxes():
                 raise RuntimeError(f"boxes left running: {live_boxes()}")
     except KeyboardInterrupt:

@@ -1,22 +1,17 @@
-"""The everyday costs of a box, side by side in one run: what a test pays for each feature.
+"""pytest-nsbox benchmarks: one entry point, every comparison side by side in one run.
 
-Each pair below does one job two ways, in the same process and interleaved round-robin, so the
-ratio between them is meaningful on a noisy machine (absolute times from different runs are
-not). Run from the repository root, as root::
+Run from the repository root, as root, after ``benchmarks/setup.sh``::
 
-    python benchmarks/run.py --quick            # N=30 per measurement, a few seconds
-    python benchmarks/run.py --json out.json    # N=200
+    python benchmarks/run.py --quick                  # everything, scaled down (well under 2 min)
+    python benchmarks/run.py --build-debian           # everything, Debian image included (minutes)
+    python benchmarks/run.py --only lifecycle scale --json out.json
 
-| measurement | against |
-|---|---|
-| `box.run(["true"])` in a warm box | `subprocess.run(["true"])` on the host |
-| box lifecycle with `network="bridge"` | a plain box lifecycle |
-| a `NetPair` lifecycle | two plain box lifecycles |
-| box lifecycle with `limits={"pids": 64}` | a plain box lifecycle |
-| `spawn()` of a small server + `wait_for_port()` | `run(["true"])` in the same box |
-
-The whole-lifecycle comparison against other tools is `box_lifecycle.py`; networking against
-`ip`/`nsenter` by hand is `network_attach.py`; image import against `tar` is `image_import.py`.
+Sections (``--only`` takes these names), in the order they run: lifecycle, run, server, costs,
+scale, image, workload.
+Each prints a table of medians, p95s and ratios measured in the same run, interleaved; the
+targets the project set itself are printed last. See benchmarks/README.md for how to read it.
+Exit status: 0, or 1 if a section failed (a peer that cannot run is a note, not a failure) or
+something was left behind, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -24,116 +19,256 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from box_lifecycle import machine_facts, p95
+import features
+import images
+import lifecycle
+import psutil
+import scale
+import workload
+from context import Context
+from report import Section, Target, print_section, print_targets
+from stats import describe, machine_facts, machine_line
 
-from pytest_nsbox import Box, NetPair
 from pytest_nsbox.box import stop_all
 
-DEFAULT_N = 200
-QUICK_N = 30
-SERVER = "import socket, time; s = socket.create_server(('127.0.0.1', 8000)); time.sleep(60)"
-
-Trial = Callable[[], None]
-
-
-def lifecycle(**options: Any) -> Trial:
-    def trial() -> None:
-        with Box(**options) as box:
-            box.run(["true"], check=True)
-
-    return trial
-
-
-def pair_lifecycle() -> None:
-    with NetPair() as pair:
-        pair.a.run(["true"], check=True)
+SectionRun = Callable[[Context, ExitStack], Section]
+SECTIONS: dict[str, SectionRun] = {
+    "lifecycle": lifecycle.run,
+    "run": features.run_round_trip,
+    "server": features.server,
+    "costs": features.costs,
+    # Before image and workload: a row of boxes measures drift, and those two leave the kernel
+    # freeing and writing back a gigabyte or so for a while after they end.
+    "scale": scale.run,
+    "image": images.run,
+    "workload": workload.run,
+}
+RSS_GROWTH_LIMIT = 1 << 20  # "no RSS growth": less than 1 MiB over the whole row, allocator noise
 
 
-def two_lifecycles() -> None:
-    for _ in range(2):
-        lifecycle()()
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; see the module's docstring."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples and boxes (for CI)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write every result here")
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), metavar="SECTION", help="run only these")
+    parser.add_argument("--debian-archive", metavar="PATH", help="a Debian docker-save archive to use")
+    parser.add_argument(
+        "--build-debian", action="store_true", help="build the Debian archive with mmdebstrap if not cached"
+    )
+    return parser.parse_args(argv)
 
 
-def comparisons(warm: Box) -> list[tuple[str, Trial, str, Trial]]:
-    def run_true() -> None:
-        warm.run(["true"], check=True)
+# ------------------------------------------------------------------- leaving no trace
 
-    def host_true() -> None:
-        subprocess.run(["true"], check=True)
 
-    def server_ready() -> None:
-        server = warm.spawn(["python3", "-c", SERVER])
-        warm.wait_for_port(8000, timeout=30)
-        server.kill()
-        server.wait(10)
+def leftovers() -> dict[str, Any]:
+    """What a run must not leave behind: nsb mounts and interfaces, and child processes."""
+    with open("/proc/self/mountinfo") as handle:
+        mounts = sum("nsb" in line for line in handle)
+    links = sorted(name for name in os.listdir("/sys/class/net") if name.startswith("nsb"))
+    children = [c.pid for c in psutil.Process().children(recursive=True)]
+    return {"nsb_mounts": mounts, "nsb_links": links, "children": children}
 
+
+def check_clean(before: dict[str, Any]) -> list[str]:
+    """Differences from ``before``, after a grace period for the kernel's own teardown."""
+    deadline = time.monotonic() + 10
+    while True:
+        now = leftovers()
+        problems = []
+        if now["nsb_mounts"] > before["nsb_mounts"]:
+            problems.append(f"{now['nsb_mounts'] - before['nsb_mounts']} nsb mounts")
+        extra_links = sorted(set(now["nsb_links"]) - set(before["nsb_links"]))
+        if extra_links:
+            problems.append(f"interfaces {', '.join(extra_links)}")
+        if now["children"]:
+            problems.append(f"child processes {now['children']}")
+        if not problems or time.monotonic() > deadline:
+            return problems
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def run_section(name: str, ctx: Context) -> Section:
+    """One section with its own cleanup; a failure becomes the section's error, not the run's end."""
+    started = time.perf_counter()
+    try:
+        with ExitStack() as stack:
+            section = SECTIONS[name](ctx, stack)
+    except Exception as exc:
+        traceback.print_exc()
+        section = Section(name, "failed", error=describe(exc))
+    section.seconds = time.perf_counter() - started
+    print_section(section)
+    sys.stdout.flush()
+    return section
+
+
+def median_of(section: Section | None, name: str) -> float | None:
+    """The median of the row called ``name`` in ``section``, if both exist."""
+    if section is None:
+        return None
+    for row in section.rows:
+        if row.name == name:
+            return row.median
+    return None
+
+
+def ratio_target(name: str, ours: float | None, theirs: float | None, goal: float, at_most: bool) -> Target:
+    """A target on a ratio of two medians."""
+    if ours is None or theirs is None or theirs == 0:
+        return Target(name, None, f"{'<=' if at_most else '>='} {goal:.2f}x", None, "x")
+    value = ours / theirs
+    return Target(
+        name,
+        value,
+        f"{'<=' if at_most else '>='} {goal:.2f}x",
+        value <= goal if at_most else value >= goal,
+        "x",
+    )
+
+
+def targets(sections: dict[str, Section]) -> list[Target]:
+    """The project's targets, from whatever sections ran (the rest: not measured)."""
+    life = sections.get("lifecycle")
+    base = life.data.get("baseline") if life else None
+    box = median_of(life, base) if base else None
+    found = [
+        ratio_target("lifecycle / crun run (same root)", box, median_of(life, "crun run"), 0.5, True),
+        ratio_target("lifecycle / C floor (same root)", box, median_of(life, "C floor (floor.c)"), 2.5, True),
+        ratio_target(
+            'run("true") warm / subprocess.run(["true"])',
+            median_of(sections.get("run"), 'box.run(["true"]), warm box'),
+            median_of(sections.get("run"), 'subprocess.run(["true"]), host'),
+            1.5,
+            True,
+        ),
+    ]
+    load = sections.get("workload")
+    for test in ("cpu", "memory", "threads"):
+        found.append(
+            ratio_target(
+                f"sysbench {test}: box / host",
+                median_of(load, f"sysbench {test}, box"),
+                median_of(load, f"sysbench {test}, host"),
+                0.97,
+                False,
+            )
+        )
+    return found + scale_targets(sections.get("scale"))
+
+
+def scale_targets(section: Section | None) -> list[Target]:
+    """Drift and leaks over boxes in a row; memory per idle box."""
+    if section is None or "in_a_row" not in section.data:
+        names = [
+            "last/first hundred p50",
+            "fd growth",
+            "mountinfo growth",
+            "RSS growth",
+            "USS per idle box (max)",
+        ]
+        goals = ["within 10%", "0", "0", "< 1 MiB", "<= 4 MB"]
+        return [
+            Target(f"boxes in a row: {n}" if i < 4 else n, None, g, None)
+            for i, (n, g) in enumerate(zip(names, goals, strict=True))
+        ]
+    row, alive = section.data["in_a_row"], section.data["alive_at_once"]
+    count = row["count"]
+    drift = row["last_hundred"]["p50_ms"] / row["first_hundred"]["p50_ms"]
+    grew = {
+        key: row["after"][key] - row["before"][key] for key in ("open_fds", "mountinfo_lines", "rss_bytes")
+    }
+    worst_uss = max(alive["uss_per_box_bytes"]) / 1e6
     return [
-        ('box.run(["true"]), warm box', run_true, 'subprocess.run(["true"])', host_true),
-        ('lifecycle, network="bridge"', lifecycle(network="bridge"), "lifecycle, plain", lifecycle()),
-        ("NetPair lifecycle", pair_lifecycle, "two plain lifecycles", two_lifecycles),
-        ('lifecycle, limits={"pids": 64}', lifecycle(limits={"pids": 64}), "lifecycle, plain", lifecycle()),
-        ("spawn server + wait_for_port", server_ready, 'box.run(["true"]), warm box', run_true),
+        Target(
+            f"{count} boxes in a row: last/first hundred p50",
+            drift,
+            "within 10%",
+            abs(drift - 1) <= 0.10,
+            "x",
+        ),
+        Target(f"{count} boxes in a row: fd growth", grew["open_fds"], "0", grew["open_fds"] <= 0),
+        Target(
+            f"{count} boxes in a row: mountinfo growth",
+            grew["mountinfo_lines"],
+            "0",
+            grew["mountinfo_lines"] <= 0,
+        ),
+        Target(
+            f"{count} boxes in a row: RSS growth",
+            grew["rss_bytes"] / (1 << 20),
+            "< 1 MiB",
+            grew["rss_bytes"] < RSS_GROWTH_LIMIT,
+            "MiB",
+        ),
+        Target(
+            f"{alive['count']} idle boxes: USS per box (max)", worst_uss, "<= 4 MB", worst_uss <= 4.0, "MB"
+        ),
     ]
 
 
-def measure(first: Trial, second: Trial, n: int) -> tuple[list[float], list[float]]:
-    """``n`` samples of each, alternating which goes first; one untimed warm-up each."""
-    first()
-    second()
-    samples: tuple[list[float], list[float]] = ([], [])
-    for i in range(n):
-        order = ((0, first), (1, second)) if i % 2 == 0 else ((1, second), (0, first))
-        for index, trial in order:
-            started = time.perf_counter()
-            trial()
-            samples[index].append(time.perf_counter() - started)
-    return samples
+# ------------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"N={QUICK_N} instead of {DEFAULT_N}")
-    parser.add_argument("--n", type=int, help="samples per measurement (overrides --quick)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
-    args = parser.parse_args(argv)
-    n = args.n or (QUICK_N if args.quick else DEFAULT_N)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chosen sections, print them and the targets, check nothing is left behind."""
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("error: boxes and the peers need root", file=sys.stderr)
+        return 2
+    chosen = args.only or list(SECTIONS)
     load_before = os.getloadavg()
-    rows: list[dict[str, Any]] = []
+    before = leftovers()
+    started = time.perf_counter()
+    sections: dict[str, Section] = {}
+    print(f"mode: {'quick' if args.quick else 'full'}; sections: {', '.join(chosen)}")
     try:
-        with Box(hostname="warm") as warm:
-            for name, first, against, second in comparisons(warm):
-                ours, theirs = measure(first, second, n)
-                rows.append(
-                    {
-                        "measurement": name,
-                        "median_ms": statistics.median(ours) * 1000,
-                        "p95_ms": p95(ours) * 1000,
-                        "against": against,
-                        "against_median_ms": statistics.median(theirs) * 1000,
-                        "ratio": statistics.median(ours) / statistics.median(theirs),
-                    }
-                )
-    finally:
-        stop_all()
-    print(f"N={n} per measurement; medians and p95 in ms; ratio = ours / against (same run)")
-    print(f"{'measurement':<34}{'median':>9}{'p95':>9}   {'against':<30}{'median':>9}{'ratio':>8}")
-    for row in rows:
-        print(
-            f"{row['measurement']:<34}{row['median_ms']:>9.2f}{row['p95_ms']:>9.2f}   "
-            f"{row['against']:<30}{row['against_median_ms']:>9.2f}{row['ratio']:>7.2f}x"
-        )
-    if args.json:
-        facts = machine_facts(load_before)
-        args.json.write_text(json.dumps({"n": n, "machine": facts, "rows": rows}, indent=2))
-    return 0
+        with ExitStack() as stack:
+            stack.callback(stop_all)  # last: every box, then the helper, then the shared bridge
+            ctx = Context(args.quick, stack, args.debian_archive, args.build_debian)
+            for name in SECTIONS:
+                if name in chosen:
+                    sections[name] = run_section(name, ctx)
+    except KeyboardInterrupt:
+        print("interrupted; everything made was removed", file=sys.stderr)
+        return 130
+    found = targets(sections)
+    print_targets(found)
+    facts = machine_facts(load_before)
+    elapsed = time.perf_counter() - started
+    problems = check_clean(before)
+    print(f"\n{machine_line(facts)}")
+    print(
+        f"total: {elapsed:.0f} s; "
+        + (f"LEFT BEHIND: {'; '.join(problems)}" if problems else "nothing left behind")
+    )
+    if args.json is not None:
+        payload = {
+            "mode": "quick" if args.quick else "full",
+            "machine": facts,
+            "seconds": elapsed,
+            "sections": {name: section.as_json() for name, section in sections.items()},
+            "targets": [t.as_json() for t in found],
+            "left_behind": problems,
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    failed = [name for name, section in sections.items() if section.error]
+    if failed:
+        print(f"failed sections: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed or problems else 0
 
 
 if __name__ == "__main__":
