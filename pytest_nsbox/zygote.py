@@ -30,6 +30,9 @@ from . import cgroups, channel, init
 from .errors import BoxError
 
 START_TIMEOUT = 30.0
+# Waiting boxes kept, one per root (image and privilege) recently asked for: a suite that
+# alternates two images finds a box ready for each.
+MAX_WAITING = 2
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 # The helper needs only the standard library and this package's low-level modules. Why not
@@ -80,9 +83,13 @@ class Zygote:
         self._lock = threading.Lock()
         self.owner_pid = os.getpid()
         self._sequence = 0
-        self._expected: int | None = None  # the request whose announcement is due
-        self._announced: _Announced | None = None
+        # Requests whose box is on its way (sequence -> root key, mount generation), and the
+        # boxes announced, one per root recently asked for.
+        self._pending: dict[int, tuple[str, int]] = {}
+        self._waiting: dict[str, _Announced] = {}
+        self._generation = 0  # how many changes of the host's mounts we have seen
         self._mountinfo = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._note_mounts()
 
     @property
     def pid(self) -> int:
@@ -99,7 +106,7 @@ class Zygote:
         makes it, with the box's control socket, and that message waits in our socket until
         a test wants a box. Sending the options straight to the box saves a wake-up of the
         zygote on the way (a few tenths of a millisecond); the zygote only hears afterwards,
-        as it should make the next one.
+        as it should make the next one like it.
         """
         hint = init.root_hint(config)
         with self._lock:
@@ -110,58 +117,63 @@ class Zygote:
                     channel.send(warm.control, {"config": config}, [box_end.fileno()])
                 finally:
                     warm.control.close()
-                self._ask({"op": "taken", "pid": warm.pid})
+                self._ask({"op": "taken", "pid": warm.pid, "hint": hint})
             except OSError as exc:
                 raise BoxError(f"the nsbox zygote (pid {self.pid}) is gone: {self.log() or exc}") from exc
 
-    def _waiting_box(self, hint: dict[str, Any]) -> _Announced:
-        """The announced box if it was made for ``hint`` and the host's mounts have not
-        changed since; otherwise one made to measure (asked for, and waited for)."""
-        warm = self._take_announcement(block=self._expected is not None and self._announced is None)
-        if warm is not None and warm.hint == hint and not self._mounts_changed():
-            return warm
-        if warm is not None:
-            warm.control.close()  # EOF: it exits unused
-        self._ask({"op": "want", "hint": hint}, background=False)
-        warm = self._take_announcement(block=True)
-        assert warm is not None
-        return warm
+    def waiting_boxes(self) -> int:
+        """How many waiting boxes this handle holds (a descriptor each), once announcements
+        that arrived are filed: for leak checks, which must not count them as leaks."""
+        with self._lock:
+            self._collect(block=False)
+            return len(self._waiting)
 
-    def _ask(self, message: dict[str, Any], background: bool = True) -> None:
-        """Send a request that makes the zygote clone a box, and expect its announcement."""
+    def _waiting_box(self, hint: dict[str, Any]) -> _Announced:
+        """A waiting box built for ``hint``, made before the host's mounts last changed;
+        asked for and waited for if there is none (nor one on its way)."""
+        key = _key(hint)
+        self._collect(block=False)
+        while True:
+            if self._mounts_changed():
+                self._generation += 1  # every box asked for before now sees stale mounts
+                self._note_mounts()
+            warm = self._waiting.pop(key, None)
+            if warm is not None and warm.generation == self._generation:
+                return warm
+            if warm is not None:
+                warm.control.close()  # EOF: it exits unused
+            if not any(wanted == key for wanted, _ in self._pending.values()):
+                self._ask({"op": "want", "hint": hint})
+            self._collect(block=True)
+
+    def _ask(self, message: dict[str, Any]) -> None:
+        """Send a request that makes the zygote clone a box (it announces it when made)."""
         self._sequence += 1
         channel.send(self._sock, {**message, "seq": self._sequence})
-        self._expected = self._sequence
-        # The mounts that box sees are those of this moment or later (it is cloned after the
-        # zygote reads this): from here on, a change means it may be stale.
-        self._note_mounts()
+        self._pending[self._sequence] = (_key(message["hint"]), self._generation)
 
-    def _take_announcement(self, block: bool) -> _Announced | None:
-        """The latest announcement of a waiting box, if it answers our latest request; older
-        ones (a box made before we asked for another) are closed unused."""
-        while True:
-            if self._announced is not None and self._announced.seq == self._expected:
-                warm, self._announced = self._announced, None
-                self._expected = None
-                return warm
-            if not block and not select.select([self._sock], [], [], 0)[0]:
-                return None
-            if block and not select.select([self._sock], [], [], START_TIMEOUT)[0]:
-                raise BoxError(f"the nsbox zygote (pid {self.pid}) made no box within {START_TIMEOUT}s")
+    def _collect(self, block: bool) -> None:
+        """File the zygote's announcements: every one waiting (``block``: at least one)."""
+        while select.select([self._sock], [], [], START_TIMEOUT if block else 0)[0]:
+            block = False
             message, fds = channel.recv(self._sock)
             if message is None:
                 raise OSError(errno.EPIPE, "the zygote closed its socket")
-            if message.get("seq") != self._expected or "error" in message or len(fds) != 1:
+            key, generation = self._pending.pop(int(message.get("seq", 0)), ("", 0))
+            if "error" in message or len(fds) != 1 or not key:
                 for fd in fds:
-                    os.close(fd)  # a box made before our latest request is not ours: it exits
-                if message.get("seq") == self._expected:
-                    self._expected = None
-                    error = message.get("error", {}).get("message", "no box in its answer")
-                    raise BoxError(f"the nsbox zygote (pid {self.pid}) could not make a box: {error}")
-                continue
-            if self._announced is not None:
-                self._announced.control.close()
-            self._announced = _Announced(message, socket.socket(fileno=fds[0]))
+                    os.close(fd)
+                if not key and "error" not in message:
+                    continue  # an answer to nothing we asked: the box exits unused
+                error = message.get("error", {}).get("message", "no box in its answer")
+                raise BoxError(f"the nsbox zygote (pid {self.pid}) could not make a box: {error}")
+            if key in self._waiting:
+                self._waiting.pop(key).control.close()
+            self._waiting[key] = _Announced(message, socket.socket(fileno=fds[0]), generation)
+            while len(self._waiting) > MAX_WAITING:  # the root least recently asked for goes
+                self._waiting.pop(next(iter(self._waiting))).control.close()
+        if block:
+            raise BoxError(f"the nsbox zygote (pid {self.pid}) made no box within {START_TIMEOUT}s")
 
     def _note_mounts(self) -> None:
         os.lseek(self._mountinfo, 0, os.SEEK_SET)
@@ -169,9 +181,9 @@ class Zygote:
             pass
 
     def _mounts_changed(self) -> bool:
-        """Whether the host's mount table changed since the waiting box was asked for (a
-        poll, no read): its copy of the host's mounts would be stale (say, an image directory
-        on a filesystem mounted since)."""
+        """Whether the host's mount table changed since we last looked (a poll, no read): a
+        box cloned before would see a stale copy (say, no image directory on a filesystem
+        mounted since)."""
         poller = select.poll()
         poller.register(self._mountinfo, select.POLLPRI)
         return bool(poller.poll(0))
@@ -198,19 +210,23 @@ class Zygote:
             self.process.wait()
         os.close(self._log)
         os.close(self._mountinfo)
-        if self._announced is not None:
-            self._announced.control.close()
+        for warm in self._waiting.values():
+            warm.control.close()
+        self._waiting = {}
 
 
 class _Announced:
-    """A waiting box as the zygote announced it: its pid, what its root was built for, the
-    socket its options go to, and the request it answers."""
+    """A waiting box as the zygote announced it: its pid, the socket its options go to, and
+    the host's mount generation when it was asked for."""
 
-    def __init__(self, message: dict[str, Any], control: socket.socket) -> None:
+    def __init__(self, message: dict[str, Any], control: socket.socket, generation: int) -> None:
         self.pid = int(message["warm"])
-        self.hint = dict(message["hint"])
-        self.seq = int(message["seq"])
         self.control = control
+        self.generation = generation
+
+
+def _key(hint: dict[str, Any]) -> str:
+    return json.dumps(hint, sort_keys=True)
 
 
 _zygote: Zygote | None = None

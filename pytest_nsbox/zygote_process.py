@@ -130,9 +130,9 @@ def _serve(sock: socket.socket) -> None:
         with _sigterm_held:
             if op == "want":  # the host has no waiting box that fits: make one now
                 _clone_warm(sock, dict(message["hint"]), int(message["seq"]))
-            elif op == "taken":  # the host gave the waiting box to a test: make the next
+            elif op == "taken":  # the host gave a waiting box to a test: make the next
                 _taken(int(message["pid"]))
-                _clone_warm(sock, _last_hint, int(message["seq"]))
+                _clone_warm(sock, dict(message["hint"]), int(message["seq"]))
             elif op == "forget":
                 _forget(int(message["pid"]))
 
@@ -223,9 +223,6 @@ _unclaimed_cgroups: dict[int, str] = {}
 _handed_out_cgroups: dict[int, str] = {}
 
 
-_last_hint: dict[str, Any] = {}  # what the last box asked for was built from
-
-
 def _taken(pid: int) -> None:
     """The host's now: it renames nothing, but should it die without removing the box's
     cgroup, the zygote does so at its own end (see _shutdown)."""
@@ -242,8 +239,6 @@ def _clone_warm(zygote_sock: socket.socket, hint: dict[str, Any], seq: int) -> N
     host sends its options straight to it; should the host drop the socket unused, the box
     exits on EOF and is reaped here.
     """
-    global _last_hint
-    _last_hint = hint
     name = NAME_PREFIX + os.urandom(4).hex()
     cgroup_error = _plan.error
     cgroup: list[str] = []

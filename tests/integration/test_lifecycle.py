@@ -79,7 +79,12 @@ def test_stop_does_not_hang_on_a_box_full_of_processes() -> None:
 def test_a_hundred_boxes_leave_fds_mounts_and_children_as_they_were() -> None:
     Box().start().stop()  # the helper process is started once, before the baseline
     teardown.wait_closed()  # and that box's mount namespace let go (stop hands it over)
-    fds, mounts = _open_fds(), _mount_count()
+    helper = zygote.current()
+    assert helper is not None
+    # The next box waits, ready, its socket held here: one descriptor, and not a leak. (Filed
+    # first: one still on its way is in no descriptor table yet.)
+    waiting = helper.waiting_boxes()
+    fds, mounts = _open_fds() - waiting, _mount_count()
     children = sorted(p.pid for p in psutil.Process().children(recursive=False))
     for _ in range(100):
         box = Box().start()
@@ -87,7 +92,8 @@ def test_a_hundred_boxes_leave_fds_mounts_and_children_as_they_were() -> None:
         box.stop()
     assert _mount_count() == mounts  # unreachable at once: no process is left in them
     assert teardown.wait_closed()  # and closed by the background thread soon after
-    assert _open_fds() == fds
+    waiting = helper.waiting_boxes()
+    assert _open_fds() - waiting == fds
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and sorted(p.pid for p in psutil.Process().children()) != children:
         time.sleep(0.05)
@@ -95,10 +101,12 @@ def test_a_hundred_boxes_leave_fds_mounts_and_children_as_they_were() -> None:
     helper = zygote.current()
     assert helper is not None
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _names_below(helper.pid) != ["nsbox-waiting"]:
+    while time.monotonic() < deadline and set(_names_below(helper.pid)) != {"nsbox-waiting"}:
         time.sleep(0.05)  # a clone just made is named by itself a moment later
-    # all that is left below the helper is the one box it keeps cloned in advance
-    assert _names_below(helper.pid) == ["nsbox-waiting"]
+    # All that is left below the helper are the boxes it keeps cloned in advance: one per
+    # root recently asked for (other tests of this process may have asked for others).
+    below = _names_below(helper.pid)
+    assert set(below) == {"nsbox-waiting"} and len(below) <= zygote.MAX_WAITING, below
 
 
 def _names_below(pid: int) -> list[str]:
