@@ -48,9 +48,15 @@ class NsboxTrial:
         return {"start": t1 - t0, "run": t2 - t1, "stop": t3 - t2}
 
 
-def settle_helper() -> None:
-    """One box started and stopped, untimed: the helper re-clones its waiting box now."""
-    Box().start().stop()
+def settle_helper(rootfs: Rootfs) -> Callable[[], None]:
+    """One box of each root started and stopped, untimed: the helper re-clones its waiting
+    boxes (one per root) now."""
+
+    def settle() -> None:
+        Box().start().stop()
+        Box(image=rootfs.image, cache=rootfs.cache).start().stop()
+
+    return settle
 
 
 def right_after(peer: Contender, trial: NsboxTrial) -> Callable[[], Phases]:
@@ -84,7 +90,7 @@ def run(ctx: Context, stack: ExitStack) -> Section:
     if ctx.debian() is None:
         section.notes.append(ctx.debian_missing_note())
     contenders.append(Contender("host: subprocess.run(true), no container", command_trial([PROGRAM])))
-    peers, notes = set_up_peers(rootfs, stack, settle_helper)
+    peers, notes = set_up_peers(rootfs, stack, settle_helper(rootfs))
     section.notes += notes
     contenders += peers
     changer = next((peer for peer in peers if peer.settle is not None), None)

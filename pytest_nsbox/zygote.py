@@ -133,18 +133,21 @@ class Zygote:
         asked for and waited for if there is none (nor one on its way)."""
         key = _key(hint)
         self._collect(block=False)
+        attempt = 0
         while True:
             if self._mounts_changed():
                 self._generation += 1  # every box asked for before now sees stale mounts
                 self._note_mounts()
             warm = self._waiting.pop(key, None)
-            if warm is not None and warm.generation == self._generation:
+            # A host whose mounts change all the time gets the freshest box there is.
+            if warm is not None and (warm.generation == self._generation or attempt >= 3):
                 return warm
             if warm is not None:
                 warm.control.close()  # EOF: it exits unused
-            if not any(wanted == key for wanted, _ in self._pending.values()):
+            if (key, self._generation) not in self._pending.values():  # none fit is on its way
                 self._ask({"op": "want", "hint": hint})
             self._collect(block=True)
+            attempt += 1
 
     def _ask(self, message: dict[str, Any]) -> None:
         """Send a request that makes the zygote clone a box (it announces it when made)."""

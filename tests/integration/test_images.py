@@ -708,3 +708,21 @@ def test_an_image_of_130_layers_boots(tmp_path: Path, shell_layer: list[Entry], 
         assert sh(box, "ls /layers").split() == [f"{i:03d}" for i in range(1, 129)]
         assert sh(box, "cat /layers/128 /layers/001") == "128\n1\n"
     assert len(layer_dirs(image_cache)) == 130
+
+
+def test_a_filesystem_mounted_on_the_host_after_the_box_was_prepared_is_seen(
+    tmp_path: Path, shell_layer: list[Entry], image_cache: str
+) -> None:
+    """The next box waits with its root already built; a change of the host's mounts since
+    then (here: a new filesystem over the image directory) must not leave it stale."""
+    image = _rootfs_dir(tmp_path / "rootfs", [*shell_layer, File("marker", b"before\n")])
+    with Box(image=str(image), cache=image_cache) as box:
+        assert box.run(["cat", "/marker"]).stdout == "before\n"
+    # Now a box for this image waits, its overlay on the directory as it was.
+    subprocess.run(["mount", "-t", "tmpfs", "nsbox-test", str(image)], check=True)
+    try:
+        _rootfs_dir(image, [*shell_layer, File("marker", b"after\n")])
+        with Box(image=str(image), cache=image_cache) as box:
+            assert box.run(["cat", "/marker"]).stdout == "after\n"
+    finally:
+        subprocess.run(["umount", str(image)], check=True)
