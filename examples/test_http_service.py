@@ -1,0 +1,54 @@
+"""The service under test in a box, the test itself as its client: over a bridged network
+(`network="bridge"` gives the box an address the host reaches, `nsbox.ip`) or through a
+published port (`publish={host_port: box_port}` forwards the host's 127.0.0.1 to the box; no
+bridge needed, and it reaches a server that listens only on the box's loopback).
+"""
+
+import http.client
+import json
+from pathlib import Path
+
+import pytest
+
+APP = Path(__file__).parent / "apps" / "order_service.py"
+pytestmark = pytest.mark.needs_programs("python3")
+
+
+def start_service(box):
+    box.copy_in(APP, "/opt/app/order_service.py")
+    service = box.spawn(
+        ["python3", "/opt/app/order_service.py", "--port", "8000", "--ledger", "/var/lib/ledger"]
+    )
+    box.wait_for_port(8000)
+    return service
+
+
+def request(host, port, method, path, body=None):
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        connection.request(method, path, body=body)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.nsbox(network="bridge", hostname="orders")
+def test_the_service_records_each_order_once(nsbox):
+    start_service(nsbox)
+
+    assert request(nsbox.ip, 8000, "POST", "/orders/7") == (201, {"recorded": [7]})
+    assert request(nsbox.ip, 8000, "POST", "/orders/7") == (200, {"recorded": []})  # a retry
+    assert request(nsbox.ip, 8000, "POST", "/orders", body="[7, 8, 9]") == (201, {"recorded": [8, 9]})
+
+    assert request(nsbox.ip, 8000, "GET", "/orders") == (200, [7, 8, 9])
+    assert nsbox.read_text("/var/lib/ledger") == "7\n8\n9\n"
+
+
+@pytest.mark.nsbox(publish={0: 8000})  # 0: any free port on the host's 127.0.0.1
+def test_a_published_port_reaches_the_service_without_a_bridge(nsbox):
+    start_service(nsbox)
+
+    port = nsbox.host_port(8000)
+    assert request("127.0.0.1", port, "POST", "/orders/1") == (201, {"recorded": [1]})
+    assert request("127.0.0.1", port, "GET", "/nowhere") == (404, {"error": "not found"})
