@@ -14,7 +14,8 @@ def test_every_box_gets_the_default_environment(nsbox):
 
 @pytest.mark.nsbox(env={"APP_ENV": "staging"})
 def test_the_marker_overrides_a_default(nsbox):
-    assert nsbox.run("echo $APP_ENV $TZ").stdout == "staging UTC\n"
+    environment = nsbox.run("echo $APP_ENV $TZ").stdout
+    assert environment == "staging UTC\n", "the conftest's default replaced the marker's APP_ENV"
 
 
 def test_factory_and_pair_boxes_go_through_the_hooks_too(request, netpair, nsbox_factory):
