@@ -22,6 +22,7 @@ import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,7 +87,8 @@ def test_a_block_from_the_examples_is_verbatim_in_its_file(block: Block) -> None
 @pytest.mark.parametrize("block", _of("python", lambda b: "def test_" in b.text and not _mirrors(b)))
 def test_readme_test_block_passes(block: Block, pytester: pytest.Pytester) -> None:
     source = block.text
-    pytester.makepyfile(test_readme_block=("import pytest\n\n" if "import pytest" not in source else "") + source)
+    prefix = "" if "import pytest" in source else "import pytest\n\n"
+    pytester.makepyfile(test_readme_block=prefix + source)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nsbox-strict", timeout=180)
     tests = len(re.findall(r"^def test_", source, flags=re.M))
     result.assert_outcomes(passed=tests)
@@ -165,7 +167,9 @@ def check_command(words: list[str], pytest_help: str) -> None:
             if match:
                 assert match[1] is None or match[1] in extras, f"{words}: no extra {match[1]!r}"
             else:
-                assert target == "pytest-xdist", f"{words}: installs {target}, which the README does not explain"
+                assert target == "pytest-xdist", (
+                    f"{words}: installs {target}, which the README never explains"
+                )
     elif program == "nsbox":
         assert len(words) > 1, words
         help_text = _nsbox_help(words[1])
@@ -284,9 +288,9 @@ def test_the_kept_boxes_summary_is_what_pytest_prints(block: Block, pytestconfig
 
     shown = block.text.splitlines()
     box_id, hostname, address, test = shown[1].split()
-    box = SimpleNamespace(id=box_id, hostname=hostname, ip=address)
+    box: Any = SimpleNamespace(id=box_id, hostname=hostname, ip=address)  # what the summary reads
     reporter = _Reporter()
-    pytestconfig.stash[plugin.KEPT] = [(test, box)]  # type: ignore[list-item]
+    pytestconfig.stash[plugin.KEPT] = [(test, box)]
     try:
         plugin.pytest_terminal_summary(reporter, pytestconfig)
     finally:
@@ -295,13 +299,15 @@ def test_the_kept_boxes_summary_is_what_pytest_prints(block: Block, pytestconfig
     assert shown[1:] == reporter.lines[1:]
 
 
+DOCTOR = [sys.executable, "-m", "pytest_nsbox", "doctor", "--no-box"]
+
+
 @pytest.mark.requires("boxes")
 @pytest.mark.parametrize("block", _text_blocks("FAIL root"))
 def test_doctor_in_an_unprivileged_container_says_so(block: Block) -> None:
     # Root without CAP_SYS_ADMIN is what a container that is not privileged runs as.
     result = subprocess.run(
-        ["setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin"]
-        + [sys.executable, "-m", "pytest_nsbox", "doctor", "--no-box"],
+        ["setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin", *DOCTOR],
         capture_output=True,
         text=True,
         timeout=60,
@@ -337,7 +343,9 @@ def _shape(line: str) -> str:
 
 @pytest.mark.requires("boxes")
 @pytest.mark.parametrize("block", _text_blocks("processes at the failure"))
-def test_the_failure_report_sample_is_what_a_failing_test_shows(block: Block, pytester: pytest.Pytester) -> None:
+def test_the_failure_report_sample_is_what_a_failing_test_shows(
+    block: Block, pytester: pytest.Pytester
+) -> None:
     pytester.makepyfile(test_fails=FAILING_TEST)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
     result.assert_outcomes(failed=1)
