@@ -1,37 +1,40 @@
-"""A program that must report a full disk cleanly and keep what it already wrote.
+"""A program that fills the disk must say so cleanly and lose nothing it had written.
 
-The box gets a 1 MiB tmpfs at /data, so filling the disk takes a millisecond and harms
-nothing. The program under test is a tiny log writer, written in the box's Python.
+The box has a 1 MiB tmpfs at /var/lib/app (the marker's `tmpfs=`), so the disk is full in a
+millisecond and nothing else is harmed. apps/journal.py appends records to a journal that
+already holds an earlier run's records; at ENOSPC it must cut off the half-written record,
+report how many it committed and exit 75, and every record written before must still be there,
+byte for byte.
 """
 
-import sys
+from pathlib import Path
 
 import pytest
 
-LOG_WRITER = r"""
-import errno, sys
-written = 0
-try:
-    with open("/data/app.log", "w") as log:
-        while True:
-            log.write("x" * 1023 + "\n")
-            log.flush()
-            written += 1
-except OSError as exc:
-    if exc.errno != errno.ENOSPC:
-        raise
-    print(f"disk full after {written} records", file=sys.stderr)
-    sys.exit(3)
-"""
+APP = Path(__file__).parent / "apps" / "journal.py"
+pytestmark = pytest.mark.needs_programs("python3")
+JOURNAL = "/var/lib/app/journal"
 
 
-@pytest.mark.nsbox(tmpfs={"/data": "1M"})
-def test_log_writer_reports_enospc_and_keeps_complete_records(nsbox):
-    result = nsbox.run([sys.executable, "-c", LOG_WRITER], timeout=60)
+def record(number):
+    return f"order {number:06d} " + "x" * 300 + "\n"  # 314 bytes: a record can straddle the end
 
-    assert result.returncode == 3, result.stderr
-    assert "disk full after" in result.stderr
-    records = int(result.stderr.split()[3])
-    lines = nsbox.read_text("/data/app.log").splitlines()
-    assert len(lines) >= records > 0
-    assert all(line == "x" * 1023 for line in lines[:records])
+
+@pytest.mark.nsbox(tmpfs={"/var/lib/app": "1M"})
+def test_journal_reports_a_full_disk_and_keeps_every_complete_record(nsbox):
+    nsbox.copy_in(APP, "/opt/app/journal.py")
+    earlier = "".join(record(n) for n in range(100))
+    nsbox.write_text(JOURNAL, earlier)  # an earlier run's records
+
+    incoming = "".join(record(n) for n in range(100, 10_000))  # about 3 MB: far more than fits
+    result = nsbox.run(["python3", "/opt/app/journal.py", JOURNAL], input=incoming, timeout=60)
+
+    assert result.returncode == 75, (
+        f"expected exit 75 at a full disk, got {result.returncode}:\n{result.stderr}"
+    )
+    assert "Traceback" not in result.stderr
+    committed = int(result.stderr.split("disk full, ")[1].split()[0])
+    journal = nsbox.read_text(JOURNAL)
+    assert journal.startswith(earlier), "records written before the disk filled up were lost"
+    assert journal.endswith("\n"), "a torn record was left at the end of the journal"
+    assert journal == earlier + "".join(record(n) for n in range(100, 100 + committed))
