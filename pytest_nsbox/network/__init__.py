@@ -33,6 +33,8 @@ __all__ = [
 def shutdown() -> None:
     """This process is done with networking: leave the shared bridges (the last user deletes
     each) and delete the private bridges it kept for reuse."""
+    if not bridge.used():
+        return
     bridge.delete_spares()
     bridge.leave_shared()
     _settle()

@@ -120,12 +120,15 @@ def suggest_subnet(ipr: IPRoute, clash: ipaddress.IPv4Network) -> str:
 
 
 _registered: dict[str, int] = {}  # subnet -> index of the shared bridge this process joined
+_used = False  # whether this process ever took a bridge (shared or private)
 _registered_lock = threading.Lock()
 
 
 def join_shared(entry: pool.Pool, ipr: IPRoute) -> int:
     """The index of the shared bridge of ``entry``'s subnet, made if needed, with this
     process counted among its users. Called with the pool locked."""
+    global _used
+    _used = True
     subnet = entry.subnet
     name = shared_name(subnet)
     with _registered_lock:
@@ -215,6 +218,8 @@ _spare_lock = threading.Lock()
 
 def take_private(subnet: ipaddress.IPv4Network) -> tuple[int, str]:
     """A private bridge (no address on the host: its boxes reach only each other)."""
+    global _used
+    _used = True
     with _spare_lock:
         spare = _spare.get(str(subnet), [])
         name = spare.pop() if spare else None
@@ -236,6 +241,12 @@ def give_back_private(subnet: ipaddress.IPv4Network, name: str) -> None:
     """Keep the bridge for the next pair of this process (deleted by ``delete_spares``)."""
     with _spare_lock:
         _spare.setdefault(str(subnet), []).append(name)
+
+
+def used() -> bool:
+    """Whether this process ever took a bridge: if not, it has nothing of networking to end
+    (and may not even be allowed to look at the shared state, running as another user)."""
+    return _used
 
 
 def delete_spares() -> None:
