@@ -173,9 +173,10 @@ def test_a_real_non_root_run_skips_box_tests_and_ends_cleanly() -> None:
     try:
         directory.chmod(0o755)
         (directory / "test_box.py").write_text("def test_box(nsbox):\n    nsbox.run(['true'])\n")
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        pytest_quietly = ["-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs"]
         result = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-            + [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", str(directory)],
+            [*as_nobody, sys.executable, *pytest_quietly, str(directory)],
             capture_output=True,
             text=True,
             cwd=directory,
