@@ -19,6 +19,7 @@ from report import Row, Section
 from stats import Contender, interleave, median
 
 from pytest_nsbox import Box, NetPair, cgroups
+from pytest_nsbox.box import listening
 
 LIMITS = {"pids": 64, "memory": "48M", "cpus": 0.5}
 BOX_PORT = 8000
@@ -69,21 +70,6 @@ def run_round_trip(ctx: Context, stack: ExitStack) -> Section:
 # -------------------------------------------------------------------------------- server
 
 
-def listening(pid: int, port: int) -> bool:
-    """Whether a TCP socket listens on ``port`` in the network namespace of ``pid``."""
-    for table in (f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"):
-        try:
-            with open(table) as handle:
-                next(handle)
-                for line in handle:
-                    fields = line.split()
-                    if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
-                        return True
-        except (OSError, StopIteration, IndexError, ValueError):
-            continue
-    return False
-
-
 def poll_until(ready: Callable[[], bool], delay: float | None, timeout: float = 30.0) -> None:
     """Poll ``ready`` every ``delay`` s; with None as ``wait_for_port`` does (5 ms, doubling up to 0.1 s)."""
     deadline = time.monotonic() + timeout
@@ -109,7 +95,7 @@ def box_server(box: Box, poll: float | None) -> Callable[[], dict[str, float]]:
             box.wait_for_port(BOX_PORT, timeout=30)
         else:
             assert box.pid is not None
-            poll_until(lambda: listening(box.pid or 0, BOX_PORT), poll)
+            poll_until(lambda: listening(box.pid, BOX_PORT), poll)
         elapsed = time.perf_counter() - started
         server.kill()
         server.wait(10)

@@ -472,7 +472,7 @@ class Box:
         self._require_running()
         deadline = time.monotonic() + timeout
         delay = 0.005
-        while not _listening(self.pid, port, protocol):
+        while not listening(self.pid, port, protocol):
             if time.monotonic() >= deadline:
                 raise TimeoutError(
                     f"box {self.id}: nothing listens on {protocol} port {port} after {timeout}s"
@@ -650,7 +650,9 @@ def _exec_failure(
     return BoxError(f"box {box_id}: cannot run {argv!r}: {message}")
 
 
-def _listening(pid: int | None, port: int, protocol: str) -> bool:
+def listening(pid: int | None, port: int, protocol: str = "tcp") -> bool:
+    """Whether something listens on ``port`` in the network namespace of process ``pid``,
+    read from its ``/proc/PID/net`` tables (no connection is made)."""
     for table in (f"/proc/{pid}/net/{protocol}", f"/proc/{pid}/net/{protocol}6"):
         try:
             with open(table) as handle:

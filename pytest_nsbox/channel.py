@@ -16,7 +16,7 @@ import socket
 
 TYPE_CHECKING = False  # the box helper loads this module: typing stays out of it
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from typing import Any, TypeAlias
 
     Message: TypeAlias = dict[str, Any]
@@ -124,6 +124,19 @@ def serve(
             reap()
     finally:
         forget_signal_wakeup()
+
+
+def reaped_children() -> Iterator[tuple[int, int]]:
+    """``(pid, wait status)`` of every child that has exited, without blocking: what the
+    ``reap`` callback of ``serve`` goes through after a SIGCHLD."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
 
 
 def forget_signal_wakeup() -> None:

@@ -584,13 +584,7 @@ class Server:
         return True
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in channel.reaped_children():
             if pid in self.children:
                 self.children.discard(pid)
                 channel.send(self.sock, {"exit": pid, "status": status})

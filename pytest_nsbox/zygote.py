@@ -89,6 +89,8 @@ class Zygote:
         self._waiting: dict[str, _Announced] = {}
         self._generation = 0  # how many changes of the host's mounts we have seen
         self._mountinfo = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._mount_poller = select.poll()
+        self._mount_poller.register(self._mountinfo, select.POLLPRI)
         self._note_mounts()
 
     @property
@@ -187,9 +189,7 @@ class Zygote:
         """Whether the host's mount table changed since we last looked (a poll, no read): a
         box cloned before would see a stale copy (say, no image directory on a filesystem
         mounted since)."""
-        poller = select.poll()
-        poller.register(self._mountinfo, select.POLLPRI)
-        return bool(poller.poll(0))
+        return bool(self._mount_poller.poll(0))
 
     def forget(self, pid: int) -> None:
         """Leave the box of init ``pid`` alone from now on (it is being kept)."""

@@ -166,13 +166,7 @@ _boxes: set[int] = set()  # pids of the box inits this zygote forked and has not
 
 
 def _reap() -> None:
-    while True:
-        try:
-            pid, _status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    for pid, _status in channel.reaped_children():
         _boxes.discard(pid)
         _remove_box_cgroup(pid)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import CgroupError
 from ..spec import LIMITS, parse_limits
-from .base import NAME_PREFIX, CgroupStats, Driver
+from .base import NAME_PREFIX, CgroupStats, Driver, parse_keyed
 from .v1 import V1Driver, mounted_controllers
 from .v2 import V2Driver
 
@@ -125,10 +125,7 @@ class Cgroup:
             data = os.pread(self._oom_fd, 4096, 0)  # a cgroup file is made anew at offset 0
         except OSError:
             return 0
-        for line in data.split(b"\n"):
-            if line.startswith(b"oom_kill "):
-                return int(line[9:])
-        return 0
+        return parse_keyed(data.decode()).get("oom_kill", 0)
 
     def procs_files(self) -> list[str]:
         return self.driver.procs_files(self.dirs) if self.driver else []

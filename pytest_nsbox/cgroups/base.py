@@ -101,8 +101,13 @@ def read_int(path: Path, default: int = 0) -> int:
 
 def keyed(path: Path) -> dict[str, int]:
     """Files of ``key value`` lines (cpu.stat, memory.events, memory.oom_control)."""
+    return parse_keyed(read(path))
+
+
+def parse_keyed(text: str) -> dict[str, int]:
+    """The ``key value`` lines of a cgroup file's text."""
     result = {}
-    for line in read(path).splitlines():
+    for line in text.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1].lstrip("-").isdigit():
             result[parts[0]] = int(parts[1])

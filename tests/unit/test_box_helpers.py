@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 from pytest_nsbox import box as box_module
-from pytest_nsbox.box import Box, _exec_failure, _listening, _start_failure, _stdin_fd
+from pytest_nsbox.box import Box, _exec_failure, _start_failure, _stdin_fd, listening
 from pytest_nsbox.errors import BoxError, CommandNotFoundError, ConfigError, ImageError
 from pytest_nsbox.image import load_image
 from pytest_nsbox.spec import BoxSpec
@@ -144,4 +144,4 @@ def test_start_failure_names_the_error_or_the_dead_init() -> None:
 
 
 def test_listening_on_a_process_that_does_not_exist_is_false() -> None:
-    assert _listening(2**22 + 12345, 80, "tcp") is False
+    assert listening(2**22 + 12345, 80, "tcp") is False
