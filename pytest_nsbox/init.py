@@ -61,7 +61,8 @@ _MASKED_FILES = (
 _MASKED_DIRS = ("proc/acpi", "proc/asound", "proc/scsi", "sys/firmware", "sys/devices/virtual/powercap")
 # The capabilities a box's commands may hold (root's get exactly these): Docker's default list
 # without CAP_MKNOD, which Docker pairs with a device cgroup that refuses all but its own
-# nodes; a box has no such guard, so a block node it made would open the host's disk.
+# nodes; a box has that guard on cgroup v1 only, and a block node it made in its /dev (the one
+# mount that honours nodes) would open the host's disk (see ``devices``).
 BOX_CAPABILITIES = (
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
