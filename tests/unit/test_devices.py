@@ -37,54 +37,39 @@ def test_a_device_gone_since_the_spec_was_made_is_a_config_error() -> None:
         box_devices(["/dev/nsbox-gone"])
 
 
-def test_restrict_v1_denies_all_then_allows_each_rule(
+def test_restrict_v1_denies_all_then_allows_each_rule_in_its_own_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The order of the writes is what the kernel needs: "a" denied first, then each allowed."""
-    written: list[tuple[str, str]] = []
+    """The kernel needs "a" denied first, then one rule per write(2) to devices.allow."""
+    (tmp_path / "devices.deny").touch()
+    (tmp_path / "devices.allow").touch()
+    writes: list[bytes] = []
+    real_write = os.write
 
-    class Recorder:
-        def __init__(self, path: str, mode: str = "r") -> None:
-            self.name = os.path.basename(path)
+    def recording(fd: int, data: bytes) -> int:
+        writes.append(data)
+        return real_write(fd, data)
 
-        def __enter__(self) -> Recorder:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def write(self, text: str) -> None:
-            written.append((self.name, text))
-
-    monkeypatch.setattr(devices, "open", Recorder, raising=False)
+    monkeypatch.setattr(devices.os, "write", recording)
     restrict_v1(str(tmp_path), ["c 1:3 rw", "c 10:229 rwm"])
-    assert written == [
-        ("devices.deny", "a"),
-        ("devices.allow", "c 1:3 rw"),
-        ("devices.allow", "c 10:229 rwm"),
-    ]
+    monkeypatch.undo()
+    assert (tmp_path / "devices.deny").read_text() == "a"
+    assert writes == [b"c 1:3 rw", b"c 10:229 rwm"]
 
 
 def test_restrict_v1_skips_a_rule_the_parent_cgroup_does_not_allow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    written: list[str] = []
+    (tmp_path / "devices.deny").touch()
+    (tmp_path / "devices.allow").touch()
+    real_write = os.write
 
-    class Refusing:
-        def __init__(self, path: str, mode: str = "r") -> None:
-            pass
+    def refusing(fd: int, data: bytes) -> int:
+        if data == b"c 5:1 rw":
+            raise PermissionError(1, "Operation not permitted")
+        return real_write(fd, data)
 
-        def __enter__(self) -> Refusing:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def write(self, text: str) -> None:
-            if text == "c 5:1 rw":
-                raise PermissionError(1, "Operation not permitted")
-            written.append(text)
-
-    monkeypatch.setattr(devices, "open", Refusing, raising=False)
+    monkeypatch.setattr(devices.os, "write", refusing)
     restrict_v1(str(tmp_path), ["c 1:3 rw", "c 5:1 rw", "c 1:5 rw"])
-    assert written == ["a", "c 1:3 rw", "c 1:5 rw"]
+    monkeypatch.undo()
+    assert (tmp_path / "devices.allow").read_text() == "c 1:3 rwc 1:5 rw"
