@@ -261,13 +261,14 @@ def build_root(hint: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]
         f"lowerdir={joined},upperdir={SCRATCH}/upper,workdir={SCRATCH}/work",
     )
 
+    # The host devices the test asked for (devices=[...]), beside the box's own in its /dev.
+    devices.make_nodes(f"{_KERNEL}/dev", hint.get("devices") or [])
+
     # 4. Mount points in the image are found *inside* it: the image is not trusted, and an
     #    /etc or /proc that is a symlink must not lead a mount, or a file we create, to the
     #    host. Each target is resolved with RESOLVE_IN_ROOT, made if missing, and mounted on
     #    through /proc/self/fd (of the box's own proc, still at its staging place). The
     #    hostname files are filled in when the box is handed out.
-    # The host devices the test asked for (devices=[...]), beside the box's own in its /dev.
-    devices.make_nodes(f"{_KERNEL}/dev", hint.get("devices") or [])
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
     # The files bound over /etc come from the scratch tmpfs, and a bind keeps its source's
     # flags: nosuid and nodev, as that tmpfs.
