@@ -31,10 +31,11 @@ TYPE_CHECKING = False  # typing stays out of the box helper (see zygote_process)
 if TYPE_CHECKING:
     from typing import Any
 
-# The nodes every box may open, as runc's default allowlist (libcontainer/specconv's
-# AllowedDevices): null, zero, full, random, urandom, tty, console, ptmx and the pseudo-
-# terminals of its devpts. No "m": a box's /dev is made before it joins its cgroup, and nothing
-# in it may make another node.
+# The nodes every box may open, as runc's default allowlist (libcontainer's default devices):
+# null, zero, full, random, urandom, tty, console, ptmx and the pseudo-terminals of its devpts.
+# Less runc's "mknod any node" rules ("c *:* m", "b *:* m") and no "m" here: a box's /dev is
+# made before it joins its cgroup, and nothing in it may make another node. Less tun (10:200)
+# too: a box that needs it asks with devices=["/dev/net/tun"].
 ALLOWED = (
     "c 1:3 rw",  # /dev/null
     "c 1:5 rw",  # /dev/zero
