@@ -26,6 +26,7 @@ import psutil
 from . import cgroups, channel, kept, probe, state, teardown, zygote
 from . import network as networking
 from .boxfs import BoxFiles
+from .devices import box_devices
 from .errors import (
     BoxError,
     CgroupError,
@@ -72,6 +73,8 @@ class Box:
         subnet: str | None = None,
         nat: bool = False,
         publish: Mapping[int, int] | None = None,
+        devices: Sequence[str] | None = None,
+        no_new_privileges: bool = False,
         spec: BoxSpec | None = None,
     ) -> None:
         self.spec = spec or BoxSpec.create(
@@ -87,6 +90,8 @@ class Box:
             subnet=subnet,
             nat=nat,
             publish=publish,
+            devices=devices,
+            no_new_privileges=no_new_privileges,
         )
         self.id = secrets.token_hex(4)
         self.pid: int | None = None
@@ -174,6 +179,8 @@ class Box:
                 "env": dict(self.spec.env),
                 "tmpfs": dict(self.spec.tmpfs),
                 "privileged": self.spec.privileged,
+                "devices": box_devices(self.spec.devices),
+                "no_new_privileges": self.spec.no_new_privileges,
                 "resolv_conf": NO_NAME_SERVER if self.spec.network == "bridge" and not self.spec.nat else "",
             }
             asked = time.monotonic()

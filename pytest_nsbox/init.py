@@ -12,7 +12,7 @@ import signal
 import socket
 import time
 
-from . import channel, syscalls
+from . import channel, devices, syscalls
 from .syscalls import (
     MNT_DETACH,
     MS_BIND,
@@ -61,7 +61,8 @@ _MASKED_FILES = (
 _MASKED_DIRS = ("proc/acpi", "proc/asound", "proc/scsi", "sys/firmware", "sys/devices/virtual/powercap")
 # The capabilities a box's commands may hold (root's get exactly these): Docker's default list
 # without CAP_MKNOD, which Docker pairs with a device cgroup that refuses all but its own
-# nodes; a box has no such guard, so a block node it made would open the host's disk.
+# nodes; a box has that guard on cgroup v1 only, and a block node it made in its /dev (the one
+# mount that honours nodes) would open the host's disk (see ``devices``).
 BOX_CAPABILITIES = (
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -224,12 +225,14 @@ def _join_cgroup(cgroup_dirs: list[str]) -> None:
 
 def root_hint(config: dict[str, Any]) -> dict[str, Any]:
     """What of a box's options its root is built from before it is asked for: its image's
-    layers, its privilege, and whether it gets a resolv.conf of its own (bound over the
-    image's; a bind needs its source in this mount namespace, which the pivot leaves)."""
+    layers, its privilege, whether it gets a resolv.conf of its own (bound over the
+    image's; a bind needs its source in this mount namespace, which the pivot leaves), and the
+    host devices it may use (its zygote writes them into its device cgroup as it makes it)."""
     return {
         "lowers": list(config["lowers"]),
         "privileged": bool(config.get("privileged")),
         "resolv_conf": bool(config.get("resolv_conf")),
+        "devices": [list(device) for device in config.get("devices") or ()],
     }
 
 
@@ -245,15 +248,21 @@ def build_root(hint: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]
         for kernel_fs in (f"{_KERNEL}/proc", f"{_KERNEL}/sys"):
             syscalls.mount(kernel_fs, kernel_fs, None, MS_BIND)
 
-    # 3. The overlay: image layers below (top first), the throwaway upper on top.
+    # 3. The overlay: image layers below (top first), the throwaway upper on top. Why nodev:
+    #    a device node shipped in the image (or made by a privileged tool that built it) would
+    #    open the host's device it names, a disk included; only the box's own /dev honours nodes.
+    #    A privileged box is trusted with them, as before.
     joined = ":".join(escape_overlay_path(p) for p in _short_lowers(lowers))
     syscalls.mount(
         "nsbox",
         root,
         "overlay",
-        0,
+        0 if privileged else MS_NODEV,
         f"lowerdir={joined},upperdir={SCRATCH}/upper,workdir={SCRATCH}/work",
     )
+
+    # The host devices the test asked for (devices=[...]), beside the box's own in its /dev.
+    devices.make_nodes(f"{_KERNEL}/dev", hint.get("devices") or [])
 
     # 4. Mount points in the image are found *inside* it: the image is not trusted, and an
     #    /etc or /proc that is a symlink must not lead a mount, or a file we create, to the
@@ -261,6 +270,8 @@ def build_root(hint: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]
     #    through /proc/self/fd (of the box's own proc, still at its staging place). The
     #    hostname files are filled in when the box is handed out.
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    # The files bound over /etc come from the scratch tmpfs, and a bind keeps its source's
+    # flags: nosuid and nodev, as that tmpfs.
     targets: list[tuple[str, str, str | None, int, str | None]] = [
         (f"{_KERNEL}/sys", "/sys", None, MS_MOVE, None),
         (f"{_KERNEL}/dev", "/dev", None, MS_MOVE, None),
@@ -311,6 +322,10 @@ def finish_root(config: dict[str, Any], built: dict[str, Any]) -> dict[str, Any]
         finally:
             os.close(fd)
     syscalls.sethostname(hostname)
+    if config.get("no_new_privileges"):
+        # Inherited by every command init starts, and never undone: an execve no longer grants
+        # privileges (setuid and setgid bits, file capabilities). Init itself never execs.
+        syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
     targets: list[tuple[str, str, str | None, int, str | None]] = []
     # 5. Size-capped scratch space the test asked for (filling it gives ENOSPC).
     for path, size in config["tmpfs"].items():

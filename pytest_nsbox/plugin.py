@@ -30,7 +30,8 @@ KEPT = pytest.StashKey[list[tuple[str, Box]]]()  # (test id, box) kept by this s
 
 _MARKER_HELP = (
     "nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None, cache=None, "
-    "network='none'|'bridge', limits=None, nat=False, publish=None, subnet=None): configure the "
+    "network='none'|'bridge', limits=None, nat=False, publish=None, subnet=None, devices=None, "
+    "no_new_privileges=False): configure the "
     "test's nsbox, e.g. tmpfs={'/data': '16M'} for a size-capped scratch dir, "
     "limits={'pids': 10, 'memory': '64M', 'cpus': 0.5}, network='bridge' for eth0 with an address"
 )

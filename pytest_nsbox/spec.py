@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ class BoxSpec:
     subnet: str | None = None
     nat: bool = False
     publish: Mapping[int, int] = field(default_factory=lambda: MappingProxyType({}))
+    devices: tuple[str, ...] = ()
+    no_new_privileges: bool = False
 
     @classmethod
     def create(cls, source: str = "Box()", **options: Any) -> BoxSpec:
@@ -88,6 +91,8 @@ class BoxSpec:
             subnet=_subnet(values.get("subnet"), f"{source}: subnet"),
             nat=_nat(values.get("nat", False), values.get("network", "none"), f"{source}: nat"),
             publish=_publish(values.get("publish"), f"{source}: publish"),
+            devices=_devices(values.get("devices"), f"{source}: devices"),
+            no_new_privileges=_bool(values.get("no_new_privileges", False), f"{source}: no_new_privileges"),
         )
 
     def __hash__(self) -> int:
@@ -105,6 +110,8 @@ class BoxSpec:
                 self.subnet,
                 self.nat,
                 tuple(sorted(self.publish.items())),
+                self.devices,
+                self.no_new_privileges,
             )
         )
 
@@ -122,6 +129,8 @@ class BoxSpec:
             "subnet": self.subnet,
             "nat": self.nat,
             "publish": dict(self.publish),
+            "devices": list(self.devices),
+            "no_new_privileges": self.no_new_privileges,
         }
         current.update(options)
         return BoxSpec.create(source, **current)
@@ -285,3 +294,38 @@ def _tmpfs(value: object, what: str) -> Mapping[str, int | None]:
             raise ConfigError(f"{what}: cannot mount a tmpfs on {path!r}; the box sets that path up itself")
         result[clean] = None if size is None else parse_size(size, f"{what}[{path!r}]")
     return MappingProxyType(result)
+
+
+def _devices(value: object, what: str) -> tuple[str, ...]:
+    """Host device nodes a box may use besides its own (``["/dev/fuse"]``), each checked here.
+
+    Why only existing nodes: the box gets a node of the same type and numbers at the same path
+    in its ``/dev``, and the device cgroup lets it through; a path that is not a device would
+    leave nothing to copy, and a typo would otherwise surface as ENOENT inside the box.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{what}: expected a list of host device paths like ['/dev/fuse'], got {value!r}")
+    result: list[str] = []
+    for item in value:
+        path = os.fspath(item) if isinstance(item, os.PathLike) else item
+        if not isinstance(path, str) or "\0" in path or not path.startswith("/dev/"):
+            raise ConfigError(f"{what}: {item!r} is not a path under /dev; name a host node like '/dev/fuse'")
+        clean = os.path.normpath(path)
+        if not clean.startswith("/dev/") or clean == "/dev/pts" or clean.startswith("/dev/pts/"):
+            raise ConfigError(f"{what}: {item!r} cannot be given to a box; name a device node under /dev")
+        try:
+            mode = os.stat(clean).st_mode
+        except OSError as exc:
+            raise ConfigError(
+                f"{what}: {item!r} cannot be used: {exc.strerror}; name a device node this host has"
+            ) from None
+        if not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+            raise ConfigError(
+                f"{what}: {item!r} is not a character or block device on this host; "
+                "only device nodes can be given to a box"
+            )
+        if clean not in result:
+            result.append(clean)
+    return tuple(result)

@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 
-from . import channel, init, syscalls
+from . import channel, devices, init, syscalls
 from .syscalls import (
     CLONE_NEWIPC,
     CLONE_NEWNET,
@@ -58,6 +58,7 @@ class Plan:
     ``make``: the parent directories a box cgroup is made in (one per hierarchy every box
     joins); ``remove``: every parent one may be in (the host joins some late, on demand);
     ``delegate``: the controllers to enable again in a v2 parent that had to be remade;
+    ``devices``: the v1 devices parent (one of ``make``), whose box cgroups get an allowlist;
     ``error``: why there are no box cgroups, told to a box that asks for limits.
     """
 
@@ -65,10 +66,16 @@ class Plan:
         self.make: list[str] = list(plan.get("make", []))
         self.remove: list[str] = list(plan.get("remove", []))
         self.delegate: list[str] = list(plan.get("delegate", []))
+        self.devices: str = str(plan.get("devices", ""))
         self.error: str = str(plan.get("error", ""))
 
-    def make_cgroup(self, name: str) -> list[str]:
-        """mkdir the box's cgroup in every ``make`` parent; raises OSError (and undoes)."""
+    def make_cgroup(self, name: str, device_rules: list[str] | None = None) -> list[str]:
+        """mkdir the box's cgroup in every ``make`` parent, its devices cgroup (v1) allowing
+        only ``device_rules`` (None: all its parent allows); raises OSError (and undoes).
+
+        Why here, before the box joins: the allowlist is in place before anything in the box
+        can open a device, and the zygote, root with every capability, may write it.
+        """
         made: list[str] = []
         try:
             for parent in self.make:
@@ -79,6 +86,8 @@ class Plan:
                     self._remake_parent(parent)  # another process removed it with its last box
                     os.mkdir(path)
                 made.append(path)
+                if parent == self.devices and device_rules is not None:
+                    devices.restrict_v1(path, device_rules)
         except OSError:
             self.remove_cgroup(name)
             raise
@@ -238,7 +247,9 @@ def _clone_warm(zygote_sock: socket.socket, hint: dict[str, Any], seq: int) -> N
     cgroup: list[str] = []
     if _plan.make:
         try:
-            cgroup = _plan.make_cgroup(name)
+            # A privileged box keeps every device its parent allows, as before.
+            rules = None if hint.get("privileged") else devices.cgroup_rules(hint.get("devices") or [])
+            cgroup = _plan.make_cgroup(name, rules)
         except OSError as exc:
             # A read-only cgroupfs (a container without --privileged): boxes still run, without
             # limits; a box that asks for limits is told why it cannot have them.

@@ -8,8 +8,10 @@ from typing import Any
 from ..errors import CgroupError
 from .base import PARENT_NAME, CgroupStats, box_dirs, keyed, own_cgroup, read, read_int, remove_dirs, write
 
-CONTROLLERS = ("pids", "memory", "cpu", "cpuacct", "cpuset", "blkio")
-ALWAYS = ("pids", "memory", "cpuacct")  # counted, capped for OOM, CPU time: every box joins these
+CONTROLLERS = ("pids", "memory", "cpu", "cpuacct", "cpuset", "blkio", "devices")
+# Counted, capped for OOM, CPU time, kept to its own devices: every box joins these. (A
+# privileged box joins devices too, and keeps all its parent allows.)
+ALWAYS = ("pids", "memory", "cpuacct", "devices")
 _PERIOD_US = 100_000
 _UNLIMITED = "-1"
 
@@ -196,12 +198,16 @@ class V1Driver:
 
     def helper_plan(self) -> dict[str, Any]:
         """Made in the hierarchies every box joins; removed from all (some are joined late).
-        Co-mounted controllers (cpu,cpuacct) share one directory, listed once."""
+        Co-mounted controllers (cpu,cpuacct) share one directory, listed once; ``devices`` names
+        the parent whose box cgroups get the device allowlist."""
         make = [str(self.parents[c]) for c in ALWAYS if c in self.parents]
-        return {
+        plan: dict[str, Any] = {
             "make": list(dict.fromkeys(make)),
             "remove": list(dict.fromkeys(str(p) for p in self.parents.values())),
         }
+        if "devices" in self.parents:  # where the zygote writes a box's device allowlist
+            plan["devices"] = str(self.parents["devices"])
+        return plan
 
 
 _CONTROLLER_OF = {

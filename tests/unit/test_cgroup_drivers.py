@@ -124,6 +124,20 @@ def test_v1_makes_one_directory_per_hierarchy_and_writes_limits(v1_tree: dict[st
     assert len(dirs) == 4  # the cpu hierarchy was joined when a limit needed it
 
 
+def test_v1_plan_names_the_devices_parent_where_it_is_mounted(tmp_path: Path) -> None:
+    """Every box joins the devices hierarchy; the zygote writes the allowlist in its parent's
+    box cgroups, and removes them with the others."""
+    hierarchies = {c: tmp_path / c for c in ("pids", "memory", "cpuacct", "devices")}
+    for controller, root in hierarchies.items():
+        (root / own_cgroup(controller).lstrip("/")).mkdir(parents=True, exist_ok=True)
+    driver = V1Driver(hierarchies)
+    plan = driver.helper_plan()
+    devices_parent = str(driver.parents["devices"])
+    assert plan["devices"] == devices_parent
+    assert devices_parent in plan["make"] and devices_parent in plan["remove"]
+    assert "devices" not in V1Driver({c: hierarchies[c] for c in ("pids", "memory")}).helper_plan()
+
+
 def test_v1_stats_convert_nanoseconds_and_read_oom_kills(v1_tree: dict[str, Path]) -> None:
     driver = V1Driver(v1_tree)
     dirs = driver.create("nsb-stats")

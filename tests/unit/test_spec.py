@@ -89,7 +89,10 @@ def test_non_string_hostname_is_refused() -> None:
 def test_unknown_options_are_all_listed_sorted_with_the_known_ones() -> None:
     message = config_error(hostnam="web", colour="red")
     assert message.startswith(f"{MARKER}: unknown option(s) colour, hostnam;")
-    known = "cache, env, hostname, image, limits, nat, network, privileged, publish, subnet, tmpfs"
+    known = (
+        "cache, devices, env, hostname, image, limits, nat, network, no_new_privileges, privileged, "
+        "publish, subnet, tmpfs"
+    )
     assert f"known options are {known}" in message
 
 
@@ -375,3 +378,52 @@ def test_spec_does_not_alias_the_callers_dicts() -> None:
     tmpfs["/other"] = None
     assert dict(spec.env) == {"A": "1"}
     assert list(spec.tmpfs) == ["/data"]
+
+
+# ------------------------------------------------------------------------------- devices
+
+
+def test_devices_default_to_none_and_no_new_privileges_to_off() -> None:
+    spec = BoxSpec.create()
+    assert (spec.devices, spec.no_new_privileges) == ((), False)
+
+
+def test_devices_keep_host_device_nodes_once_each_in_order() -> None:
+    spec = BoxSpec.create(MARKER, devices=["/dev/zero", pathlib.Path("/dev/null"), "/dev/./zero"])
+    assert spec.devices == ("/dev/zero", "/dev/null")
+    assert hash(spec) == hash(BoxSpec.create(devices=("/dev/zero", "/dev/null")))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("/dev/null", r"expected a list of host device paths like \['/dev/fuse'\], got '/dev/null'"),
+        ({"/dev/null": 1}, r"expected a list of host device paths"),
+        ([7], r"7 is not a path under /dev; name a host node like '/dev/fuse'"),
+        (["/etc/passwd"], r"'/etc/passwd' is not a path under /dev"),
+        (["/dev/../etc/passwd"], r"cannot be given to a box; name a device node under /dev"),
+        (["/dev/pts/0"], r"cannot be given to a box"),
+        (["/dev/nsbox-no-such-node"], r"cannot be used: No such file or directory; name a device node"),
+        (["/dev/shm"], r"'/dev/shm' is not a character or block device on this host"),
+        (["/dev/nu\0ll"], r"is not a path under /dev"),
+    ],
+)
+def test_devices_refuse_anything_but_existing_host_nodes(value: object, message: str) -> None:
+    if value == ["/dev/shm"] and not pathlib.Path("/dev/shm").is_dir():
+        pytest.skip("this host has no /dev/shm directory")
+    assert config_error(devices=value).startswith(f"{MARKER}: devices: ")
+    with pytest.raises(ConfigError, match=message):
+        BoxSpec.create(MARKER, devices=value)
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_no_new_privileges_must_be_a_bool(value: object) -> None:
+    assert config_error(no_new_privileges=value) == (
+        f"{MARKER}: no_new_privileges: expected True or False, got {value!r}"
+    )
+
+
+def test_merged_keeps_devices_and_no_new_privileges() -> None:
+    base = BoxSpec.create(devices=["/dev/zero"], no_new_privileges=True)
+    merged = base.merged(MARKER, hostname="web")
+    assert (merged.devices, merged.no_new_privileges, merged.hostname) == (("/dev/zero",), True, "web")
