@@ -12,7 +12,6 @@ import atexit
 import os
 import re
 import secrets
-import select
 import signal
 import subprocess
 import threading
@@ -296,7 +295,7 @@ class Box:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+            if remaining <= 0 or not channel.wait_readable(sock, remaining):
                 sock.close()
                 raise BoxError(f"box {self.id} did not start within {START_TIMEOUT}s")
             message, fds = channel.recv(sock)
@@ -331,7 +330,7 @@ class Box:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            ready, _, _ = select.select([self._pidfd], [], [], STOP_TIMEOUT)
+            ready = channel.wait_readable(self._pidfd, STOP_TIMEOUT)
             if self._link is not None:
                 self._link.drain()  # exits reported before the kill keep their real status
             for process in list(self._processes):
