@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psutil
@@ -153,6 +153,7 @@ class Box:
 
     def start(self) -> Box:
         """Build the box; returns it. Raises ``HostUnsupportedError`` or ``BoxError``."""
+        _run_pending_hooks()
         with self._lock:
             if self._state != "created":
                 raise BoxError(f"box {self.id} was already started; make a new Box")
@@ -574,6 +575,38 @@ class Box:
             except OSError:
                 continue
         return None
+
+
+_pending_hooks: list[Callable[[], None]] = []
+_pending_hooks_lock = threading.Lock()
+
+
+def before_next_box(hook: Callable[[], None]) -> None:
+    """Run ``hook`` once, just before this process next starts a box (``forget_hook`` undoes).
+
+    Why: a session that never makes a box (``--collect-only``, a suite without box tests)
+    must not pay for, or touch the host with, the work boxes need (the plugin's sweep of
+    leftovers and its SIGTERM handler).
+    """
+    with _pending_hooks_lock:
+        _pending_hooks.append(hook)
+
+
+def forget_hook(hook: Callable[[], None]) -> None:
+    """Drop ``hook`` if it has not run yet."""
+    with _pending_hooks_lock:
+        if hook in _pending_hooks:
+            _pending_hooks.remove(hook)
+
+
+def _run_pending_hooks() -> None:
+    if not _pending_hooks:  # the common case, without the lock
+        return
+    with _pending_hooks_lock:
+        hooks = list(_pending_hooks)
+        _pending_hooks.clear()
+    for hook in hooks:
+        hook()
 
 
 def live_boxes() -> list[Box]:
