@@ -12,13 +12,12 @@ import atexit
 import os
 import re
 import secrets
-import select
 import signal
 import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psutil
@@ -103,6 +102,7 @@ class Box:
         self.cgroup: cgroups.Cgroup = cgroups.Cgroup("none", None, [])
         self._link: InitLink | None = None
         self._pidfd: int | None = None
+        self._cgroup_released = False
         self._files: BoxFiles | None = None
         self._processes: set[BoxProcess] = set()
         self._state = "created"
@@ -158,6 +158,7 @@ class Box:
 
     def start(self) -> Box:
         """Build the box; returns it. Raises ``HostUnsupportedError`` or ``BoxError``."""
+        _run_pending_hooks()
         with self._lock:
             if self._state != "created":
                 raise BoxError(f"box {self.id} was already started; make a new Box")
@@ -287,8 +288,8 @@ class Box:
     def _release_network(self) -> None:
         """After the kill: close published ports, take the box out of NAT and give back its
         address. Its veth goes with its network namespace, by the kernel's hand."""
-        forwarders, self._published = list(self._published.values()), {}
-        for forwarder in forwarders:
+        while self._published:  # one at a time: a stop cut short leaves the rest for the next
+            _port, forwarder = self._published.popitem()
             forwarder.close()
         attachment = self.network
         if attachment is None:
@@ -303,7 +304,7 @@ class Box:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+            if remaining <= 0 or not channel.wait_readable(sock, remaining):
                 sock.close()
                 raise BoxError(f"box {self.id} did not start within {START_TIMEOUT}s")
             message, fds = channel.recv(sock)
@@ -321,45 +322,61 @@ class Box:
 
         When it returns every process of the box is dead and its mounts are gone; the init
         may show as a zombie for a moment more, until the helper that forked it reaps it
-        (waiting for that would add most of a millisecond to every test).
+        (waiting for that would add most of a millisecond to every test). A stop cut short
+        (Ctrl-C, SIGTERM) leaves the box "stopping": the next ``stop()`` finishes the job,
+        each step skipping what is done already, the address lease included.
         """
         with self._lock:
-            if self._state != "running":
+            if self._state not in ("running", "stopping"):
                 self._state = "stopped"
                 return
             self._state = "stopping"
-            assert self._pidfd is not None
-            # Held across the kill, so that the init's exit leaves the mounts' teardown to us,
-            # and we to a background thread (see teardown).
-            mount_namespace = _open_mount_namespace(self.pid)
+            dead = self._kill_init()
+            if self._link is not None:
+                self._link.drain()  # exits reported before the kill keep their real status
+            for process in list(self._processes):
+                process._finish(self._link.exit_status(process.pid) if self._link else None)
+            if self._link is not None:
+                self._link.close()
+            if not self._cgroup_released:
+                self._cgroup_released = True
+                cgroups.release(self.cgroup)  # the zygote removes it as it reaps init
+            self._release_network()
+            self._state = "stopped"
+            _live.discard(self)
+            if not dead:
+                raise BoxError(
+                    f"box {self.id}: init (pid {self.pid}) did not die within {STOP_TIMEOUT}s of SIGKILL"
+                )
+
+    def _kill_init(self) -> bool:
+        """SIGKILL the init and wait until every process of the box is gone; False on a timeout.
+
+        Does nothing once done: the pidfd is closed only after the wait, so a stop cut short
+        before that kills and waits again.
+        """
+        if self._pidfd is None:
+            return True
+        # Held across the kill, so that the init's exit leaves the mounts' teardown to us,
+        # and we to a background thread (see teardown).
+        mount_namespace = _open_mount_namespace(self.pid)
+        leftovers = [] if mount_namespace is None else [mount_namespace]
+        try:
             try:
                 # Killing PID 1 makes the kernel SIGKILL every other process of the namespace;
                 # the pidfd becomes readable only after they are all gone.
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            ready, _, _ = select.select([self._pidfd], [], [], STOP_TIMEOUT)
-            if self._link is not None:
-                self._link.drain()  # exits reported before the kill keep their real status
-            for process in list(self._processes):
-                process._finish(self._link.exit_status(process.pid) if self._link else None)
+            dead = channel.wait_readable(self._pidfd, STOP_TIMEOUT)
             os.close(self._pidfd)
             self._pidfd = None
-            leftovers = [] if mount_namespace is None else [mount_namespace]
             if self._files is not None:
                 leftovers.append(self._files.root_fd)
                 self._files = None
+        finally:
             teardown.close_later(leftovers)
-            if self._link is not None:
-                self._link.close()
-            self._state = "stopped"
-            _live.discard(self)
-            cgroups.release(self.cgroup)  # the zygote removes it as it reaps init
-            self._release_network()
-            if not ready:
-                raise BoxError(
-                    f"box {self.id}: init (pid {self.pid}) did not die within {STOP_TIMEOUT}s of SIGKILL"
-                )
+        return dead
 
     # ------------------------------------------------------------------------- commands
 
@@ -567,6 +584,38 @@ class Box:
         return None
 
 
+_pending_hooks: list[Callable[[], None]] = []
+_pending_hooks_lock = threading.Lock()
+
+
+def before_next_box(hook: Callable[[], None]) -> None:
+    """Run ``hook`` once, just before this process next starts a box (``forget_hook`` undoes).
+
+    Why: a session that never makes a box (``--collect-only``, a suite without box tests)
+    must not pay for, or touch the host with, the work boxes need (the plugin's sweep of
+    leftovers and its SIGTERM handler).
+    """
+    with _pending_hooks_lock:
+        _pending_hooks.append(hook)
+
+
+def forget_hook(hook: Callable[[], None]) -> None:
+    """Drop ``hook`` if it has not run yet."""
+    with _pending_hooks_lock:
+        if hook in _pending_hooks:
+            _pending_hooks.remove(hook)
+
+
+def _run_pending_hooks() -> None:
+    if not _pending_hooks:  # the common case, without the lock
+        return
+    with _pending_hooks_lock:
+        hooks = list(_pending_hooks)
+        _pending_hooks.clear()
+    for hook in hooks:
+        hook()
+
+
 def live_boxes() -> list[Box]:
     """Boxes of this process that are running (for leak checks and Ctrl-C teardown)."""
     return [box for box in list(_live) if box.running]
@@ -575,7 +624,8 @@ def live_boxes() -> list[Box]:
 def stop_all() -> None:
     """Stop every running box of this process, then its zygote; leave the shared network."""
     try:
-        for box in live_boxes():
+        # Those whose stop() was cut short too: that lets go of their leases.
+        for box in [box for box in list(_live) if box._state in ("running", "stopping")]:
             try:
                 box.stop()
             except Exception:  # at exit, one box's trouble must not spare the rest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import json
+import math
 import os
 import select
 import signal
@@ -32,6 +33,18 @@ _FD_SIZE = array.array("i").itemsize
 def socketpair() -> tuple[socket.socket, socket.socket]:
     """A connected pair of seqpacket sockets, close-on-exec."""
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def wait_readable(fd: int | socket.socket, timeout: float | None) -> bool:
+    """Whether ``fd`` is readable (or its peer gone) within ``timeout`` seconds (None: no limit).
+
+    Why ``poll``, never ``select``: ``select`` cannot watch a descriptor numbered 1024 or more
+    (``FD_SETSIZE``), and a process allowed many open files reaches such numbers.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    # poll counts milliseconds; rounding up keeps a short wait from becoming a busy loop.
+    return bool(poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
 
 
 def send(sock: socket.socket, message: Message, fds: list[int] | tuple[int, ...] = ()) -> None:

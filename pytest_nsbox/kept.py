@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from typing import Any
 
-from . import cgroups, state
+from . import cgroups, channel, state
 from .errors import BoxError
 
 DOCUMENT = "kept"
@@ -53,9 +52,7 @@ def end_all(dry_run: bool = False) -> list[str]:
             removed.append(f"kept box {box_id} ({entry['hostname']}, from {entry['test']})")
             if dry_run:
                 continue
-            if _alive(entry):
-                os.kill(entry["pid"], signal.SIGKILL)  # the kernel kills the rest of its box
-                _wait_gone(entry)
+            _kill(entry)
             backend = cgroups.driver()
             if backend is not None and entry.get("cgroup"):
                 backend.remove_named(entry["cgroup"])
@@ -67,8 +64,25 @@ def _alive(entry: dict[str, Any]) -> bool:
     return state.Owner(int(entry["pid"]), int(entry["start"])).alive()
 
 
-def _wait_gone(entry: dict[str, Any], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while _alive(entry) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    # Reaped by the host's init in its own time; a zombie has left its cgroup already.
+def _kill(entry: dict[str, Any], timeout: float = 10.0) -> None:
+    """SIGKILL the box's init, if it is still the process the entry names, and wait for its box.
+
+    Through a pidfd, opened before the start time is checked: a pid alone could be reused by
+    an unrelated process between the check and the kill; the pidfd stays the checked process.
+    """
+    try:
+        pidfd = os.pidfd_open(int(entry["pid"]))
+    except ProcessLookupError:
+        return  # gone already
+    try:
+        if not _alive(entry):
+            return  # the pid is someone else's now (or a zombie): nothing of ours to kill
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # the kernel kills the rest of its box
+        except ProcessLookupError:
+            return
+        # Readable once the init and, as it was a PID 1, every process of its box are gone;
+        # reaped by the host's init in its own time (a zombie has left its cgroup already).
+        channel.wait_readable(pidfd, timeout)
+    finally:
+        os.close(pidfd)

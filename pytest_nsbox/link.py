@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import select
 import socket
 import threading
 import time
@@ -79,8 +78,7 @@ class InitLink:
                     return True
                 # Short slices: another thread's message may settle our wait meanwhile.
                 slice_ = 0.2 if remaining is None else min(remaining, 0.2)
-                readable, _, _ = select.select([self.sock], [], [], slice_)
-                if readable:
+                if channel.wait_readable(self.sock, slice_):
                     self._read_one()
             finally:
                 self._recv_lock.release()
@@ -91,7 +89,7 @@ class InitLink:
         if not self._recv_lock.acquire(blocking=False):
             return
         try:
-            while not self.gone and select.select([self.sock], [], [], 0)[0]:
+            while not self.gone and channel.wait_readable(self.sock, 0):
                 self._read_one()
         finally:
             self._recv_lock.release()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from . import hookspecs, interrupts, network, probe, reaper, report
-from .box import Box, stop_all
+from .box import Box, before_next_box, forget_hook, stop_all
 from .cgroups import Cgroup
 from .errors import ConfigError, HostUnsupportedError, ImageError, NsboxError
 from .image import load_image, split_reference
@@ -27,6 +27,9 @@ BOXES = pytest.StashKey[list[Box]]()  # on a test item: the boxes its fixtures s
 CALL_REPORT = pytest.StashKey[pytest.TestReport]()  # on a test item: its call phase's report
 KEEP = pytest.StashKey[str]()  # --nsbox-keep: never, failed or always
 KEPT = pytest.StashKey[list[tuple[str, Box]]]()  # (test id, box) kept by this session
+BEGIN_BOXES = pytest.StashKey[Callable[[], None]]()  # the session's box work, until it has run
+BOXES_BEGUN = pytest.StashKey[bool]()
+_BOX_FIXTURES = frozenset({"nsbox", "nsbox_factory", "netpair", "overlay_root", "cgroup_limit"})
 
 _MARKER_HELP = (
     "nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None, cache=None, "
@@ -102,7 +105,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _MARKER_HELP)
-    interrupts.install()  # SIGTERM tears boxes down as Ctrl-C does
     option = config.getoption("nsbox_strict")
     config.stash[STRICT] = bool(config.getini("nsbox_strict") if option is None else option)
     defaults: dict[str, Any] = {}
@@ -128,14 +130,41 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"nsbox_keep: {keep!r} is not one of never, failed, always")
     config.stash[KEEP] = keep
 
+    # The session's box work waits for the first box (as pytest-xdist's does for its
+    # workers): --collect-only, or a suite without box tests, leaves the host alone.
+    def hook() -> None:
+        _begin_boxes(config)
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """Reclaim what killed runs left; import the session's image before the first test,
-    showing progress if it takes long."""
-    defaults = session.config.stash.get(DEFAULTS, {})
+    config.stash[BEGIN_BOXES] = hook
+    before_next_box(hook)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """With box tests about to run, do the session's box work now rather than in the first
+    test: a damaged image then stops the session before any test, as a usage error."""
+    if session.config.option.collectonly or not any(_uses_boxes(item) for item in session.items):
+        return
+    hook = session.config.stash.get(BEGIN_BOXES, None)
+    if hook is not None:
+        forget_hook(hook)
+        hook()
+
+
+def _uses_boxes(item: pytest.Item) -> bool:
+    return bool(_BOX_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+
+
+def _begin_boxes(config: pytest.Config) -> None:
+    """Once, before the first box: route SIGTERM through teardown, reclaim what killed runs
+    left, and import the session's image (showing progress if it takes long)."""
+    if config.stash.get(BOXES_BEGUN, False):
+        return
+    config.stash[BOXES_BEGUN] = True
+    interrupts.install()  # SIGTERM tears boxes down as Ctrl-C does
+    defaults = config.stash.get(DEFAULTS, {})
     if probe.missing():
         return  # no boxes here: the box tests will skip and say why
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
     try:
         for line in reaper.sweep():
             if reporter is not None:
@@ -169,6 +198,9 @@ def _path_option(config: pytest.Config, name: str) -> str | None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    hook = config.stash.get(BEGIN_BOXES, None)
+    if hook is not None:
+        forget_hook(hook)
     # Boxes are stopped by their fixtures; this catches any a test made with Box() and
     # forgot, and ends this process's zygote.
     stop_all()

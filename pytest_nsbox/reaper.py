@@ -1,6 +1,6 @@
 """What dead pytest-nsbox processes left on this host, found and removed.
 
-Run at every session start (cheap when nothing is left) and by ``nsbox gc``. It never touches
+Run before a session's first box (cheap when nothing is left) and by ``nsbox gc``. It never touches
 what a live process holds, and nothing that is not ours:
 
 - network: leases, private bridges and NAT entries are owned by (pid, start time) in the

@@ -45,6 +45,7 @@ def enter(
     sys.stdout.flush()
     child = os.fork()
     if child == 0:
+        status = 127
         try:
             for path in procs_files:
                 with open(path, "w") as handle:
@@ -65,11 +66,12 @@ def enter(
                     "PS1": f"[nsbox {box_id}] \\w # ",
                 }
                 os.execvpe(command[0], command, env)
-            _, status = os.waitpid(shell_pid, 0)
-            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+            _, wait_status = os.waitpid(shell_pid, 0)
+            status = os.waitstatus_to_exitcode(wait_status) & 0xFF
         except BaseException:
             traceback.print_exc()
-            os._exit(127)
+        finally:
+            os._exit(status)  # both children: never back into the caller's stack
     for fd in namespaces:
         os.close(fd)
     _, status = os.waitpid(child, 0)

@@ -223,16 +223,18 @@ def fork_into_namespaces(flags: int) -> int:
 
     Why not ``unshare`` then ``fork``: with ``CLONE_NEWPID`` that needs a second fork to get
     a PID 1, and each Python fork costs a millisecond or more. Python's own fork bookkeeping
-    (``PyOS_BeforeFork``/``AfterFork``) runs around the call, as ``os.fork`` does; the caller
-    must be single-threaded (the zygote is).
+    (``PyOS_BeforeFork``/``AfterFork``) runs around the call, as ``os.fork`` does, and the
+    ``AfterFork`` half runs whatever happens (``BeforeFork`` takes the import lock). The caller
+    must be single-threaded (the zygote is), should block signals across the call, and in the
+    child must reset the parent's handlers before unblocking them (see ``zygote_process``).
     """
     numbers = _SYSCALL_NUMBERS.get(_MACHINE)
     if numbers is None:
         raise SyscallError(38, "clone", f"no syscall number known for {_MACHINE}")
-    _python.PyOS_BeforeFork()
     # x86_64 and aarch64 both take (flags, newsp, parent_tid, child_tid, tls); newsp=0 keeps
-    # the caller's stack, as fork does.
-    pid = _libc_gil.syscall(
+    # the caller's stack, as fork does. Built before BeforeFork: nothing between it and the
+    # call that could raise.
+    arguments = (
         ctypes.c_long(numbers["clone"]),
         ctypes.c_ulong(flags | _SIGCHLD),
         ctypes.c_void_p(0),
@@ -240,11 +242,18 @@ def fork_into_namespaces(flags: int) -> int:
         ctypes.c_void_p(0),
         ctypes.c_ulong(0),
     )
+    pid, err = -1, 0
+    _python.PyOS_BeforeFork()
+    try:
+        pid = _libc_gil.syscall(*arguments)
+        err = ctypes.get_errno()
+    finally:
+        if pid == 0:
+            _python.PyOS_AfterFork_Child()
+        else:
+            _python.PyOS_AfterFork_Parent()
     if pid == 0:
-        _python.PyOS_AfterFork_Child()
         return 0
-    err = ctypes.get_errno()
-    _python.PyOS_AfterFork_Parent()
     if pid < 0:
         raise SyscallError(err, "clone", flag_names(flags, _CLONE_FLAG_NAMES))
     return int(pid)

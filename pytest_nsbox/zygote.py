@@ -159,7 +159,7 @@ class Zygote:
 
     def _collect(self, block: bool) -> None:
         """File the zygote's announcements: every one waiting (``block``: at least one)."""
-        while select.select([self._sock], [], [], START_TIMEOUT if block else 0)[0]:
+        while channel.wait_readable(self._sock, START_TIMEOUT if block else 0):
             block = False
             message, fds = channel.recv(self._sock)
             if message is None:

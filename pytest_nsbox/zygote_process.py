@@ -255,10 +255,15 @@ def _clone_warm(zygote_sock: socket.socket, hint: dict[str, Any], seq: int) -> N
             # limits; a box that asks for limits is told why it cannot have them.
             cgroup_error = f"cannot create cgroup {name} ({exc.strerror}); run as root"
     ours, theirs = channel.socketpair()
+    # Every signal is blocked across the fork: a handler of the zygote's (SIGTERM raises
+    # SystemExit) must never run in the child, where it would unwind the zygote's stack and
+    # its shutdown inside the new box. Each side restores the mask itself.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
         # The child is born in the box's namespaces as PID 1 of its new pid namespace.
         pid = syscalls.fork_into_namespaces(BOX_NAMESPACES)
     except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         ours.close()
         theirs.close()
         if cgroup:
@@ -266,21 +271,45 @@ def _clone_warm(zygote_sock: socket.socket, hint: dict[str, Any], seq: int) -> N
         _announce(zygote_sock, {"error": {"message": f"clone into new namespaces: {exc}"}, "seq": seq})
         return
     if pid == 0:
-        # In the box: forget the zygote's plumbing before anything else.
+        _become_box(zygote_sock, ours, theirs, mask, cgroup, cgroup_error, hint)  # never returns
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    theirs.close()
+    _boxes.add(pid)  # the zygote reaps it in _reap() when it dies
+    if cgroup:
+        _unclaimed_cgroups[pid] = name
+    _announce(zygote_sock, {"warm": pid, "hint": hint, "seq": seq}, ours)
+
+
+def _become_box(
+    zygote_sock: socket.socket,
+    ours: socket.socket,
+    theirs: socket.socket,
+    mask: set[int | signal.Signals],
+    cgroup: list[str],
+    cgroup_error: str,
+    hint: dict[str, Any],
+) -> None:
+    """The child's side of ``_clone_warm``: drop the zygote's plumbing and become a box.
+
+    Ends in ``os._exit`` whatever happens: an exception here must not return into the
+    zygote's loop (a second zygote, inside a box, shutting down the first one's boxes).
+    """
+    try:
+        # The zygote's handlers go before any signal is let through: SIGTERM with the default
+        # disposition is ignored by a PID 1 when sent from inside its namespace.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         channel.forget_signal_wakeup()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # held by our parent only
+        # The mask the zygote had, less the SIGTERM it holds while it handles a request.
+        signal.pthread_sigmask(signal.SIG_SETMASK, set(mask) - {signal.SIGTERM})
         zygote_sock.close()
         ours.close()
         # Any other descriptor of the zygote must not be held by this one: boxes learn of
         # their host's end by EOF.
         os.closerange(3, theirs.fileno())
         os.closerange(theirs.fileno() + 1, 1 << 16)
-        init.await_box(theirs, cgroup, cgroup_error, hint)  # never returns
-    theirs.close()
-    _boxes.add(pid)  # the zygote reaps it in _reap() when it dies
-    if cgroup:
-        _unclaimed_cgroups[pid] = name
-    _announce(zygote_sock, {"warm": pid, "hint": hint, "seq": seq}, ours)
+        init.await_box(theirs, cgroup, cgroup_error, hint)  # ends in os._exit itself
+    finally:
+        os._exit(1)
 
 
 def _announce(

@@ -56,14 +56,15 @@ class Attachment:
 
     def release(self) -> None:
         """The box has stopped: its address goes back to the pool, its name out of the hosts
-        files of its peers. Idempotent."""
+        files of its peers. Idempotent, and each step is: a release cut short is finished by
+        the next call."""
         if self.released:
             return
-        self.released = True
         self.link.close()
         hosts.leave(self.bridge, self.box_id)
         with pool.locked(self.subnet) as entry:
             entry.give_back(self.address)
+        self.released = True
 
 
 def plug(

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .. import state, syscalls
+from .. import interrupts, state, syscalls
 from ..errors import NetworkError
 
 if TYPE_CHECKING:
@@ -63,11 +63,15 @@ def _in_namespace_of(pid: int, make: Any, start: int | None = None) -> Any:
         raise NetworkError(f"process {pid} is gone: its box has stopped")
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        syscalls.setns(target, syscalls.CLONE_NEWNET)
-        try:
-            return make()
-        finally:
-            syscalls.setns(own, syscalls.CLONE_NEWNET)
+        # Signals held from before the way in until after the way back: a KeyboardInterrupt
+        # in between would leave this thread (pytest's own) in the box's namespace for good.
+        with interrupts.held():
+            try:
+                syscalls.setns(target, syscalls.CLONE_NEWNET)
+                return make()
+            finally:
+                # Whatever happened above: joining the namespace we are already in is harmless.
+                syscalls.setns(own, syscalls.CLONE_NEWNET)
     finally:
         os.close(own)
         os.close(target)

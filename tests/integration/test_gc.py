@@ -1,4 +1,4 @@
-"""The sweeper (`nsbox gc`, and every session start): what killed runs left goes, what is not ours stays."""
+"""The sweeper (`nsbox gc`, and a session's first box): what killed runs left goes, what is not ours stays."""
 
 from __future__ import annotations
 

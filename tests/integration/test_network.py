@@ -27,8 +27,9 @@ import psutil
 import pytest
 from cleanup import rmdir_when_empty
 
-from pytest_nsbox import Box, BoxProcess, ConfigError, Link, NetPair, NetworkError, live_boxes, state
-from pytest_nsbox.network import bridge, nat, netns, pool
+from pytest_nsbox import Box, BoxProcess, ConfigError, Link, NetPair, NetworkError, cgroups, live_boxes, state
+from pytest_nsbox import box as box_module
+from pytest_nsbox.network import bridge, hosts, nat, netns, pool
 from pytest_nsbox.network.shaping import Shape
 from pytest_nsbox.plugin import DEFAULTS
 
@@ -448,6 +449,49 @@ def test_stopped_box_gives_back_its_lease_name_and_interface(
     # Once the old interface is gone, the address stops cooling down: it may be leased again.
     with pool.locked(subnet) as entry:
         assert address not in entry.entry["leases"] and address not in entry.entry["cooling"], entry.entry
+
+
+@pytest.mark.parametrize(
+    ("owner", "name"),
+    [
+        (box_module, "_open_mount_namespace"),  # before the kill
+        (cgroups, "release"),  # after the kill, before the network
+        (hosts, "leave"),  # inside the address's release
+    ],
+    ids=["before-kill", "after-kill", "in-release"],
+)
+def test_a_stop_cut_short_is_finished_by_the_next(
+    monkeypatch: pytest.MonkeyPatch, subnet: ipaddress.IPv4Network, owner: Any, name: str
+) -> None:
+    """Ctrl-C in the middle of stop(): the next stop() kills what is left, gives back the lease."""
+    real = getattr(owner, name)
+    calls = []
+
+    def interrupted_once(*arguments: Any) -> Any:
+        calls.append(arguments)
+        if len(calls) == 1:
+            raise KeyboardInterrupt("in the middle of stop()")
+        return real(*arguments)
+
+    box = Box(network="bridge", hostname="cut", subnet=str(subnet)).start()
+    address, init_pid = box.ip, box.pid
+    assert address is not None and init_pid is not None
+    monkeypatch.setattr(owner, name, interrupted_once)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            box.stop()
+        assert box._state == "stopping" and not box.running
+        box.stop()
+    finally:
+        monkeypatch.undo()
+        box.stop()
+    assert calls, f"{name} was never reached"
+    assert box._state == "stopped"
+    assert _wait_until(lambda: not psutil.pid_exists(init_pid) or _zombie(init_pid), 10)
+    with pool.locked(subnet) as entry:
+        assert address not in entry.entry["leases"], entry.entry
+    assert box.network is not None and box.network.released
+    box.stop()  # and a third time changes nothing
 
 
 def test_lease_of_a_killed_owner_is_reclaimed(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from forking import in_child
 
 from pytest_nsbox import state
 from pytest_nsbox.errors import ConfigError, NetworkError, StateError
@@ -570,3 +571,33 @@ def test_a_hosts_file_replaced_by_a_symlink_is_not_followed(tmp_path: Path) -> N
     finally:
         hosts.leave(bridge, "evil")
     assert target.read_text() == "precious\n"
+
+
+# ---------------------------------------------------------------------------- netns
+
+
+def test_sigterm_right_after_entering_a_namespace_still_comes_back_out() -> None:
+    """A SIGTERM (KeyboardInterrupt under pytest) that lands just after setns(target) is held
+    until the thread has joined its own namespace again, then raised."""
+    import signal
+
+    from pytest_nsbox import interrupts, syscalls
+    from pytest_nsbox.network import netns
+
+    def step() -> list[str]:
+        joined: list[str] = []
+
+        def fake_setns(_fd: int, _nstype: int = 0) -> None:
+            joined.append("out" if joined else "in")
+            if len(joined) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # lands between the way in and the try
+
+        signal.signal(signal.SIGTERM, interrupts._on_sigterm)
+        syscalls.setns = fake_setns  # type: ignore[assignment]  # a forked child: dies with it
+        try:
+            netns._in_namespace_of(os.getpid(), lambda: joined.append("made"))
+        except KeyboardInterrupt:
+            joined.append("interrupted")
+        return joined
+
+    assert in_child(step) == ["in", "made", "out", "interrupted"]

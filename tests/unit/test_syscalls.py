@@ -301,3 +301,21 @@ def test_drop_from_bounding_set_drops_for_good() -> None:
     # Gone from the bounding set, still the process's own.
     assert in_child(drop) == [False, True, status_capabilities()["CapBnd"] & ~(1 << cap)]
     assert syscalls.in_bounding_set(cap)  # the parent's is untouched
+
+
+# ---------------------------------------------------------------------------- fork_into_namespaces
+
+
+def test_a_failing_clone_call_still_releases_the_import_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyOS_BeforeFork takes the import lock; its AfterFork half must run whatever happens, or
+    the next import in any other thread waits forever."""
+    import _imp
+    import types
+
+    def broken(*_arguments: object) -> int:
+        raise RuntimeError("the call itself failed")
+
+    monkeypatch.setattr(syscalls, "_libc_gil", types.SimpleNamespace(syscall=broken))
+    with pytest.raises(RuntimeError, match="the call itself failed"):
+        syscalls.fork_into_namespaces(0)
+    assert not _imp.lock_held()
