@@ -368,9 +368,9 @@ class Box:
         self,
         cmd: str | Sequence[Any],
         *,
-        input: str | bytes | None = None,
+        input: str | bytes | bytearray | memoryview | None = None,
         env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
+        cwd: str | os.PathLike[str] | None = None,
         user: str | int | None = None,
         timeout: float | None = None,
         check: bool = False,
@@ -411,9 +411,9 @@ class Box:
         self,
         cmd: str | Sequence[Any],
         *,
-        input: str | bytes | None = None,
+        input: str | bytes | bytearray | memoryview | None = None,
         env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
+        cwd: str | os.PathLike[str] | None = None,
         user: str | int | None = None,
         text: bool = True,
     ) -> BoxProcess:
@@ -692,6 +692,7 @@ def _file_mode(mode: object, what: str) -> int:
 
 
 def _stdin_fd(data: str | bytes | None) -> int:
+    """Stdin of a command: the shared /dev/null, or a memfd holding ``data``."""
     if data is None:
         return _devnull()
     raw = data.encode() if isinstance(data, str) else bytes(data)
