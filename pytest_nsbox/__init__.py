@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .box import Box, live_boxes
 from .errors import (
+    ArgumentTypeError,
     BoxError,
     CgroupError,
     CommandNotFoundError,
@@ -23,6 +24,7 @@ from .errors import (
     NsboxError,
     StateError,
     SyscallError,
+    WaitTimeoutError,
 )
 from .netpair import NetPair
 from .network import Link
@@ -33,6 +35,7 @@ from .spec import BoxSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentTypeError",
     "Box",
     "BoxError",
     "BoxProcess",
@@ -54,5 +57,6 @@ __all__ = [
     "RunResult",
     "StateError",
     "SyscallError",
+    "WaitTimeoutError",
     "live_boxes",
 ]

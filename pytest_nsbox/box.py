@@ -27,16 +27,19 @@ from . import network as networking
 from .boxfs import BoxFiles
 from .devices import box_devices
 from .errors import (
+    ArgumentTypeError,
     BoxError,
     CgroupError,
     CommandNotFoundError,
+    ConfigError,
     NetworkError,
+    WaitTimeoutError,
 )
 from .image import HOST_ROOT, Image, load_image
 from .link import InitLink
 from .overlay import OverlayRoot
-from .process import BoxProcess, CommandFailedError, CommandTimeoutError, RunResult, command_argv
-from .spec import BoxSpec
+from .process import BoxProcess, CommandFailedError, CommandTimeoutError, RunResult
+from .spec import BoxSpec, CommandRequest, box_path, command_request, port_number, timeout_seconds
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -76,22 +79,25 @@ class Box:
         no_new_privileges: bool = False,
         spec: BoxSpec | None = None,
     ) -> None:
-        self.spec = spec or BoxSpec.create(
-            "Box()",
-            image=image,
-            cache=cache,
-            hostname=hostname,
-            network=network,
-            limits=limits,
-            env=env,
-            privileged=privileged,
-            tmpfs=tmpfs,
-            subnet=subnet,
-            nat=nat,
-            publish=publish,
-            devices=devices,
-            no_new_privileges=no_new_privileges,
-        )
+        options: dict[str, Any] = {
+            "image": image,
+            "cache": cache,
+            "hostname": hostname,
+            "network": network,
+            "limits": limits,
+            "env": env,
+            "privileged": privileged,
+            "tmpfs": tmpfs,
+            "subnet": subnet,
+            "nat": nat,
+            "publish": publish,
+            "devices": devices,
+            "no_new_privileges": no_new_privileges,
+        }
+        if spec is None:
+            self.spec = BoxSpec.create("Box()", **options)
+        else:
+            self.spec = _only_spec(spec, options)
         self.id = secrets.token_hex(4)
         self.pid: int | None = None
         self.root: OverlayRoot | None = None
@@ -202,6 +208,8 @@ class Box:
                 upper=f"/proc/{self.pid}/fd/{ready['scratch_fd']}/upper",
                 merged=f"/proc/{self.pid}/root",
                 made_by_box=frozenset(ready.get("made", ())),
+                box_id=self.id,
+                is_running=lambda: self.running,
             )
             self._state = "running"
             _live.add(self)
@@ -384,9 +392,9 @@ class Box:
         self,
         cmd: str | Sequence[Any],
         *,
-        input: str | bytes | None = None,
+        input: str | bytes | bytearray | memoryview | None = None,
         env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
+        cwd: str | os.PathLike[str] | None = None,
         user: str | int | None = None,
         timeout: float | None = None,
         check: bool = False,
@@ -398,8 +406,12 @@ class Box:
         command's whole process group and raises ``CommandTimeoutError`` (a
         ``subprocess.TimeoutExpired``) with the output so far.
         """
+        request = command_request(
+            cmd, input=input, env=env, cwd=cwd, user=user, timeout=timeout, check=check, text=text
+        )
+        timeout = request.timeout
         oom_kills = self.cgroup.oom_kills()
-        process = self._start_command(cmd, input=input, env=env, cwd=cwd, user=user, text=text)
+        process = self._start_command(cmd, request)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -423,40 +435,33 @@ class Box:
         self,
         cmd: str | Sequence[Any],
         *,
-        input: str | bytes | None = None,
+        input: str | bytes | bytearray | memoryview | None = None,
         env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
+        cwd: str | os.PathLike[str] | None = None,
         user: str | int | None = None,
         text: bool = True,
     ) -> BoxProcess:
         """Start a command in the background; see ``BoxProcess``."""
-        process = self._start_command(cmd, input=input, env=env, cwd=cwd, user=user, text=text)
+        request = command_request(cmd, input=input, env=env, cwd=cwd, user=user, text=text, source="spawn()")
+        process = self._start_command(cmd, request)
         self._last_spawned = process
         return process
 
-    def _start_command(
-        self,
-        cmd: str | Sequence[Any],
-        *,
-        input: str | bytes | None,
-        env: Mapping[str, str] | None,
-        cwd: str | None,
-        user: str | int | None,
-        text: bool,
-    ) -> BoxProcess:
+    def _start_command(self, cmd: str | Sequence[Any], request: CommandRequest) -> BoxProcess:
+        """Ask init to start a command whose arguments ``command_request`` checked."""
         link = self._require_running()
-        argv = command_argv(cmd)
+        argv, env, cwd = request.argv, request.env, request.cwd
         stdout = os.memfd_create("nsbox-stdout", os.MFD_CLOEXEC)
         stderr = os.memfd_create("nsbox-stderr", os.MFD_CLOEXEC)
-        stdin = _stdin_fd(input)
+        stdin = _stdin_fd(request.input)
         try:
             reply = link.request(
                 {
                     "op": "exec",
                     "argv": argv,
-                    "env": dict(env or {}),
+                    "env": env,
                     "cwd": cwd,
-                    "user": user,
+                    "user": request.user,
                 },
                 (stdin, stdout, stderr),
             )
@@ -470,8 +475,8 @@ class Box:
         if "error" in reply:
             os.close(stdout)
             os.close(stderr)
-            raise _exec_failure(self.id, argv, cwd, {**self.spec.env, **(env or {})}, reply["error"])
-        process = BoxProcess(self, cmd, int(reply["pid"]), stdout, stderr, text)
+            raise _exec_failure(self.id, argv, cwd, {**self.spec.env, **env}, reply["error"])
+        process = BoxProcess(self, cmd, int(reply["pid"]), stdout, stderr, request.text)
         self._processes.add(process)
         self.history.append(process)
         del self.history[:-20]
@@ -481,6 +486,11 @@ class Box:
         self, pattern: str | re.Pattern[str], timeout: float = 30.0, *, process: BoxProcess | None = None
     ) -> re.Match[str]:
         """Wait until ``pattern`` appears in the output of ``process`` (default: the last spawned)."""
+        self._require_running("wait_for_output()")
+        if process is not None and not isinstance(process, BoxProcess):
+            raise ArgumentTypeError(
+                f"wait_for_output(): process: expected a BoxProcess of box {self.id}, got {process!r}"
+            )
         if process is None:
             process = self._last_spawned
             if process is None:
@@ -491,14 +501,19 @@ class Box:
         """Wait until something in the box listens on TCP ``port`` (any address, v4 or v6).
 
         Reads the box's own ``/proc/net/tcp*``: no connection is made, so a server that
-        accepts only once is not disturbed.
+        accepts only once is not disturbed. Gives up with ``WaitTimeoutError`` (a
+        ``TimeoutError``).
         """
-        self._require_running()
-        deadline = time.monotonic() + timeout
+        self._require_running("wait_for_port()")
+        port = port_number(port, "wait_for_port(): port")
+        seconds = timeout_seconds(timeout, "wait_for_port(): timeout", optional=False) or 0.0
+        if protocol not in ("tcp", "udp"):
+            raise ConfigError(f"wait_for_port(): protocol: expected 'tcp' or 'udp', got {protocol!r}")
+        deadline = time.monotonic() + seconds
         delay = 0.005
         while not listening(self.pid, port, protocol):
             if time.monotonic() >= deadline:
-                raise TimeoutError(
+                raise WaitTimeoutError(
                     f"box {self.id}: nothing listens on {protocol} port {port} after {timeout}s"
                 )
             time.sleep(delay)
@@ -506,7 +521,7 @@ class Box:
 
     def processes(self) -> list[psutil.Process]:
         """Every process of the box as ``psutil.Process`` views, its init first."""
-        self._require_running()
+        self._require_running("processes()")
         assert self.pid is not None
         try:
             init = psutil.Process(self.pid)
@@ -522,42 +537,72 @@ class Box:
         For reading with tools that want a path. Beware: an absolute symlink met on this path
         resolves on the host; the file helpers below never make that mistake.
         """
-        self._require_running()
+        self._require_running("host_path()")
+        path = box_path(path, "host_path(): path")
         return f"/proc/{self.pid}/root/{path.lstrip('/')}"
 
     def read_bytes(self, path: str) -> bytes:
-        return self._fs().read_bytes(path)
+        files = self._fs("read_bytes()")
+        return files.read_bytes(box_path(path, "read_bytes(): path"))
 
     def read_text(self, path: str, encoding: str = "utf-8") -> str:
-        return self._fs().read_bytes(path).decode(encoding)
+        files = self._fs("read_text()")
+        return files.read_bytes(box_path(path, "read_text(): path")).decode(encoding)
 
     def write_bytes(self, path: str, data: bytes, mode: int = 0o644) -> None:
         """Write a file in the box (parents are created), as root."""
-        self._fs().write_bytes(path, data, mode)
+        files = self._fs("write_bytes()")
+        path = box_path(path, "write_bytes(): path")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ArgumentTypeError(
+                f"write_bytes(): data: expected bytes-like data, got {type(data).__name__} "
+                "(use write_text() for a str)"
+            )
+        files.write_bytes(path, bytes(data), _file_mode(mode, "write_bytes()"))
 
     def write_text(self, path: str, text: str, mode: int = 0o644, encoding: str = "utf-8") -> None:
-        self._fs().write_bytes(path, text.encode(encoding), mode)
+        files = self._fs("write_text()")
+        path = box_path(path, "write_text(): path")
+        if not isinstance(text, str):
+            raise ArgumentTypeError(
+                f"write_text(): text: expected a str, got {type(text).__name__} "
+                "(use write_bytes() for bytes, or convert it with str())"
+            )
+        files.write_bytes(path, text.encode(encoding), _file_mode(mode, "write_text()"))
 
     def exists(self, path: str) -> bool:
-        return self._fs().exists(path)
+        return self._fs("exists()").exists(box_path(path, "exists(): path"))
 
     def copy_in(self, host_src: str | os.PathLike[str], box_dst: str) -> None:
         """Copy a host file or directory tree into the box (into ``box_dst`` if it is a dir)."""
-        self._fs().copy_in(os.fspath(host_src), box_dst)
+        files = self._fs("copy_in()")
+        source = _host_path(host_src, "copy_in(): host_src")
+        files.copy_in(source, box_path(box_dst, "copy_in(): box_dst"))
 
     def copy_out(self, box_src: str, host_dst: str | os.PathLike[str]) -> None:
         """Copy a box file or directory tree to the host (into ``host_dst`` if it is a dir)."""
-        self._fs().copy_out(box_src, os.fspath(host_dst))
+        files = self._fs("copy_out()")
+        source = box_path(box_src, "copy_out(): box_src")
+        files.copy_out(source, _host_path(host_dst, "copy_out(): host_dst"))
 
     # ------------------------------------------------------------------------ internals
 
-    def _require_running(self) -> InitLink:
+    def _require_running(self, what: str = "this") -> InitLink:
+        """The link to init, or a ``BoxError`` saying why ``what`` cannot be done now: a stopped
+        box answers nothing (an empty answer would pass a test's assertions by accident)."""
+        if self._state == "created":
+            raise BoxError(
+                f"box {self.id} is created: start it first (start() or `with Box(...)`), then {what}"
+            )
         if self._state != "running" or self._link is None:
-            raise BoxError(f"box {self.id} is {self._state}: start it first (or use a new box)")
+            raise BoxError(
+                f"box {self.id} is {self._state}: call {what} before stop(); a stopped box has no "
+                "processes, files or ports left to look at (or use a new box)"
+            )
         return self._link
 
-    def _fs(self) -> BoxFiles:
-        self._require_running()
+    def _fs(self, what: str = "this") -> BoxFiles:
+        self._require_running(what)
         assert self._files is not None
         return self._files
 
@@ -670,7 +715,47 @@ def _devnull() -> int:
     return _DEVNULL_FD
 
 
+def _only_spec(spec: object, options: dict[str, Any]) -> BoxSpec:
+    """``Box(spec=...)`` alone: an option beside it would be dropped without a word."""
+    if not isinstance(spec, BoxSpec):
+        raise ArgumentTypeError(f"Box(): spec: expected a BoxSpec, got {type(spec).__name__} {spec!r}")
+    defaults = {
+        "hostname": "box",
+        "network": "none",
+        "privileged": False,
+        "nat": False,
+        "no_new_privileges": False,
+    }
+    given = sorted(name for name, value in options.items() if value != defaults.get(name))
+    if given:
+        raise ConfigError(
+            f"Box(): spec= and {', '.join(given)} together; spec holds every option already: "
+            f"pass spec.merged('Box()', {given[0]}=...) instead, or the options without spec"
+        )
+    return spec
+
+
+def _host_path(value: object, what: str) -> str:
+    if not isinstance(value, (str, bytes, os.PathLike)):
+        raise ArgumentTypeError(
+            f"{what}: expected a host path (str or path object), got {type(value).__name__}"
+        )
+    path = os.fsdecode(value)
+    if not path or "\0" in path:
+        raise ConfigError(f"{what}: {path!r} is not a host path")
+    return path
+
+
+def _file_mode(mode: object, what: str) -> int:
+    if isinstance(mode, bool) or not isinstance(mode, int):
+        raise ArgumentTypeError(f"{what}: mode: expected permission bits such as 0o644, got {mode!r}")
+    if not 0 <= mode <= 0o7777:
+        raise ConfigError(f"{what}: mode: {mode:#o} is not a file mode; expected 0 to 0o7777, such as 0o644")
+    return mode
+
+
 def _stdin_fd(data: str | bytes | None) -> int:
+    """Stdin of a command: the shared /dev/null, or a memfd holding ``data``."""
     if data is None:
         return _devnull()
     raw = data.encode() if isinstance(data, str) else bytes(data)
@@ -704,7 +789,8 @@ def _exec_failure(
             8: "not an executable format",
         }.get(error["errno"], message)
         return CommandNotFoundError(argv[0], box_id, reason, search)
-    return BoxError(f"box {box_id}: cannot run {argv!r}: {message}")
+    # Anything else init refused or failed at: in its own words, with the error's type.
+    return BoxError(f"box {box_id}: cannot run {argv!r}: {error.get('type', 'error')}: {message}")
 
 
 def listening(pid: int | None, port: int, protocol: str = "tcp") -> bool:

@@ -6,6 +6,7 @@ derives from it, so code written against ``subprocess`` or ``os`` keeps working:
 
     NsboxError
     ├── ConfigError (ValueError)          bad option, marker or argument; names where it came from
+    │   └── ArgumentTypeError (TypeError)   ... of the wrong type: names the accepted types
     ├── HostUnsupportedError             this host cannot make boxes; names the missing capability
     ├── ImageError                       an image that cannot be used, and why
     ├── SyscallError (OSError)           a kernel call failed: operation, arguments, errno name
@@ -14,6 +15,7 @@ derives from it, so code written against ``subprocess`` or ``os`` keeps working:
     ├── NetworkError                     links, addresses and leases
     ├── StateError                       cross-process state: locks and ledgers
     └── BoxError                         a box that failed to start, or was used wrongly
+        ├── WaitTimeoutError (TimeoutError)  wait_for_port / wait_for_output gave up
         ├── CommandNotFoundError (FileNotFoundError)   the program is not in the box
         ├── CommandFailedError (subprocess.CalledProcessError)   run(check=True), non-zero exit
         └── CommandTimeoutError (subprocess.TimeoutExpired)      run(timeout=...) ran out
@@ -21,6 +23,11 @@ derives from it, so code written against ``subprocess`` or ``os`` keeps working:
 The last two live in ``process`` beside ``RunResult``, the other subclass of a ``subprocess``
 type: this module stays free of ``subprocess`` (and of ``typing``), because the helper process
 that forks every box imports it, and each module it loads is copied into every box at fork.
+
+A bad argument is refused before anything reaches a box: a value of the wrong type raises
+``ArgumentTypeError`` (both a ``ConfigError`` and a ``TypeError``, so either ``except`` works),
+a value of the right type but wrong form raises ``ConfigError``. Both name the argument and
+the accepted form.
 
 A message says what failed, on which path, box or interface, and what to do about it.
 """
@@ -35,6 +42,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 __all__ = [
+    "ArgumentTypeError",
     "BoxError",
     "CgroupError",
     "CommandNotFoundError",
@@ -46,6 +54,7 @@ __all__ = [
     "NsboxError",
     "StateError",
     "SyscallError",
+    "WaitTimeoutError",
 ]
 
 _OUTPUT_TAIL = 2000
@@ -60,6 +69,14 @@ class ConfigError(NsboxError, ValueError):
 
     The plugin turns it into ``pytest.UsageError`` for command-line options and into a test
     failure for a marker, so the message must name where the value came from.
+    """
+
+
+class ArgumentTypeError(ConfigError, TypeError):
+    """An argument of the wrong type (``env={"PORT": 8080}``, ``cwd=123``).
+
+    A ``TypeError`` as Python's own functions raise for one, and a ``ConfigError`` as every
+    other bad argument of ours, so one ``except ConfigError`` catches all bad input.
     """
 
 
@@ -120,6 +137,10 @@ class BoxError(NsboxError):
     """A box failed to start, died, or was used after ``stop()``."""
 
 
+class WaitTimeoutError(BoxError, TimeoutError):
+    """``wait_for_port`` or ``wait_for_output`` gave up; the builtin ``TimeoutError`` too."""
+
+
 class CommandNotFoundError(BoxError, FileNotFoundError):
     """The program given to ``run``/``spawn`` does not exist in the box (or is not executable)."""
 
@@ -135,6 +156,22 @@ class CommandNotFoundError(BoxError, FileNotFoundError):
 
     def __str__(self) -> str:
         return str(self.args[1])
+
+
+def permission_hint(what: str) -> str:
+    """What to do when the kernel says EPERM/EACCES to ``what`` (say "mounting").
+
+    Telling root to "run as root" helps nobody: root is refused when it lacks the capability
+    in the namespace it runs in, or when the filesystem is read-only to it (a container's
+    cgroupfs, without delegation).
+    """
+    if os.geteuid() != 0:
+        return f"{what} needs root: run pytest as root (sudo -E)"
+    return (
+        f"{what} was refused although this process is root: it runs in a container or user "
+        "namespace without that right (give the container --privileged, CAP_SYS_ADMIN, or a "
+        "writable, delegated cgroup tree; see `nsbox doctor`)"
+    )
 
 
 def _strerror(err: int) -> str:

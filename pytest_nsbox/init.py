@@ -328,7 +328,8 @@ def finish_root(config: dict[str, Any], built: dict[str, Any]) -> dict[str, Any]
         syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
     targets: list[tuple[str, str, str | None, int, str | None]] = []
     # 5. Size-capped scratch space the test asked for (filling it gives ENOSPC).
-    for path, size in config["tmpfs"].items():
+    # Sorted, so that a parent (/data) is mounted before what is nested in it (/data/sub).
+    for path, size in sorted(config["tmpfs"].items()):
         tmpfs_options = "mode=1777" + (f",size={size}" if size else "")
         targets.append(("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, tmpfs_options))
     made = built["made"]
@@ -347,7 +348,9 @@ def finish_root(config: dict[str, Any], built: dict[str, Any]) -> dict[str, Any]
 def _mount_all(root_fd: int, targets: list[tuple[str, str, str | None, int, str | None]], proc: str) -> None:
     """Mount each ``(source, box path, fstype, flags, data)`` on its path found in the root."""
     for source, box_path, fstype, flags, data in targets:
-        kind = "file" if box_path.startswith("/etc/") else "dir"
+        # A bind of one of the box's files (/etc/hosts ...) needs a file to mount on; anything
+        # else (a tmpfs anywhere, /etc/app included; the kernel filesystems) a directory.
+        kind = "file" if flags & MS_BIND and not os.path.isdir(source) else "dir"
         try:
             fd = resolve_in_root(root_fd, box_path, kind)
         except OSError as exc:
@@ -543,9 +546,9 @@ class Server:
                 self.kept = reply["ok"] = True
             else:
                 raise ValueError(f"unknown request {op!r}")
-        except OSError as exc:
-            reply["error"] = _describe(exc)
-        except (ValueError, KeyError, LookupError) as exc:
+        except Exception as exc:
+            # Whatever a request does wrong, PID 1 must live: its death kills the whole box.
+            # The host checks every argument first; this is for what it cannot foresee.
             reply["error"] = _describe(exc)
         channel.send(self.sock, reply)
 
@@ -675,8 +678,9 @@ def spawn_as_user(
             for ignored in (signal.SIGPIPE, signal.SIGXFSZ):
                 signal.signal(ignored, signal.SIG_DFL)
             os.execve(program, argv, env)
-        except OSError as exc:
-            os.write(failure_write, f"{exc.errno or 0}\n{step}\n{exc.strerror}".encode())
+        except Exception as exc:  # whatever it is, the parent must hear of it, not see a 127
+            reason = exc.strerror if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+            os.write(failure_write, f"{getattr(exc, 'errno', 0) or 0}\n{step}\n{reason}".encode())
         finally:
             os._exit(127)
     os.close(failure_write)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from .errors import BoxError
 
 _OPAQUE_XATTR = "trusted.overlay.opaque"
 
@@ -39,12 +42,15 @@ class OverlayRoot:
 
     ``made_by_box`` lists paths the box itself created in the upper layer while starting
     (mount points such as ``/etc/hosts`` that the image lacked); ``diff()`` leaves them out.
+    ``is_running`` tells whether the box (``box_id``) still runs: its upper layer goes with it.
     """
 
     lowers: tuple[str, ...]
     upper: str
     merged: str
     made_by_box: frozenset[str] = frozenset()
+    box_id: str = ""
+    is_running: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
     def diff(self) -> Changes:
         """What the box changed, read from the upper layer (whiteouts are deletions).
@@ -53,7 +59,15 @@ class OverlayRoot:
         made opaque (``rm -rf dir && mkdir dir``) reports every entry below it as deleted.
         With the host's ``/`` as the image, existence below is checked against the host's
         tree, which is exact everywhere but under the host's own mount points.
+
+        Raises ``BoxError`` once the box has stopped: its upper layer is gone, and an empty
+        answer would make every "nothing changed" assertion pass by accident.
         """
+        if (self.is_running is not None and not self.is_running()) or not os.path.isdir(self.upper):
+            raise BoxError(
+                f"box {self.box_id or '?'}: its overlay root is gone with the stopped box; call diff() "
+                "before stop() (inside the test, not after the fixture's teardown)"
+            )
         added: list[str] = []
         modified: list[str] = []
         deleted: list[str] = []

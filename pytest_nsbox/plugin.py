@@ -15,11 +15,11 @@ import pytest
 from . import hookspecs, interrupts, network, probe, reaper, report
 from .box import Box, before_next_box, forget_hook, stop_all
 from .cgroups import Cgroup
-from .errors import ConfigError, HostUnsupportedError, ImageError, NsboxError
+from .errors import ArgumentTypeError, ConfigError, HostUnsupportedError, ImageError, NsboxError
 from .image import load_image, split_reference
 from .netpair import NetPair
 from .overlay import OverlayRoot
-from .spec import BoxSpec
+from .spec import BoxSpec, parse_limits
 
 STRICT = pytest.StashKey[bool]()
 DEFAULTS = pytest.StashKey[dict[str, Any]]()  # box options from the command line and ini
@@ -442,12 +442,15 @@ def cgroup_limit(request: pytest.FixtureRequest) -> Callable[..., Cgroup]:
     """
 
     def limit(box: Box | None = None, **limits: Any) -> Cgroup:
+        # A ConfigError, not pytest.fail: the test may expect it (pytest.raises); uncaught,
+        # it still fails the test with a message naming the limit.
+        if box is not None and not isinstance(box, Box):
+            raise ArgumentTypeError(
+                f"cgroup_limit(box=...): expected a Box, got {type(box).__name__} {box!r}"
+            )
+        parse_limits(limits, "cgroup_limit(...)")  # before the test's box is made for it
         target = box if box is not None else request.getfixturevalue("nsbox")
-        try:
-            return target.cgroup.set(**limits)
-        except ConfigError as exc:
-            message = f"cgroup_limit(...): {exc}"
-        pytest.fail(message, pytrace=False)
+        return target.cgroup.set(**limits)
 
     return limit
 

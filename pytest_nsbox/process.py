@@ -13,10 +13,10 @@ import re
 import signal as _signal
 import subprocess
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import BoxError, output_tail
+from .errors import ArgumentTypeError, BoxError, ConfigError, WaitTimeoutError, output_tail
+from .spec import timeout_seconds
 
 if TYPE_CHECKING:
     from .box import Box
@@ -186,11 +186,30 @@ class BoxProcess:
     ) -> re.Match[str]:
         """Wait until ``pattern`` (a regex) appears in its output; returns the match.
 
-        Raises ``TimeoutError`` naming the pattern and showing the output so far, or as soon
-        as the process exits without printing it.
+        Raises ``WaitTimeoutError`` (a ``TimeoutError``) naming the pattern and showing the
+        output so far, or as soon as the process exits without printing it.
         """
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
+        seconds = timeout_seconds(timeout, "wait_for_output(): timeout", optional=False)
+        if not isinstance(pattern, (str, re.Pattern)):
+            raise ArgumentTypeError(
+                f"wait_for_output(): pattern: expected a regular expression (str or re.Pattern), "
+                f"got {type(pattern).__name__} {pattern!r}"
+            )
+        if stream not in ("stdout", "stderr", "both"):
+            raise ConfigError(
+                f"wait_for_output(): stream: expected 'stdout', 'stderr' or 'both', got {stream!r}"
+            )
+        try:
+            regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        except re.error as exc:
+            raise ConfigError(
+                f"wait_for_output(): pattern {pattern!r} is not a regular expression: {exc}"
+            ) from None
+        if isinstance(regex.pattern, bytes):
+            raise ArgumentTypeError(
+                "wait_for_output(): pattern: the output is searched as text; give a str pattern"
+            )
+        deadline = time.monotonic() + (seconds or 0.0)
         delay = 0.005
         while True:
             text = self._searchable(stream)
@@ -198,12 +217,12 @@ class BoxProcess:
             if match:
                 return match
             if self.poll() is not None:
-                raise TimeoutError(
+                raise WaitTimeoutError(
                     f"box {self.box.id}: {self.args!r} exited ({self.returncode}) without printing "
                     f"{regex.pattern!r}; its output:\n{text[-2000:]}"
                 )
             if time.monotonic() >= deadline:
-                raise TimeoutError(
+                raise WaitTimeoutError(
                     f"box {self.box.id}: {regex.pattern!r} did not appear in the output of "
                     f"{self.args!r} within {timeout}s; output so far:\n{text[-2000:]}"
                 )
@@ -265,15 +284,3 @@ class BoxProcess:
                 os.close(fd)
             self._fds = None
         self.box._forget_process(self)
-
-
-def command_argv(cmd: str | Sequence[Any]) -> list[str]:
-    """A string runs under ``/bin/sh -c``; a sequence is the argv itself."""
-    if isinstance(cmd, str):
-        return ["/bin/sh", "-c", cmd]
-    if isinstance(cmd, bytes):
-        return ["/bin/sh", "-c", cmd.decode()]
-    argv = [os.fsdecode(a) if isinstance(a, (bytes, os.PathLike)) else str(a) for a in cmd]
-    if not argv:
-        raise ValueError("an empty command: give a string or a non-empty list of arguments")
-    return argv

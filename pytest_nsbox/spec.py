@@ -2,21 +2,29 @@
 
 The marker, the fixture arguments and ``Box()`` all build a ``BoxSpec`` through
 ``BoxSpec.create``, so a bad value gets the same message wherever it came from, and the
-message names that place (``@pytest.mark.nsbox(hostname=...)``).
+message names that place (``@pytest.mark.nsbox(hostname=...)``). The arguments of ``run``,
+``spawn``, the waits and the file helpers are checked here too (``command_request`` ...),
+before anything reaches the box's init.
+
+One rule for every check: a value of the wrong type raises ``ArgumentTypeError`` (a
+``ConfigError`` and a ``TypeError``), a value of the right type in the wrong form raises
+``ConfigError`` (a ``ValueError``); the message names the argument and the accepted form.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ArgumentTypeError, ConfigError
 
 HOSTNAME_MAX = 64  # HOST_NAME_MAX: sethostname(2) refuses longer names with EINVAL.
 _HOSTNAME_RE = re.compile(
@@ -256,21 +264,6 @@ def _expand(cpus: str) -> set[int]:
     return result
 
 
-def _env(value: object, what: str) -> Mapping[str, str]:
-    if value is None:
-        return MappingProxyType({})
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{what}: expected a dict of strings, got {value!r}")
-    result: dict[str, str] = {}
-    for name, item in value.items():
-        if not isinstance(name, str) or not _ENV_NAME_RE.match(name):
-            raise ConfigError(f"{what}: {name!r} is not a valid environment variable name")
-        if not isinstance(item, str) or "\0" in item:
-            raise ConfigError(f"{what}: value of {name} must be a string without NUL bytes, got {item!r}")
-        result[name] = item
-    return MappingProxyType(result)
-
-
 def _bool(value: object, what: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{what}: expected True or False, got {value!r}")
@@ -329,3 +322,201 @@ def _devices(value: object, what: str) -> tuple[str, ...]:
         if clean not in result:
             result.append(clean)
     return tuple(result)
+
+
+# ----------------------------------------------------------------- run/spawn arguments
+
+_UID_MAX = (1 << 32) - 2  # (uid_t)-1 means "no change" to setuid(2): never a real id
+_USER_RE = re.compile(r"^[^:\0\s]+(:[^:\0\s]+)?$")
+
+
+@dataclass(frozen=True)
+class CommandRequest:
+    """The checked arguments of ``run``/``spawn``: what is sent to the box's init."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str | None
+    user: str | int | None
+    input: bytes | None
+    timeout: float | None
+    check: bool
+    text: bool
+
+
+def command_request(
+    cmd: object,
+    *,
+    input: object = None,
+    env: object = None,
+    cwd: object = None,
+    user: object = None,
+    timeout: object = None,
+    check: object = False,
+    text: object = True,
+    source: str = "run()",
+) -> CommandRequest:
+    """Check every argument of ``run``/``spawn`` (``source`` names which) and normalize it.
+
+    Why here and not in the box: a value init cannot use (``env={"PORT": 8080}``) must be
+    refused at once, naming the argument, instead of failing inside the box's PID 1.
+    """
+    text_mode = _bool_argument(text, f"{source}: text")
+    return CommandRequest(
+        argv=command_argv(cmd, source),
+        env=dict(_env(env, f"{source}: env")),
+        cwd=_cwd(cwd, f"{source}: cwd"),
+        user=_user(user, f"{source}: user"),
+        input=_input(input, text_mode, f"{source}: input"),
+        timeout=timeout_seconds(timeout, f"{source}: timeout"),
+        check=_bool_argument(check, f"{source}: check"),
+        text=text_mode,
+    )
+
+
+def command_argv(cmd: object, source: str = "run()") -> list[str]:
+    """A string runs under ``/bin/sh -c``; a sequence of str/bytes/path objects is the argv.
+
+    As ``subprocess``: no other element type (``["sleep", 1]`` is a TypeError there too), no
+    NUL byte anywhere (exec cannot pass one), and never an empty command or program name.
+    """
+    what = f"{source}: cmd"
+    if isinstance(cmd, (str, bytes)):
+        script = os.fsdecode(cmd)
+        if not script.strip():
+            raise ConfigError(f"{what}: an empty command; give a shell command line or a list of arguments")
+        if "\0" in script:
+            raise ConfigError(f"{what}: {cmd!r} contains a NUL byte, which no command line can carry")
+        return ["/bin/sh", "-c", script]
+    if not isinstance(cmd, Sequence):
+        raise ArgumentTypeError(
+            f"{what}: expected a string (run by /bin/sh -c) or a list of str/bytes/path arguments, "
+            f"got {type(cmd).__name__} {cmd!r}"
+        )
+    argv: list[str] = []
+    for index, item in enumerate(cmd):
+        if not isinstance(item, (str, bytes, os.PathLike)):
+            raise ArgumentTypeError(
+                f"{what}[{index}]: expected str, bytes or a path, got {type(item).__name__} {item!r} "
+                f"(convert it, e.g. str({item!r}))"
+            )
+        argument = os.fsdecode(item)
+        if "\0" in argument:
+            raise ConfigError(f"{what}[{index}]: {argument!r} contains a NUL byte, which exec cannot pass")
+        argv.append(argument)
+    if not argv:
+        raise ConfigError(f"{what}: an empty list; give at least the program to run")
+    if not argv[0]:
+        raise ConfigError(f"{what}[0]: the program name is empty; give a program name or path")
+    return argv
+
+
+def _env(value: object, what: str) -> Mapping[str, str]:
+    """``env`` of a box or a command: a mapping of str names (no ``=``, no NUL) to str values."""
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise ArgumentTypeError(f"{what}: expected a dict of strings, got {type(value).__name__} {value!r}")
+    result: dict[str, str] = {}
+    for name, item in value.items():
+        if not isinstance(name, str) or not _ENV_NAME_RE.match(name):
+            error = ConfigError if isinstance(name, str) else ArgumentTypeError
+            raise error(f"{what}: {name!r} is not a valid environment variable name")
+        if not isinstance(item, str) or "\0" in item:
+            error = ConfigError if isinstance(item, str) else ArgumentTypeError
+            raise error(
+                f"{what}: value of {name} must be a string without NUL bytes, got {item!r}"
+                + ("" if isinstance(item, str) else f" (write {name}=str(...) for a {type(item).__name__})")
+            )
+        result[name] = item
+    return MappingProxyType(result)
+
+
+def _cwd(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, bytes, os.PathLike)):
+        raise ArgumentTypeError(
+            f"{what}: expected a path in the box (str or path object), got {type(value).__name__} {value!r}"
+        )
+    path = os.fsdecode(value)
+    if not path or "\0" in path:
+        raise ConfigError(f"{what}: {path!r} is not a path; give a directory of the box, e.g. '/tmp'")
+    return path
+
+
+def _user(value: object, what: str) -> str | int | None:
+    accepted = "a uid (int >= 0), a name, 'uid:gid' or 'name:group' of the box's /etc/passwd"
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ArgumentTypeError(f"{what}: expected {accepted}, got {type(value).__name__} {value!r}")
+    if isinstance(value, int):
+        if not 0 <= value <= _UID_MAX:
+            raise ConfigError(f"{what}: {value} is not a uid; expected {accepted}")
+        return value
+    if not _USER_RE.match(value):
+        raise ConfigError(f"{what}: {value!r} is not a user; expected {accepted}")
+    for part in value.split(":"):
+        if part.isdigit() and int(part) > _UID_MAX:
+            raise ConfigError(f"{what}: {part} in {value!r} is beyond the largest id ({_UID_MAX})")
+    return value
+
+
+def _input(value: object, text: bool, what: str) -> bytes | None:
+    """Bytes for the command's stdin. As ``subprocess``: ``str`` only with ``text=True``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not text:
+            raise ArgumentTypeError(f"{what}: a str needs text=True; with text=False give bytes")
+        return value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise ArgumentTypeError(
+        f"{what}: expected str (with text=True) or bytes-like data, got {type(value).__name__} {value!r}"
+    )
+
+
+def timeout_seconds(value: object, what: str, *, optional: bool = True) -> float | None:
+    """A timeout: None (no limit, when ``optional``) or a finite number of seconds >= 0."""
+    if value is None and optional:
+        return None
+    accepted = "a number of seconds >= 0" + (" or None" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{what}: expected {accepted}, got {type(value).__name__} {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"{what}: expected {accepted}, got {value!r}")
+    return seconds
+
+
+def port_number(value: object, what: str) -> int:
+    """A TCP/UDP port, 1-65535."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(
+            f"{what}: expected a port number (int 1-65535), got {type(value).__name__} {value!r}"
+        )
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"{what}: {value} is not a port; expected 1-65535")
+    return value
+
+
+def box_path(value: object, what: str) -> str:
+    """A path in the box for the file helpers: str or path object, non-empty, no NUL."""
+    if not isinstance(value, (str, bytes, os.PathLike)):
+        raise ArgumentTypeError(
+            f"{what}: expected a path (str or path object), got {type(value).__name__} {value!r}"
+        )
+    path = os.fsdecode(value)
+    if not path:
+        raise ConfigError(f"{what}: an empty path; give a path in the box, e.g. '/etc/hostname'")
+    if "\0" in path:
+        raise ConfigError(f"{what}: {path!r} contains a NUL byte, which no path can hold")
+    return path
+
+
+def _bool_argument(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{what}: expected True or False, got {type(value).__name__} {value!r}")
+    return value

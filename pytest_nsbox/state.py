@@ -22,7 +22,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .errors import StateError
+from .errors import StateError, permission_hint
 
 STATE_DIR = Path(os.environ.get("NSBOX_STATE_DIR", "/run/pytest-nsbox"))
 LOCK_TIMEOUT = 60.0
@@ -72,7 +72,9 @@ def locked_document(name: str, readonly: bool = False) -> Iterator[dict[str, Any
     try:
         STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
-        raise StateError(f"cannot create the state directory {STATE_DIR}: {exc}; run as root") from exc
+        raise StateError(
+            f"cannot create the state directory {STATE_DIR}: {exc}; {permission_hint('writing it')}"
+        ) from exc
     path = STATE_DIR / f"{name}.json"
     lock = FileLock(str(STATE_DIR / f"{name}.lock"), timeout=LOCK_TIMEOUT)
     try:

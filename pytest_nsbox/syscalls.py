@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 
-from .errors import MountError, SyscallError
+from .errors import MountError, SyscallError, permission_hint
 
 TYPE_CHECKING = False  # the box helper loads this module: nothing it does not need at run time
 if TYPE_CHECKING:
@@ -290,7 +290,7 @@ def mount(
             # Why: mount(2) says ENOSPC when the mount table is full, not when a disk is.
             hint = "the mount table is full (fs.mount-max), not the disk"
         elif err == 1 or err == 13:  # EPERM, EACCES
-            hint = "mounting needs CAP_SYS_ADMIN in the host's namespaces: run as root"
+            hint = permission_hint("mounting (CAP_SYS_ADMIN in the host's namespaces)")
         elif err == 19:  # ENODEV
             hint = f"the kernel does not support filesystem type {fstype!r} (modprobe it?)"
         raise MountError(err, "mount", detail, hint)

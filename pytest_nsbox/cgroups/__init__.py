@@ -100,6 +100,12 @@ class Cgroup:
         return self
 
     def stats(self) -> CgroupStats:
+        """Usage now; refused once the box stopped (its cgroup goes, and zeros would mislead)."""
+        if self.closed:
+            raise CgroupError(
+                f"cgroup {self.name} belongs to a stopped box; call stats() before stop() "
+                "(inside the test, not after the fixture's teardown)"
+            )
         if self.driver is None:
             return CgroupStats()
         stats = self.driver.stats(self.dirs, self._seen_pids_peak)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import CgroupError
+from ..errors import CgroupError, permission_hint
 
 NAME_PREFIX = "nsb-"  # every box cgroup: nsb-<box id>
 PARENT_NAME = "pytest-nsbox"  # the directory that holds them, one per place we nest in
@@ -76,8 +76,8 @@ def write(path: Path, value: str, limit: str | None = None) -> None:
             errno.EINVAL: "the kernel refused the value",
             errno.EBUSY: "the cgroup is in use in a way that forbids this change",
             errno.ENOENT: "this kernel or cgroup lacks that file (controller not enabled?)",
-            errno.EACCES: "run as root",
-            errno.EPERM: "run as root",
+            errno.EACCES: permission_hint("writing a cgroup file"),
+            errno.EPERM: permission_hint("writing a cgroup file"),
         }.get(exc.errno or 0, exc.strerror)
         what = f" for limit {limit!r}" if limit else ""
         raise CgroupError(f"writing {value!r} to {path}{what} failed: {exc.strerror} ({hint})") from exc

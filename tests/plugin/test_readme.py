@@ -264,9 +264,26 @@ def _text_blocks(marker: str) -> list[object]:
 
 
 def test_every_text_block_is_checked() -> None:
-    markers = ("nsbox: kept boxes", "processes at the failure", "FAIL root")
+    markers = ("nsbox: kept boxes", "processes at the failure", "FAIL root", _ERROR_TREE)
     unchecked = [b.line for b in BLOCKS if b.kind == "text" and not any(m in b.text for m in markers)]
     assert not unchecked, f"README text blocks no test checks, at lines {unchecked}"
+
+
+_ERROR_TREE = "NsboxError\n├── "
+
+
+@pytest.mark.parametrize("block", _text_blocks(_ERROR_TREE))
+def test_the_error_tree_names_every_error_class(block: Block) -> None:
+    import pytest_nsbox
+
+    drawn = set(re.findall(r"\b(\w+Error)\b", block.text))
+    ours = {
+        name
+        for name in pytest_nsbox.__all__
+        if isinstance(getattr(pytest_nsbox, name), type)
+        and issubclass(getattr(pytest_nsbox, name), pytest_nsbox.NsboxError)
+    }
+    assert ours <= drawn, f"missing from the README's error tree: {sorted(ours - drawn)}"
 
 
 class _Reporter:

@@ -36,7 +36,13 @@ def test_box_ids_are_unique_hex() -> None:
 
 def test_box_uses_a_given_spec() -> None:
     spec = BoxSpec.create(hostname="from-spec")
-    assert Box(hostname="ignored", spec=spec).spec is spec
+    assert Box(spec=spec).spec is spec
+
+
+def test_box_refuses_options_beside_a_spec() -> None:
+    spec = BoxSpec.create(hostname="from-spec")
+    with pytest.raises(ConfigError, match=r"spec= and hostname, tmpfs together"):
+        Box(hostname="dropped", tmpfs={"/data": "1M"}, spec=spec)
 
 
 def test_commands_on_an_unstarted_box_raise_box_error() -> None:

@@ -163,3 +163,11 @@ def test_command_not_found_error_omits_path_for_a_program_given_by_path() -> Non
     text = str(CommandNotFoundError("/opt/frob", "b3", "not found", "/usr/bin"))
     assert text.startswith("box b3: cannot run '/opt/frob': not found; ")
     assert "PATH=" not in text
+
+
+def test_permission_hint_never_tells_root_to_run_as_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(errors.os, "geteuid", lambda: 0)
+    hint = errors.permission_hint("mounting")
+    assert "as root" not in hint and "container" in hint and "delegated cgroup" in hint
+    monkeypatch.setattr(errors.os, "geteuid", lambda: 1000)
+    assert errors.permission_hint("mounting") == "mounting needs root: run pytest as root (sudo -E)"

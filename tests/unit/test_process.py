@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from pytest_nsbox.process import BoxProcess, RunResult, command_argv
+from pytest_nsbox.errors import ArgumentTypeError, ConfigError
+from pytest_nsbox.process import BoxProcess, RunResult
+from pytest_nsbox.spec import command_argv
 
 # ---------------------------------------------------------------------------- command_argv
 
@@ -31,12 +33,23 @@ def test_tuple_is_the_argv_itself() -> None:
     assert command_argv(("true",)) == ["true"]
 
 
-def test_path_like_and_numbers_become_strings() -> None:
-    assert command_argv([pathlib.Path("/usr/bin/env"), pathlib.PurePosixPath("x/y"), 3]) == [
+def test_path_like_become_strings() -> None:
+    assert command_argv([pathlib.Path("/usr/bin/env"), pathlib.PurePosixPath("x/y"), ""]) == [
         "/usr/bin/env",
         "x/y",
-        "3",
+        "",
     ]
+
+
+def test_numbers_are_refused_as_subprocess_does() -> None:
+    with pytest.raises(ArgumentTypeError, match=r"cmd\[1\]: expected str, bytes or a path, got int 3"):
+        command_argv(["sleep", 3])
+
+
+@pytest.mark.parametrize("bad", ["", "  ", ["echo", "a\0b"], "echo \0", [""], b""])
+def test_empty_commands_and_nul_bytes_are_config_errors(bad: Any) -> None:
+    with pytest.raises(ConfigError, match="cmd"):
+        command_argv(bad)
 
 
 def test_argv_is_a_new_list() -> None:
@@ -48,7 +61,7 @@ def test_argv_is_a_new_list() -> None:
 
 @pytest.mark.parametrize("empty", [[], ()])
 def test_empty_sequence_is_a_value_error(empty: Any) -> None:
-    with pytest.raises(ValueError, match="an empty command"):
+    with pytest.raises(ValueError, match="an empty list"):
         command_argv(empty)
 
 
