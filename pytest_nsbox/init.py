@@ -538,8 +538,6 @@ class Server:
                 reply["pid"] = self.start(message, fds)
             elif op == "kill":
                 reply["ok"] = self.kill(message["pid"], message["sig"], message.get("group", False))
-            elif op == "ping":
-                reply["ok"] = True
             elif op == "keep":
                 # Outlive the helper and the host: no parent-death signal, no exit on EOF.
                 syscalls.prctl(syscalls.PR_SET_PDEATHSIG, 0)

@@ -16,6 +16,7 @@ import signal
 import socket
 
 from . import channel, devices, init, syscalls
+from .errors import permission_hint
 from .syscalls import (
     CLONE_NEWIPC,
     CLONE_NEWNET,
@@ -253,7 +254,9 @@ def _clone_warm(zygote_sock: socket.socket, hint: dict[str, Any], seq: int) -> N
         except OSError as exc:
             # A read-only cgroupfs (a container without --privileged): boxes still run, without
             # limits; a box that asks for limits is told why it cannot have them.
-            cgroup_error = f"cannot create cgroup {name} ({exc.strerror}); run as root"
+            cgroup_error = f"cannot create cgroup {name} ({exc.strerror}); " + permission_hint(
+                "creating a cgroup"
+            )
     ours, theirs = channel.socketpair()
     # Every signal is blocked across the fork: a handler of the zygote's (SIGTERM raises
     # SystemExit) must never run in the child, where it would unwind the zygote's stack and

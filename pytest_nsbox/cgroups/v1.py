@@ -45,24 +45,6 @@ class V1Driver:
             for controller, root in hierarchies.items()
         }
 
-    def create(self, name: str) -> list[Path]:
-        """Directories in the hierarchies every box joins; the others are made on demand.
-
-        Why not all: joining a cgroup costs, and the cpu controller's the most (about 2 ms a
-        box here), so cpu, cpuset and blkio are joined only when a limit needs them.
-        """
-        made: list[Path] = []
-        try:
-            for controller in ALWAYS:
-                if controller in self.parents:
-                    path = self._make(controller, name)
-                    if path not in made:  # co-mounted controllers (cpu,cpuacct) share one
-                        made.append(path)
-        except OSError as exc:
-            remove_dirs(made)
-            raise CgroupError(f"cannot create cgroup {name} ({exc}); run as root") from exc
-        return made
-
     def _make(self, controller: str, name: str) -> Path:
         path = self.parents[controller] / name
         for directory in (path.parent, path):
@@ -177,9 +159,6 @@ class V1Driver:
     def oom_kills_file(self, dirs: list[Path]) -> Path | None:
         memory = self._find(dirs, "memory")
         return memory / "memory.oom_control" if memory else None
-
-    def empty(self, dirs: list[Path]) -> bool:
-        return all(not read(d / "cgroup.procs").strip() for d in dirs)
 
     def remove(self, dirs: list[Path]) -> bool:
         gone = remove_dirs(dirs)

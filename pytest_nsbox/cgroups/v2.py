@@ -74,20 +74,6 @@ class V2Driver:
             except CgroupError:
                 pass  # gone meanwhile, or a kernel thread
 
-    def create(self, name: str) -> list[Path]:
-        self._prepare()
-        path = self.parent / name
-        try:
-            try:
-                path.mkdir()
-            except FileNotFoundError:
-                self._ready = False  # the shared parent went away with its last box: again
-                self._prepare()
-                path.mkdir()
-        except OSError as exc:
-            raise CgroupError(f"cannot create cgroup {path} ({exc.strerror}); run as root") from exc
-        return [path]
-
     def procs_files(self, dirs: list[Path]) -> list[str]:
         return [str(dirs[0] / "cgroup.procs")]
 
@@ -139,7 +125,7 @@ class V2Driver:
     def oom_kills_file(self, dirs: list[Path]) -> Path:
         return dirs[0] / "memory.events"
 
-    def empty(self, dirs: list[Path]) -> bool:
+    def _empty(self, dirs: list[Path]) -> bool:
         return "populated 0" in read(dirs[0] / "cgroup.events")
 
     def remove_named(self, name: str) -> bool:
@@ -150,7 +136,7 @@ class V2Driver:
         if not dirs:
             return True
         kill = dirs[0] / "cgroup.kill"
-        if kill.exists() and not self.empty(dirs):
+        if kill.exists() and not self._empty(dirs):
             try:
                 write(kill, "1")  # 5.14+: the kernel kills every process in it
             except CgroupError:

@@ -128,8 +128,16 @@ def test_gc_removes_an_empty_box_cgroup_left_by_a_killed_helper() -> None:
     backend = cgroups.driver()
     if backend is None:
         pytest.skip("this host has no usable cgroups")
-    fresh = backend.create(cgroups.NAME_PREFIX + "gc" + os.urandom(3).hex())
-    stale = backend.create(cgroups.NAME_PREFIX + "gc" + os.urandom(3).hex())
+    from pytest_nsbox.zygote_process import Plan
+
+    def make() -> list[Path]:  # as the box helper makes a box's cgroup
+        return [
+            Path(p)
+            for p in Plan(backend.helper_plan()).make_cgroup(cgroups.NAME_PREFIX + "gc" + os.urandom(3).hex())
+        ]
+
+    fresh = make()
+    stale = make()
     try:
         old = time.time() - reaper.EMPTY_CGROUP_AGE - 60
         for directory in stale:

@@ -11,6 +11,7 @@ from pytest_nsbox.cgroups.base import own_cgroup
 from pytest_nsbox.cgroups.v1 import V1Driver, mounted_controllers
 from pytest_nsbox.cgroups.v2 import V2Driver
 from pytest_nsbox.errors import CgroupError
+from pytest_nsbox.zygote_process import Plan
 
 
 @pytest.fixture
@@ -24,11 +25,17 @@ def v2_tree(tmp_path: Path) -> Path:
     return root
 
 
+def make_box_cgroup(driver: V1Driver | V2Driver, name: str) -> list[Path]:
+    """A box cgroup made as boxes get theirs: the plan the driver hands the box helper,
+    carried out by the helper's own code."""
+    return [Path(path) for path in Plan(driver.helper_plan()).make_cgroup(name)]
+
+
 def _v2_box(driver: V2Driver, name: str) -> Path:
     """A box directory as the kernel would populate it (a plain mkdir makes no files)."""
     driver._ready = True
     driver.parent.mkdir(parents=True, exist_ok=True)
-    path = driver.create(name)[0]
+    path = make_box_cgroup(driver, name)[0]
     for name_, content in {
         "cgroup.procs": "",
         "pids.max": "max",
@@ -112,7 +119,7 @@ def v1_tree(tmp_path: Path) -> dict[str, Path]:
 
 def test_v1_makes_one_directory_per_hierarchy_and_writes_limits(v1_tree: dict[str, Path]) -> None:
     driver = V1Driver(v1_tree)
-    dirs = driver.create("nsb-v1")
+    dirs = make_box_cgroup(driver, "nsb-v1")
     assert {d.name for d in dirs} == {"nsb-v1"} and len(dirs) == 3  # pids, memory, cpuacct
     memory = next(d for d in dirs if d.parent == driver.parents["memory"])
     (memory / "memory.memsw.limit_in_bytes").write_text("-1")
@@ -140,7 +147,7 @@ def test_v1_plan_names_the_devices_parent_where_it_is_mounted(tmp_path: Path) ->
 
 def test_v1_stats_convert_nanoseconds_and_read_oom_kills(v1_tree: dict[str, Path]) -> None:
     driver = V1Driver(v1_tree)
-    dirs = driver.create("nsb-stats")
+    dirs = make_box_cgroup(driver, "nsb-stats")
     driver._make("cpu", "nsb-stats")
     dirs.append(driver.parents["cpu"] / "nsb-stats")
     base = {c: driver.parents[c] / "nsb-stats" for c in v1_tree}
@@ -159,7 +166,7 @@ def test_v1_stats_convert_nanoseconds_and_read_oom_kills(v1_tree: dict[str, Path
 
 def test_v1_a_limit_whose_controller_is_missing_is_named(v1_tree: dict[str, Path]) -> None:
     driver = V1Driver({"pids": v1_tree["pids"]})
-    dirs = driver.create("nsb-partial")
+    dirs = make_box_cgroup(driver, "nsb-partial")
     with pytest.raises(CgroupError, match="limit 'memory' needs the v1 memory controller"):
         driver.apply(dirs, {"memory": 1 << 20})
 
