@@ -532,14 +532,21 @@ class Box:
     # ---------------------------------------------------------------------------- files
 
     def host_path(self, path: str) -> str:
-        """The host path of a box path, through ``/proc/PID/root``.
+        """The host path of a box path, through ``/proc/PID/root``, for tools that want a path.
 
-        For reading with tools that want a path. Beware: an absolute symlink met on this path
-        resolves on the host; the file helpers below never make that mistake.
+        Symlinks on ``path`` are resolved inside the box first, so the path returned names
+        none: an absolute symlink met under ``/proc/PID/root`` would otherwise resolve against
+        the *host's* root (``/etc/x -> /etc/shadow`` reaching the host's shadow file).
+
+        Danger: this holds when it is called. A box process that later turns a directory on
+        the returned path into a symlink steers whatever the host opens through it onto host
+        files; never write through it while the box runs untrusted code. The file helpers
+        (``read_bytes``, ``write_bytes``, ``copy_in``, ``copy_out``) go by descriptors and
+        cannot be steered: prefer them.
         """
         self._require_running("host_path()")
         path = box_path(path, "host_path(): path")
-        return f"/proc/{self.pid}/root/{path.lstrip('/')}"
+        return f"/proc/{self.pid}/root/{self._fs().resolve(path).lstrip('/')}"
 
     def read_bytes(self, path: str) -> bytes:
         files = self._fs("read_bytes()")

@@ -4,13 +4,24 @@ The host opens box paths relative to ``/proc/PID/root`` with ``openat2(RESOLVE_I
 Why not plain ``open("/proc/PID/root/etc/x")``: an absolute symlink inside the box (say
 ``/etc/x -> /etc/shadow``) would then resolve against the *host's* root, and a test helper
 would write to the host. With ``RESOLVE_IN_ROOT`` the kernel treats the box root as ``/``.
+
+Copies go by descriptors on both sides, never by a path walk a box process can steer:
+
+- ``copy_out`` opens each box entry once (``O_PATH|O_NOFOLLOW``), decides by the descriptor's
+  type, reads a regular file through that same descriptor and descends into a directory from
+  it; on the host it creates every name relative to its parent directory's descriptor, with
+  ``O_NOFOLLOW`` and ``O_EXCL``, so a name the box flips into a symlink mid-copy is copied as the
+  symlink it was when looked at and never followed on the host.
+- ``copy_in`` reads the host tree the same way; the box side resolves every path with
+  ``RESOLVE_IN_ROOT``, so a box directory flipped into a symlink (absolute, ``../..``,
+  ``/proc/1/root``: a magic link, refused by ``RESOLVE_NO_MAGICLINKS``) redirects the write
+  inside the box at most, as a write by a box process would be.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 
 from . import syscalls
@@ -46,6 +57,46 @@ class BoxFiles:
             raise
         return True
 
+    def resolve(self, path: str) -> str:
+        """``path`` with every symlink on it resolved inside the box: an absolute box path that
+        names no symlink, so that ``/proc/PID/root`` + it cannot be steered to a host file by an
+        absolute symlink (``/etc/x -> /etc/shadow``) or one climbing with ``..``.
+
+        Components that do not exist are kept as given (a path about to be created).
+        """
+        pending = [part for part in path.split("/") if part not in ("", ".")]
+        pending.reverse()
+        done: list[str] = []
+        links = 0
+        while pending:
+            part = pending.pop()
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            try:
+                fd = self.open("/".join([*done, part]), os.O_PATH | os.O_NOFOLLOW)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    raise
+                done.append(part)
+                done.extend(reversed(pending))
+                break
+            try:
+                if not stat.S_ISLNK(os.fstat(fd).st_mode):
+                    done.append(part)
+                    continue
+                links += 1
+                if links > 40:  # the kernel's own limit on symlinks in one lookup
+                    raise OSError(errno.ELOOP, "too many levels of symbolic links (in the box)", path)
+                target = os.readlink("", dir_fd=fd)
+            finally:
+                os.close(fd)
+            if target.startswith("/"):
+                done.clear()
+            pending.extend(reversed([p for p in target.split("/") if p not in ("", ".")]))
+        return "/" + "/".join(done)
+
     def read_bytes(self, path: str) -> bytes:
         fd = self.open(path, os.O_RDONLY)
         with os.fdopen(fd, "rb") as handle:
@@ -73,40 +124,37 @@ class BoxFiles:
         """Copy a host file or tree into the box; into ``box_dst`` if it is a directory."""
         if self._is_dir(box_dst):
             box_dst = os.path.join(box_dst, os.path.basename(os.path.normpath(host_src)))
-        info = os.lstat(host_src)
-        if not stat.S_ISDIR(info.st_mode):
-            self._copy_file_in(host_src, box_dst, info)
-            return
-        for top, dirs, files in os.walk(host_src):
-            rel = os.path.relpath(top, host_src)
-            box_top = box_dst if rel == "." else os.path.join(box_dst, rel)
-            self.makedirs(box_top)
-            for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
-                src = os.path.join(top, name)
-                self._copy_file_in(src, os.path.join(box_top, name), os.lstat(src))
-
-    def copy_out(self, box_src: str, host_dst: str) -> None:
-        """Copy a box file or tree to the host; into ``host_dst`` if it is a directory."""
-        if os.path.isdir(host_dst):
-            host_dst = os.path.join(host_dst, os.path.basename(os.path.normpath(box_src)) or "root")
-        fd = self.open(box_src, os.O_PATH | os.O_NOFOLLOW)
+        # The host source is the caller's own path: its last component is not followed (a
+        # symlink is copied as one), and below it everything is read through descriptors.
+        fd = os.open(host_src, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            info = os.fstat(fd)
+            self._copy_in(fd, box_dst)
         finally:
             os.close(fd)
-        if not stat.S_ISDIR(info.st_mode):
-            self._copy_file_out(box_src, host_dst, info)
-            return
-        top_fd = self.open(box_src, os.O_RDONLY | os.O_DIRECTORY)
+
+    def copy_out(self, box_src: str, host_dst: str) -> None:
+        """Copy a box file or tree to the host; into ``host_dst`` if it is a directory.
+
+        Special files (devices, fifos, sockets) are skipped; modes keep their permission bits
+        only (a setuid program made in the box must not become a setuid program of the host's).
+        An existing host file is replaced as ``cp`` does, by unlinking it first, never by
+        writing through it.
+        """
+        if os.path.isdir(host_dst):
+            parent_path, name = host_dst, os.path.basename(os.path.normpath(box_src)) or "root"
+        else:
+            parent_path, name = os.path.split(os.path.abspath(host_dst))
+        source = self.open(box_src, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            # fwalk works on directory fds and never follows symlinks: nothing can lead it out.
-            for top, _dirs, files, dir_fd in os.fwalk(".", dir_fd=top_fd):
-                target_dir = os.path.normpath(os.path.join(host_dst, top))
-                os.makedirs(target_dir, exist_ok=True)
-                for name in files + [d for d in _dirs if stat.S_ISLNK(os.lstat(d, dir_fd=dir_fd).st_mode)]:
-                    self._copy_entry_out(dir_fd, name, os.path.join(target_dir, name))
+            # The destination's parent is the caller's own path, opened once; everything under
+            # it is made relative to descriptors.
+            parent = os.open(parent_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self._copy_out(source, parent, name, box_src)
+            finally:
+                os.close(parent)
         finally:
-            os.close(top_fd)
+            os.close(source)
 
     # ---------------------------------------------------------------------------- helpers
 
@@ -144,47 +192,174 @@ class BoxFiles:
             raise IsADirectoryError(errno.EISDIR, "the box root is a directory", path)
         return self._directory(parent, create), name
 
-    def _copy_file_in(self, src: str, box_dst: str, info: os.stat_result) -> None:
-        parent, name = self._parent(box_dst, create=True)
+    def _copy_in(self, source: int, box_dst: str) -> None:
+        """Copy the host entry open as ``source`` (``O_PATH``) to ``box_dst``, depth first."""
+        stack: list[tuple[int, str, list[str]]] = []
         try:
-            if stat.S_ISLNK(info.st_mode):
+            directory = self._copy_entry_in(source, box_dst)
+            if directory is not None:
+                stack.append((directory, box_dst, sorted(os.listdir(directory))))
+            while stack:
+                parent, box_parent, names = stack[-1]
+                if not names:
+                    os.close(parent)
+                    stack.pop()
+                    continue
+                name = names.pop()
                 try:
-                    os.unlink(name, dir_fd=parent)
+                    entry = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
                 except FileNotFoundError:
-                    pass
-                os.symlink(os.readlink(src), name, dir_fd=parent)
-                return
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-            out = os.open(name, flags, stat.S_IMODE(info.st_mode), dir_fd=parent)
+                    continue  # removed from the host tree meanwhile
+                try:
+                    target = os.path.join(box_parent, name)
+                    directory = self._copy_entry_in(entry, target)
+                finally:
+                    os.close(entry)
+                if directory is not None:
+                    stack.append((directory, target, sorted(os.listdir(directory))))
         finally:
-            os.close(parent)
-        with open(src, "rb") as source, os.fdopen(out, "wb") as target:
-            shutil.copyfileobj(source, target, _CHUNK)
-            os.fchmod(target.fileno(), stat.S_IMODE(info.st_mode))
+            for parent, _, _ in stack:
+                os.close(parent)
 
-    def _copy_file_out(self, box_src: str, host_dst: str, info: os.stat_result) -> None:
+    def _copy_entry_in(self, entry: int, box_dst: str) -> int | None:
+        """Copy one host entry; for a directory, make it in the box and return a readable fd of it."""
+        info = os.fstat(entry)
+        if stat.S_ISDIR(info.st_mode):
+            self.makedirs(box_dst)
+            return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=entry)
         if stat.S_ISLNK(info.st_mode):
-            parent, name = self._parent(box_src, create=False)
+            parent, name = self._parent(box_dst, create=True)
             try:
-                os.symlink(os.readlink(name, dir_fd=parent), host_dst)
+                _unlink_if_present(parent, name, box_dst)
+                os.symlink(os.readlink("", dir_fd=entry), name, dir_fd=parent)
             finally:
                 os.close(parent)
-            return
-        fd = self.open(box_src, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as source, open(host_dst, "wb") as target:
-            shutil.copyfileobj(source, target, _CHUNK)
-        os.chmod(host_dst, stat.S_IMODE(info.st_mode))
-
-    def _copy_entry_out(self, dir_fd: int, name: str, host_dst: str) -> None:
-        info = os.lstat(name, dir_fd=dir_fd)
-        if stat.S_ISLNK(info.st_mode):
-            os.symlink(os.readlink(name, dir_fd=dir_fd), host_dst)
         elif stat.S_ISREG(info.st_mode):
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            with os.fdopen(fd, "rb") as source, open(host_dst, "wb") as target:
-                shutil.copyfileobj(source, target, _CHUNK)
-            os.chmod(host_dst, stat.S_IMODE(info.st_mode))
-        # Devices, fifos and sockets are not copied out: they mean nothing on the host.
+            source = _reopened(entry)
+            try:
+                parent, name = self._parent(box_dst, create=True)
+                try:
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+                    out = os.open(name, flags, 0o600, dir_fd=parent)
+                finally:
+                    os.close(parent)
+                try:
+                    _pump(source, out, info.st_size)
+                    os.fchmod(out, stat.S_IMODE(info.st_mode))
+                finally:
+                    os.close(out)
+            finally:
+                os.close(source)
+        return None  # special files are not copied
+
+    def _copy_out(self, source: int, parent: int, name: str, box_src: str) -> None:
+        """Copy the box entry open as ``source`` (``O_PATH``) to ``name`` in host dir ``parent``."""
+        stack: list[tuple[int, int, str, list[str]]] = []
+        try:
+            pair = _copy_entry_out(source, parent, name, box_src)
+            if pair is not None:
+                stack.append((*pair, box_src, sorted(os.listdir(pair[0]))))
+            while stack:
+                box_dir, host_dir, box_path, names = stack[-1]
+                if not names:
+                    os.close(box_dir)
+                    os.close(host_dir)
+                    stack.pop()
+                    continue
+                name = names.pop()
+                try:
+                    entry = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=box_dir)
+                except FileNotFoundError:
+                    continue  # removed in the box meanwhile: as if the copy had come first
+                try:
+                    child = os.path.join(box_path, name)
+                    pair = _copy_entry_out(entry, host_dir, name, child)
+                finally:
+                    os.close(entry)
+                if pair is not None:
+                    stack.append((*pair, child, sorted(os.listdir(pair[0]))))
+        finally:
+            for box_dir, host_dir, _, _ in stack:
+                os.close(box_dir)
+                os.close(host_dir)
+
+
+def _copy_entry_out(entry: int, parent: int, name: str, box_path: str) -> tuple[int, int] | None:
+    """Copy one box entry, decided by its descriptor's type (what lstat said earlier counts for
+    nothing: the box may have swapped the name since). A directory is made on the host and
+    returned as (box fd, host fd) to descend into; anything else is copied and None returned."""
+    info = os.fstat(entry)
+    if stat.S_ISDIR(info.st_mode):
+        try:
+            os.mkdir(name, 0o755, dir_fd=parent)
+        except FileExistsError:
+            pass  # copying over an existing tree, as cp -r does; O_NOFOLLOW below refuses a link
+        try:
+            host_dir = os.open(
+                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent
+            )
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"cannot copy the box directory {box_path} out: the host destination {name!r} exists "
+                f"and is not a directory ({os.strerror(exc.errno or 0)}); remove it or copy elsewhere",
+            ) from exc
+        try:
+            box_dir = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=entry)
+        except BaseException:
+            os.close(host_dir)
+            raise
+        return box_dir, host_dir
+    if stat.S_ISLNK(info.st_mode):
+        target = os.readlink("", dir_fd=entry)
+        _unlink_if_present(parent, name, box_path)
+        os.symlink(target, name, dir_fd=parent)  # copied as a link, never followed
+    elif stat.S_ISREG(info.st_mode):
+        source = _reopened(entry)
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                out = os.open(name, flags, 0o600, dir_fd=parent)
+            except FileExistsError:
+                _unlink_if_present(parent, name, box_path)  # replaced as cp does, never written through
+                out = os.open(name, flags, 0o600, dir_fd=parent)
+            try:
+                _pump(source, out, info.st_size)
+                os.fchmod(out, stat.S_IMODE(info.st_mode) & 0o777)
+            finally:
+                os.close(out)
+        finally:
+            os.close(source)
+    # Devices, fifos and sockets are not copied out: they mean nothing on the host.
+    return None
+
+
+def _reopened(entry: int) -> int:
+    """A readable descriptor of the inode ``entry`` (an ``O_PATH`` fd) holds: reopening through
+    ``/proc/self/fd`` reaches that very inode, whatever its name means by now."""
+    fd = os.open(f"/proc/self/fd/{entry}", os.O_RDONLY | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file any more", f"/proc/self/fd/{entry}")
+    return fd
+
+
+def _pump(source: int, target: int, size_hint: int) -> None:
+    """Copy ``source`` to ``target`` in the kernel (sendfile), to its end even if it grew."""
+    while os.sendfile(target, source, None, max(size_hint, _CHUNK)):
+        pass
+
+
+def _unlink_if_present(parent: int, name: str, what: str) -> None:
+    """Make room for ``name`` as ``cp`` does (unlink, never write through); a directory stays."""
+    try:
+        os.unlink(name, dir_fd=parent)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError as exc:
+        raise IsADirectoryError(
+            exc.errno, f"cannot copy {what} over the directory {name!r}; remove it or copy elsewhere"
+        ) from exc
 
 
 def _relative(path: str) -> str:

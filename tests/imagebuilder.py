@@ -1,8 +1,11 @@
 """Write container image archives for tests, so no test ever pulls an image.
 
 Formats: classic ``docker save`` (``write_docker_save_legacy``), Docker 25+ ``docker save``
-(``write_docker_save_oci``), OCI image layouts as a directory or a tar, optionally multi-platform
-(``write_oci_layout``, ``write_oci_archive``), and plain rootfs tarballs (``write_rootfs_tar``).
+(``write_docker_save_oci``), podman's docker-archive (``write_podman_docker_archive``),
+go-containerregistry's ``docker load`` tarballs as crane, kaniko and ko write them
+(``write_crane_tarball``), Jib's (``write_jib_tarball``), OCI image layouts as a directory or a
+tar, optionally multi-platform (``write_oci_layout``, ``write_oci_archive``), and plain rootfs
+tarballs (``write_rootfs_tar``).
 Output is deterministic (fixed mtimes, no user names, gzip mtime 0) and built with the standard
 library only; zstd layers need the optional ``zstandard`` package.
 
@@ -554,6 +557,76 @@ def write_docker_save_oci(path: str | os.PathLike[str], images: list[ImageSpec])
         **blobs.members(),
     }
     return _written(path, _archive(members), built)
+
+
+def _docker_load_tarball(
+    path: str | os.PathLike[str],
+    images: list[ImageSpec],
+    config_name: Any,
+    layers_first: bool,
+    manifest_layers: list[str] | None,
+    raw_manifest: bytes | None,
+) -> Written:
+    """A tarball of top-level files only, ``manifest.json`` written last (as go-containerregistry
+    and Jib write): every layer gzip-compressed as ``<blob hex>.tar.gz``."""
+    members: dict[str, bytes | _Link] = {}
+    manifest: list[dict[str, Any]] = []
+    built: list[BuiltImage] = []
+    for spec in images:
+        gzipped = dataclasses.replace(spec, compression=["gzip"] * len(spec.layers))
+        layers = _layers(gzipped)
+        config = _config(gzipped, layers)
+        config_bytes = _json(config)
+        name = config_name(sha256_hex(config_bytes))
+        layer_files = [f"{layer.digest[7:]}.tar.gz" for layer in layers]
+        pairs = enumerate(zip(layer_files, layers, strict=True))
+        blobs = {f: layer.blob for i, (f, layer) in pairs if i != spec.missing_layer}
+        if layers_first:
+            members.update(blobs)
+            members[name] = config_bytes
+        else:
+            members[name] = config_bytes
+            members.update(blobs)
+        manifest.append(
+            {
+                "Config": name,
+                "RepoTags": [spec.tag] if spec.tag else [],
+                "Layers": layer_files if manifest_layers is None else manifest_layers,
+            }
+        )
+        built.append(_built(gzipped, layers, config, config_digest=sha256_digest(config_bytes)))
+    members["manifest.json"] = _json(manifest) if raw_manifest is None else raw_manifest
+    return _written(path, _archive(members, sort=False), built)
+
+
+def write_crane_tarball(
+    path: str | os.PathLike[str],
+    images: list[ImageSpec],
+    manifest_layers: list[str] | None = None,
+    raw_manifest: bytes | None = None,
+) -> Written:
+    """What ``crane pull``, ``kaniko --tarPath`` and ``ko`` write (go-containerregistry's
+    ``tarball.MultiRefWrite``): the config as ``sha256:<hex>``, then each layer's compressed blob
+    as ``<hex>.tar.gz``, then ``manifest.json``; no directories, no ``repositories``.
+
+    Damage: ``manifest_layers`` replaces every image's Layers list in manifest.json;
+    ``raw_manifest`` replaces manifest.json's bytes.
+    """
+    return _docker_load_tarball(
+        path, images, lambda hex_: f"sha256:{hex_}", False, manifest_layers, raw_manifest
+    )
+
+
+def write_jib_tarball(path: str | os.PathLike[str], images: list[ImageSpec]) -> Written:
+    """What Jib (``jib:buildTar``) and Bazel's docker rules write: layers as ``<hex>.tar.gz``,
+    then ``config.json`` (a name that carries no digest), then ``manifest.json``."""
+    return _docker_load_tarball(path, images, lambda _hex: "config.json", True, None, None)
+
+
+def write_podman_docker_archive(path: str | os.PathLike[str], images: list[ImageSpec]) -> Written:
+    """``podman save --format docker-archive``: ``<sha>.tar`` layer files at the top, each linked
+    from ``<id>/layer.tar`` (``write_docker_save_legacy(all_layers_as_symlinks=True)``)."""
+    return write_docker_save_legacy(path, images, all_layers_as_symlinks=True)
 
 
 def _platform_variant(spec: ImageSpec, architecture: str, os_name: str) -> ImageSpec:

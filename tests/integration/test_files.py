@@ -74,3 +74,27 @@ def test_host_path_reaches_the_merged_root(nsbox: Box) -> None:
     assert path.startswith(f"/proc/{nsbox.pid}/root/")
     with open(path) as handle:
         assert handle.read() == "hello\n"
+
+
+def test_host_path_resolves_box_symlinks_inside_the_box(nsbox: Box) -> None:
+    nsbox.run("mkdir -p /srv/real && echo box > /srv/real/passwd && ln -s /srv/real /srv/abs", check=True)
+    nsbox.run("ln -s ../../../../../../etc /srv/up", check=True)
+    path = nsbox.host_path("/srv/abs/passwd")
+    assert path == f"/proc/{nsbox.pid}/root/srv/real/passwd"
+    assert open(path).read() == "box\n"
+    assert nsbox.host_path("/srv/up/passwd") == f"/proc/{nsbox.pid}/root/etc/passwd"
+
+
+def test_copy_out_replaces_files_drops_setuid_and_never_writes_through_a_host_link(
+    nsbox: Box, tmp_path: Path
+) -> None:
+    nsbox.run("mkdir -p /out && echo new > /out/a && cp /bin/true /out/tool && chmod 4755 /out/tool")
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    back = tmp_path / "back"
+    (back / "out").mkdir(parents=True)
+    os.symlink(victim, back / "out" / "a")  # a host symlink where the copy writes
+    nsbox.copy_out("/out", back)  # into back/out, over what is there
+    assert victim.read_text() == "untouched\n"
+    assert not os.path.islink(back / "out" / "a") and (back / "out" / "a").read_text() == "new\n"
+    assert os.stat(back / "out" / "tool").st_mode & 0o7777 == 0o755
