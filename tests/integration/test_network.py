@@ -28,7 +28,7 @@ import pytest
 from cleanup import rmdir_when_empty
 
 from pytest_nsbox import Box, BoxProcess, ConfigError, Link, NetPair, NetworkError, live_boxes, state
-from pytest_nsbox.network import bridge, nat, netns, pool
+from pytest_nsbox.network import bridge, nat, netns, pool, reclaim
 from pytest_nsbox.network.shaping import Shape
 from pytest_nsbox.plugin import DEFAULTS
 
@@ -620,7 +620,7 @@ def test_nat_state_of_a_killed_owner_is_reclaimed_by_the_sweeper(
         owner.send_signal(signal.SIGKILL)
         owner.wait()
     try:
-        bridge.sweep()
+        reclaim.sweep()
         with state.locked_document(nat.DOCUMENT) as document:
             others = {a: o for a, o in document.get("boxes", {}).items() if state.Owner.from_json(o).alive()}
         if others:
