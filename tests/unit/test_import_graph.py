@@ -9,6 +9,8 @@ and it ties two modules that the layout in the README keeps apart.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest_nsbox
@@ -120,8 +122,9 @@ def test_the_pid1_side_imports_only_low_level_modules():
     """The helper and the box's init are copied into every box at fork: they load the
     standard library and the low-level modules only, never the host side."""
     graph = import_graph()
-    allowed = {f"{ROOT}.{name}" for name in ("errors", "syscalls", "channel", "init", "rootfs", "pid1")}
-    for side in ("zygote_process", "init", "rootfs", "pid1"):
+    low_level = ("errors", "syscalls", "channel", "init", "rootfs", "overlay", "capabilities")
+    allowed = {f"{ROOT}.{name}" for name in low_level}
+    for side in ("zygote_process", "init", "rootfs", "overlay", "capabilities"):
         module = f"{ROOT}.{side}"
         if module in graph:
             assert graph[module] <= allowed, f"{module} imports {sorted(graph[module] - allowed)}"
@@ -130,4 +133,22 @@ def test_the_pid1_side_imports_only_low_level_modules():
 def test_the_host_zygote_does_not_import_pid1():
     graph = import_graph()
     assert f"{ROOT}.init" not in graph[f"{ROOT}.zygote"]
-    assert f"{ROOT}.pid1" not in graph[f"{ROOT}.zygote"]
+
+
+def test_the_box_helper_loads_no_heavy_module():
+    """What the helper imports is copied into every box at fork: the PID-1 side's modules
+    (init, rootfs, overlay, capabilities) must not pull in the host side's heavy ones."""
+    probe = (
+        "import sys\n"
+        "package = type(sys)('pytest_nsbox')\n"
+        "package.__path__ = [sys.argv[1]]\n"
+        "sys.modules['pytest_nsbox'] = package\n"
+        "import pytest_nsbox.zygote_process\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-S", "-c", probe, str(PACKAGE)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "pytest_nsbox.init" in loaded and "pytest_nsbox.rootfs" in loaded
+    heavy = {"dataclasses", "inspect", "typing", "pathlib", "subprocess", "psutil", "pyroute2", "filelock"}
+    assert not heavy & set(loaded), f"the box helper loads {sorted(heavy & set(loaded))}"
