@@ -476,7 +476,17 @@ class Box:
             os.close(stdout)
             os.close(stderr)
             raise _exec_failure(self.id, argv, cwd, {**self.spec.env, **env}, reply["error"])
-        process = BoxProcess(self, cmd, int(reply["pid"]), stdout, stderr, request.text)
+        assert self.pid is not None
+        process = BoxProcess(
+            link,
+            cmd,
+            int(reply["pid"]),
+            stdout,
+            stderr,
+            request.text,
+            init_pid=self.pid,
+            released=self._forget_process,
+        )
         self._processes.add(process)
         self.history.append(process)
         del self.history[:-20]
@@ -613,27 +623,8 @@ class Box:
         assert self._files is not None
         return self._files
 
-    def _kill(self, pid: int, sig: int, group: bool) -> bool:
-        link = self._require_running()
-        reply = link.request({"op": "kill", "pid": pid, "sig": int(sig), "group": group})
-        return bool(reply.get("ok"))
-
     def _forget_process(self, process: BoxProcess) -> None:
         self._processes.discard(process)
-
-    def _host_pid_of(self, box_pid: int) -> int | None:
-        """Find a box process's host pid: the host process whose last NSpid is ``box_pid``."""
-        for process in self.processes():
-            try:
-                with open(f"/proc/{process.pid}/status") as handle:
-                    for line in handle:
-                        if line.startswith("NSpid:"):
-                            if int(line.split()[-1]) == box_pid:
-                                return process.pid
-                            break
-            except OSError:
-                continue
-        return None
 
 
 _pending_hooks: list[Callable[[], None]] = []

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 import filelock
 
+from . import state
 from .errors import ImageError, StateError
 from .untar import LayerExtractor, Progress
 
@@ -292,8 +293,4 @@ def _hex(digest: str | None) -> str:
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-    """Write atomically: readers see the old file or the new one, never half of one."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump(data, handle)
-    os.rename(temporary, path)
+    state.write_atomically(path, json.dumps(data))

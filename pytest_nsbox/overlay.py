@@ -1,29 +1,87 @@
-"""A box's overlay root as the host sees it, and what the box changed in it.
+"""The overlay filesystem of a box's root: how it is mounted, and what a box changed in it.
 
-The mounts themselves are made by the box's init inside its own mount namespace (so they
-vanish with it); the host reaches them through ``/proc/PID/root`` (the merged view) and
-``/proc/PID/fd/N`` (init's open handle on the scratch tmpfs holding the upper layer).
+The box's init mounts it (``mount_root``) inside the box's own mount namespace, so it
+vanishes with the box; the host reaches it through ``/proc/PID/root`` (the merged view) and
+``/proc/PID/fd/N`` (init's open handle on the scratch tmpfs holding the upper layer), and
+reads the box's changes from the upper layer (``OverlayRoot.diff``).
+
+The box helper loads this module into every box it forks: it imports the standard library's
+``os`` and ``stat`` and ``syscalls`` only (no ``dataclasses``, whose imports would be copied
+into every box), which is why the two records below are plain classes.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from . import syscalls
 from .errors import BoxError
+
+TYPE_CHECKING = False  # typing stays out of the box helper (see zygote_process)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _OPAQUE_XATTR = "trusted.overlay.opaque"
 
 
-@dataclass(frozen=True)
+def mount_root(target: str, lowers: list[str], upper: str, work: str, flags: int) -> None:
+    """Mount the overlay of ``lowers`` (image layers, top first) and ``upper`` on ``target``.
+
+    ``upper`` and ``work`` must share one filesystem, and it may not be an overlay itself.
+    """
+    joined = ":".join(escape_overlay_path(path) for path in short_lowers(lowers))
+    syscalls.mount("nsbox", target, "overlay", flags, f"lowerdir={joined},upperdir={upper},workdir={work}")
+
+
+def short_lowers(lowers: list[str]) -> list[str]:
+    """Layer paths as short as can be: overlay's options must fit in one page (4 KiB).
+
+    Layers of the cache share a directory: work from there (the caller's working directory
+    changes to it) and name them relative to it, as Docker's short ``l/`` links do, so that
+    images with over a hundred layers mount.
+    """
+    parents = {os.path.dirname(path) for path in lowers}
+    if len(lowers) > 1 and len(parents) == 1:
+        os.chdir(parents.pop())
+        return [os.path.basename(path) for path in lowers]
+    return lowers
+
+
+def escape_overlay_path(path: str) -> str:
+    """Escape a layer path for overlay's option string, where ``\\``, ``,`` and ``:`` separate."""
+    return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
 class Changes:
     """Box paths the box added, modified or deleted, relative to its image (sorted)."""
 
-    added: list[str] = field(default_factory=list)
-    modified: list[str] = field(default_factory=list)
-    deleted: list[str] = field(default_factory=list)
+    __slots__ = ("added", "deleted", "modified")
+    added: list[str]
+    modified: list[str]
+    deleted: list[str]
+
+    def __init__(
+        self,
+        added: list[str] | None = None,
+        modified: list[str] | None = None,
+        deleted: list[str] | None = None,
+    ) -> None:
+        for name, value in (("added", added), ("modified", modified), ("deleted", deleted)):
+            object.__setattr__(self, name, list(value or []))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Changes is read-only: cannot set {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Changes):
+            return NotImplemented
+        return (self.added, self.modified, self.deleted) == (other.added, other.modified, other.deleted)
+
+    __hash__ = None  # type: ignore[assignment]  # lists inside: unhashable, as a dataclass of lists
+
+    def __repr__(self) -> str:
+        return f"Changes(added={self.added!r}, modified={self.modified!r}, deleted={self.deleted!r})"
 
     def __bool__(self) -> bool:
         return bool(self.added or self.modified or self.deleted)
@@ -36,21 +94,59 @@ class Changes:
         return "\n".join(lines[:limit] + ([f"... and {more} more"] if more > 0 else []))
 
 
-@dataclass(frozen=True)
 class OverlayRoot:
     """The layers of a box's root: ``lowers`` (read-only, top first), ``upper``, ``merged``.
 
     ``made_by_box`` lists paths the box itself created in the upper layer while starting
     (mount points such as ``/etc/hosts`` that the image lacked); ``diff()`` leaves them out.
     ``is_running`` tells whether the box (``box_id``) still runs: its upper layer goes with it.
+    Read-only once made, as the box it describes.
     """
 
+    __slots__ = ("box_id", "is_running", "lowers", "made_by_box", "merged", "upper")
     lowers: tuple[str, ...]
     upper: str
     merged: str
-    made_by_box: frozenset[str] = frozenset()
-    box_id: str = ""
-    is_running: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
+    made_by_box: frozenset[str]
+    box_id: str
+    is_running: Callable[[], bool] | None
+
+    def __init__(
+        self,
+        lowers: tuple[str, ...],
+        upper: str,
+        merged: str,
+        made_by_box: frozenset[str] = frozenset(),
+        box_id: str = "",
+        is_running: Callable[[], bool] | None = None,
+    ) -> None:
+        values = {
+            "lowers": tuple(lowers),
+            "upper": upper,
+            "merged": merged,
+            "made_by_box": frozenset(made_by_box),
+            "box_id": box_id,
+            "is_running": is_running,
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"OverlayRoot is read-only: cannot set {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OverlayRoot):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"OverlayRoot(lowers={self.lowers!r}, upper={self.upper!r}, merged={self.merged!r})"
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.lowers, self.upper, self.merged, self.made_by_box, self.box_id)
 
     def diff(self) -> Changes:
         """What the box changed, read from the upper layer (whiteouts are deletions).

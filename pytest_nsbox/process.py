@@ -13,13 +13,14 @@ import re
 import signal as _signal
 import subprocess
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
+
+import psutil
 
 from .errors import ArgumentTypeError, BoxError, ConfigError, WaitTimeoutError, output_tail
+from .link import InitLink
 from .spec import timeout_seconds
-
-if TYPE_CHECKING:
-    from .box import Box
 
 
 class RunResult(subprocess.CompletedProcess[Any]):
@@ -109,8 +110,25 @@ class BoxProcess:
     ``stdout``/``stderr`` hold its output so far (the whole output once it has exited).
     """
 
-    def __init__(self, box: Box, args: Any, pid: int, stdout_fd: int, stderr_fd: int, text: bool) -> None:
-        self.box = box
+    def __init__(
+        self,
+        link: InitLink,
+        args: Any,
+        pid: int,
+        stdout_fd: int,
+        stderr_fd: int,
+        text: bool,
+        *,
+        init_pid: int,
+        released: Callable[[BoxProcess], None] | None = None,
+    ) -> None:
+        # Why a link and a callback rather than the Box: a process needs only its init (to
+        # wait, signal and be forgotten) and to tell its box it is done; the box module stays
+        # the only one that knows the other.
+        self._link = link
+        self._init_pid = init_pid
+        self._released = released
+        self.box_id = link.box_id
         self.args = args
         self.pid = pid
         self.returncode: int | None = None
@@ -123,14 +141,14 @@ class BoxProcess:
 
     def __repr__(self) -> str:
         state = "running" if self.returncode is None else f"returncode={self.returncode}"
-        return f"<BoxProcess pid={self.pid} box={self.box.id} {state} args={self.args!r}>"
+        return f"<BoxProcess pid={self.pid} box={self.box_id} {state} args={self.args!r}>"
 
     # ------------------------------------------------------------------- state and waiting
 
     def poll(self) -> int | None:
         """The return code if it has exited, else None (never blocks)."""
-        link = self.box._link
-        if self.returncode is None and link is not None:
+        link = self._link
+        if self.returncode is None:
             link.drain()
             status = link.exit_status(self.pid)
             if status is not None or link.gone:
@@ -140,8 +158,8 @@ class BoxProcess:
     def wait(self, timeout: float | None = None) -> int:
         """Wait for exit; ``subprocess.TimeoutExpired`` if it is still running after ``timeout``."""
         if self.returncode is None:
-            link = self.box._link
-            if link is None or link.gone:
+            link = self._link
+            if link.gone:
                 self._finish(None)
             else:
                 deadline = None if timeout is None else time.monotonic() + timeout
@@ -154,9 +172,10 @@ class BoxProcess:
 
     def kill(self, sig: int = _signal.SIGKILL, *, group: bool = False) -> bool:
         """Send ``sig`` (default SIGKILL) to it, or to its whole process group; False if gone."""
-        if self.returncode is not None:
+        if self.returncode is not None or self._link.gone:
             return False
-        return self.box._kill(self.pid, sig, group)
+        reply = self._link.request({"op": "kill", "pid": self.pid, "sig": int(sig), "group": group})
+        return bool(reply.get("ok"))
 
     def terminate(self) -> bool:
         """SIGTERM, as ``subprocess.Popen.terminate``."""
@@ -168,7 +187,7 @@ class BoxProcess:
     def host_pid(self) -> int | None:
         """Its pid in the host's pid namespace (None once it has exited)."""
         if self._host_pid is None and self.returncode is None:
-            self._host_pid = self.box._host_pid_of(self.pid)
+            self._host_pid = host_pid_of(self._init_pid, self.pid)
         return self._host_pid
 
     # ------------------------------------------------------------------------------ output
@@ -218,12 +237,12 @@ class BoxProcess:
                 return match
             if self.poll() is not None:
                 raise WaitTimeoutError(
-                    f"box {self.box.id}: {self.args!r} exited ({self.returncode}) without printing "
+                    f"box {self.box_id}: {self.args!r} exited ({self.returncode}) without printing "
                     f"{regex.pattern!r}; its output:\n{text[-2000:]}"
                 )
             if time.monotonic() >= deadline:
                 raise WaitTimeoutError(
-                    f"box {self.box.id}: {regex.pattern!r} did not appear in the output of "
+                    f"box {self.box_id}: {regex.pattern!r} did not appear in the output of "
                     f"{self.args!r} within {timeout}s; output so far:\n{text[-2000:]}"
                 )
             time.sleep(delay)
@@ -272,8 +291,7 @@ class BoxProcess:
             return
         self.ended = time.monotonic()
         self.returncode = -_signal.SIGKILL if status is None else os.waitstatus_to_exitcode(status)
-        if self.box._link is not None:
-            self.box._link.forget(self.pid)
+        self._link.forget(self.pid)
         self.release()
 
     def release(self) -> None:
@@ -283,4 +301,30 @@ class BoxProcess:
             for fd in self._fds:
                 os.close(fd)
             self._fds = None
-        self.box._forget_process(self)
+        if self._released is not None:
+            self._released(self)
+
+
+def box_pid_of(host_pid: int) -> int | None:
+    """The pid a host process has inside its box: the last field of its ``NSpid`` line."""
+    try:
+        with open(f"/proc/{host_pid}/status") as handle:
+            for line in handle:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def host_pid_of(init_pid: int, box_pid: int) -> int | None:
+    """The host pid of the box process ``box_pid``, found among the descendants of the box's
+    init (``init_pid``, a host pid): the one whose last ``NSpid`` is ``box_pid``."""
+    try:
+        processes = [psutil.Process(init_pid), *psutil.Process(init_pid).children(recursive=True)]
+    except psutil.Error:
+        return None
+    for process in processes:
+        if box_pid_of(process.pid) == box_pid:
+            return process.pid
+    return None

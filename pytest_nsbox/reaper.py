@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import cgroups
 from .errors import NsboxError
+from .network.names import BRIDGE_PREFIXES
 from .state import STATE_DIR
 
 EMPTY_CGROUP_AGE = 30.0  # seconds an empty box cgroup must have existed to count as left over
@@ -27,12 +28,12 @@ EMPTY_CGROUP_AGE = 30.0  # seconds an empty box cgroup must have existed to coun
 
 def sweep(dry_run: bool = False) -> list[str]:
     """Remove (or, with ``dry_run``, list) every leftover; one line each."""
-    from .network import bridge  # pyroute2 is imported only when there is network state
+    from .network import reclaim  # pyroute2 is imported only when there is network state
 
     removed = _sweep_cgroups(dry_run)
     if _network_state_exists():
         try:
-            removed += bridge.sweep(dry_run)
+            removed += reclaim.sweep(dry_run)
         except NsboxError as exc:
             removed.append(f"network state could not be swept: {exc}")
     return removed
@@ -44,7 +45,7 @@ def _network_state_exists() -> bool:
     if any(path.exists() for path in (STATE_DIR / "network.json", STATE_DIR / "nat.json")):
         return True
     try:
-        return any(name.startswith(("nsbb", "nsbp")) for name in os.listdir("/sys/class/net"))
+        return any(name.startswith(BRIDGE_PREFIXES) for name in os.listdir("/sys/class/net"))
     except OSError:
         return False
 

@@ -14,11 +14,12 @@ import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .process import BoxProcess, box_pid_of
+
 if TYPE_CHECKING:
     import psutil
 
     from .box import Box
-    from .process import BoxProcess
 
 COMMANDS = 5  # the last commands shown
 OUTPUT_LINES = 3  # the last lines of each command's stdout and stderr
@@ -142,15 +143,9 @@ def _process_line(process: psutil.Process) -> str:
 
 
 def _box_pid(host_pid: int) -> str:
-    """The pid the box itself sees (the last NSpid field), or ``?``."""
-    try:
-        with open(f"/proc/{host_pid}/status") as handle:
-            for line in handle:
-                if line.startswith("NSpid:"):
-                    return line.split()[-1]
-    except OSError:
-        pass
-    return "?"
+    """The pid the box itself sees, or ``?``."""
+    pid = box_pid_of(host_pid)
+    return "?" if pid is None else str(pid)
 
 
 def _commands(box: Box) -> Iterator[str]:

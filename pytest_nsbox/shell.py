@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 
-from . import cgroups, init, kept, state, syscalls
+from . import capabilities, cgroups, kept, state, syscalls
 from .box import Box
 from .errors import BoxError
 from .spec import DEFAULT_PATH
@@ -56,8 +56,9 @@ def enter(
             if shell_pid == 0:
                 os.chdir("/")
                 if not privileged:
-                    init.limit_capabilities(
-                        init.capabilities_to_drop(syscalls.last_capability()), syscalls.capability_sets()
+                    capabilities.limit_capabilities(
+                        capabilities.capabilities_to_drop(syscalls.last_capability()),
+                        syscalls.capability_sets(),
                     )
                 env = {
                     "PATH": DEFAULT_PATH,

@@ -103,13 +103,16 @@ def locked_document(name: str, readonly: bool = False) -> Iterator[dict[str, Any
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # nothing held: no file left behind
         elif after != before:
-            _write_atomically(path, after)
+            write_atomically(path, after)
     finally:
         lock.release()
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+def write_atomically(path: str | os.PathLike[str], text: str) -> None:
+    """Replace a file whole: readers see the old text or the new, never half of one (the
+    temporary file is in the same directory, so the rename stays on one filesystem)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temporary, "w") as handle:
         handle.write(text)
     os.replace(temporary, path)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import cgroups, channel, init
+from . import cgroups, channel, rootfs
 from .errors import BoxError
 
 START_TIMEOUT = 30.0
@@ -110,7 +110,7 @@ class Zygote:
         zygote on the way (a few tenths of a millisecond); the zygote only hears afterwards,
         as it should make the next one like it.
         """
-        hint = init.root_hint(config)
+        hint = rootfs.root_hint(config)
         with self._lock:
             try:
                 warm = self._waiting_box(hint)

@@ -110,6 +110,21 @@ def parse_keyed(text: str) -> dict[str, int]:
     return result
 
 
+def pids_peak(directory: Path, current: int, seen: int) -> int:
+    """The most processes the cgroup in ``directory`` (of the pids controller) has held.
+
+    ``pids.peak`` came with Linux 6.1; before it, the best estimate is the most seen so far
+    (``seen``, kept by the caller), the current count, or the limit itself once the kernel
+    has refused a fork for it (``pids.events`` counts those).
+    """
+    peak = read_int(directory / "pids.peak", -1)
+    if peak >= 0:
+        return peak
+    limit = read(directory / "pids.max").strip()
+    reached = keyed(directory / "pids.events").get("max", 0) > 0 and limit.isdigit()
+    return max(seen, current, int(limit) if reached else 0)
+
+
 def remove_dirs(dirs: list[Path]) -> bool:
     """rmdir each (a cgroup directory goes only once it has no processes); True if all went."""
     gone = True

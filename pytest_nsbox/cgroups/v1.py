@@ -6,7 +6,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CgroupError
-from .base import PARENT_NAME, CgroupStats, box_dirs, keyed, own_cgroup, read, read_int, remove_dirs, write
+from .base import (
+    PARENT_NAME,
+    CgroupStats,
+    box_dirs,
+    keyed,
+    own_cgroup,
+    pids_peak,
+    read,
+    read_int,
+    remove_dirs,
+    write,
+)
 
 CONTROLLERS = ("pids", "memory", "cpu", "cpuacct", "cpuset", "blkio", "devices")
 # Counted, capped for OOM, CPU time, kept to its own devices: every box joins these. (A
@@ -136,15 +147,9 @@ class V1Driver:
         cpu = self._find(dirs, "cpu")
         cpuacct = self._find(dirs, "cpuacct")
         pids_current = read_int(pids / "pids.current") if pids else 0
-        peak = read_int(pids / "pids.peak", -1) if pids else -1
-        if peak < 0 and pids is not None:
-            # No pids.peak (added in Linux 6.1): a limit that refused a fork was reached.
-            limit = read(pids / "pids.max").strip()
-            reached = keyed(pids / "pids.events").get("max", 0) > 0 and limit.isdigit()
-            peak = max(seen_pids_peak, pids_current, int(limit) if reached else 0)
         return CgroupStats(
             pids_current=pids_current,
-            pids_peak=max(peak, 0),
+            pids_peak=pids_peak(pids, pids_current, seen_pids_peak) if pids else 0,
             memory_current=read_int(memory / "memory.usage_in_bytes") if memory else 0,
             memory_peak=read_int(memory / "memory.max_usage_in_bytes") if memory else 0,
             oom_kills=self.oom_kills(dirs),

@@ -7,7 +7,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CgroupError
-from .base import PARENT_NAME, CgroupStats, box_dirs, keyed, own_cgroup, read, read_int, remove_dirs, write
+from .base import (
+    PARENT_NAME,
+    CgroupStats,
+    box_dirs,
+    keyed,
+    own_cgroup,
+    pids_peak,
+    read,
+    read_int,
+    remove_dirs,
+    write,
+)
 
 WANTED = ("memory", "cpu", "io", "pids", "cpuset")  # domain controllers before threaded pids
 _PERIOD_US = 100_000
@@ -103,15 +114,9 @@ class V2Driver:
         path = dirs[0]
         cpu = keyed(path / "cpu.stat")
         pids_current = read_int(path / "pids.current")
-        peak = read_int(path / "pids.peak", -1)
-        if peak < 0:
-            # No pids.peak before Linux 6.1: a limit that refused a fork was reached.
-            limit = read(path / "pids.max").strip()
-            reached = keyed(path / "pids.events").get("max", 0) > 0 and limit.isdigit()
-            peak = max(seen_pids_peak, pids_current, int(limit) if reached else 0)
         return CgroupStats(
             pids_current=pids_current,
-            pids_peak=peak,
+            pids_peak=pids_peak(path, pids_current, seen_pids_peak),
             memory_current=read_int(path / "memory.current"),
             memory_peak=read_int(path / "memory.peak"),
             oom_kills=self.oom_kills(dirs),

@@ -10,7 +10,7 @@ import os
 import time
 
 from ..state import STATE_DIR
-from . import bridge, nat, pool
+from . import bridge, nat, pool, reclaim
 from .attach import Attachment, plug
 from .pool import DEFAULT_SUBNET, parse_subnet
 from .publish import Forwarder
@@ -26,6 +26,7 @@ __all__ = [
     "parse_subnet",
     "plug",
     "pool",
+    "reclaim",
     "shutdown",
 ]
 
@@ -50,4 +51,4 @@ def _settle(timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     while any(os.path.exists(f"/sys/class/net/{name}") for name in cooling) and time.monotonic() < deadline:
         time.sleep(0.02)
-    bridge.sweep()
+    reclaim.sweep()

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from .. import state
 from ..errors import NetworkError
 from . import bridge, hosts, netns, pool
+from .names import VETH_PREFIX
 from .shaping import End, Link
 
-VETH_PREFIX = "nsbv"  # nsbv<11 hex>: 15 characters, the most an interface name may have
 BOX_INTERFACE = "eth0"
 _NAME_ATTEMPTS = 3
 

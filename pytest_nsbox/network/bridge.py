@@ -11,7 +11,6 @@ last user) deletes it. Private bridges are owned by one process, which keeps a f
 from __future__ import annotations
 
 import errno
-import hashlib
 import ipaddress
 import os
 import threading
@@ -20,17 +19,26 @@ from typing import TYPE_CHECKING, Any
 from .. import state
 from ..errors import NetworkError
 from . import netns, pool
+from .names import MARK, PRIVATE_PREFIX, SHARED_PREFIX, shared_name
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
 
-MARK = "pytest-nsbox"
-SHARED_PREFIX = "nsbb"  # nsbb<8 hex>: the shared bridge of one subnet
-PRIVATE_PREFIX = "nsbp"  # nsbp<11 hex>: the bridge of one box pair
-
-
-def shared_name(subnet: ipaddress.IPv4Network) -> str:
-    return SHARED_PREFIX + hashlib.sha256(str(subnet).encode()).hexdigest()[:8]
+__all__ = [
+    "MARK",
+    "PRIVATE_PREFIX",
+    "SHARED_PREFIX",
+    "delete",
+    "delete_dead",
+    "delete_spares",
+    "held_here",
+    "join_shared",
+    "leave_shared",
+    "lookup",
+    "ours",
+    "shared_name",
+    "take_private",
+]
 
 
 def ours(ipr: IPRoute, index: int) -> bool:
@@ -38,7 +46,7 @@ def ours(ipr: IPRoute, index: int) -> bool:
     return bool(links) and (links[0].get_attr("IFLA_IFALIAS") or "").startswith(MARK)
 
 
-def _lookup(ipr: IPRoute, name: str) -> int | None:
+def lookup(ipr: IPRoute, name: str) -> int | None:
     found = ipr.link_lookup(ifname=name)
     return found[0] if found else None
 
@@ -50,7 +58,7 @@ def _create(ipr: IPRoute, name: str, alias: str) -> int:
         ipr.link("add", ifname=name, kind="bridge", br_nf_call_iptables=0, br_stp_state=0, br_forward_delay=0)
     except Exception as exc:
         raise NetworkError(f"cannot create bridge {name}: {netns.describe(exc)}") from exc
-    index = _lookup(ipr, name)
+    index = lookup(ipr, name)
     assert index is not None
     try:
         ipr.link("set", index=index, ifalias=alias)
@@ -73,8 +81,8 @@ def _ensure_gateway(ipr: IPRoute, index: int, gateway: str, prefixlen: int) -> N
     ipr.link("set", index=index, state="up")
 
 
-def _delete(ipr: IPRoute, name: str) -> None:
-    index = _lookup(ipr, name)
+def delete(ipr: IPRoute, name: str) -> None:
+    index = lookup(ipr, name)
     if index is None or not ours(ipr, index):
         return
     try:
@@ -86,7 +94,7 @@ def _delete(ipr: IPRoute, name: str) -> None:
 
 def check_subnet(ipr: IPRoute, subnet: ipaddress.IPv4Network, bridge: str) -> None:
     """Refuse a subnet that overlaps a route of the host (other than our own bridge's)."""
-    own = _lookup(ipr, bridge)
+    own = lookup(ipr, bridge)
     for route in ipr.route("dump", family=2, table=254):
         length = route["dst_len"]
         if length == 0 or route.get_attr("RTA_OIF") == own:
@@ -135,7 +143,7 @@ def join_shared(entry: pool.Pool, ipr: IPRoute) -> int:
         cached = _registered.get(str(subnet))
     if cached is not None and netns_index_alive(name, cached):
         return cached
-    index = _lookup(ipr, name)
+    index = lookup(ipr, name)
     if index is not None and not ours(ipr, index):
         raise NetworkError(
             f"an interface named {name} exists but was not made by pytest-nsbox; "
@@ -173,40 +181,16 @@ def leave_shared() -> None:
             for address in entry.leases_of(owner):
                 entry.give_back(address)
             if entry.unused:
-                _delete(ipr, shared_name(subnet))
+                delete(ipr, shared_name(subnet))
 
 
-def sweep(dry_run: bool = False) -> list[str]:
-    """Remove what dead processes left: their leases, their private bridges, shared bridges
-    nobody uses, and bridges of ours that no state mentions (the state was lost). Returns
-    what it removed (or, with ``dry_run``, would remove), one line each."""
-    from . import nat  # the NAT state of dead owners goes too
-
-    removed = nat.sweep(dry_run)
-    with pool.locked_all(readonly=dry_run) as pools, netns.host() as ipr:
-        in_use: set[str] = set()
-        for entry in pools:
-            removed += [f"lease {address} of dead process {pid}" for address, pid in entry.reclaimed]
-            for name in entry.dead_private:
-                if _lookup(ipr, name) is not None:
-                    removed.append(f"bridge {name} (a pair's, its owner is dead)")
-            if not dry_run:
-                delete_dead(entry, ipr)
-            in_use |= set(entry.entry["private"])
-            if not entry.unused:
-                in_use.add(shared_name(entry.subnet))
-        with _registered_lock:
-            in_use |= {shared_name(ipaddress.IPv4Network(subnet)) for subnet in _registered}
-        with _spare_lock:
-            in_use |= {name for names in _spare.values() for name in names}
-        for link in ipr.get_links():
-            name = link.get_attr("IFLA_IFNAME") or ""
-            candidate = name.startswith((SHARED_PREFIX, PRIVATE_PREFIX)) and name not in in_use
-            if candidate and ours(ipr, link["index"]):
-                if not dry_run:
-                    _delete(ipr, name)
-                removed.append(f"bridge {name} (nobody uses it)")
-    return removed
+def held_here() -> set[str]:
+    """The bridges this process uses or keeps for reuse: never left over, whatever the state says."""
+    with _registered_lock:
+        names = {shared_name(ipaddress.IPv4Network(subnet)) for subnet in _registered}
+    with _spare_lock:
+        names |= {name for spares in _spare.values() for name in spares}
+    return names
 
 
 # ---------------------------------------------------------------------------- private
@@ -225,7 +209,7 @@ def take_private(subnet: ipaddress.IPv4Network) -> tuple[int, str]:
         name = spare.pop() if spare else None
     with netns.host() as ipr:
         if name is not None:
-            index = _lookup(ipr, name)
+            index = lookup(ipr, name)
             if index is not None:
                 return index, name
         name = PRIVATE_PREFIX + os.urandom(6).hex()[:11]
@@ -269,4 +253,4 @@ def delete_dead(entry: pool.Pool, ipr: IPRoute) -> None:
 
 def _delete_private(ipr: Any, names: list[str]) -> None:
     for name in names:
-        _delete(ipr, name)
+        delete(ipr, name)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .. import state
 from ..errors import NetworkError
-from .bridge import SHARED_PREFIX
+from .names import SHARED_PREFIX
 
 if TYPE_CHECKING:
     from .attach import Attachment

@@ -15,7 +15,7 @@ import pytest
 from cleanup import rmdir_when_empty
 
 from pytest_nsbox.cli import main as nsbox_cli
-from pytest_nsbox.network import bridge, netns, pool
+from pytest_nsbox.network import bridge, netns, pool, reclaim
 
 pytestmark = pytest.mark.requires("boxes")
 
@@ -87,7 +87,7 @@ def test_a_killed_owners_lease_and_shared_bridge_are_reclaimed(tmp_path: Path) -
         owner.wait()
     try:
         shared = bridge.shared_name(subnet)
-        bridge.sweep()  # (another pytest-nsbox process on this host may sweep first: same result)
+        reclaim.sweep()  # (another pytest-nsbox process on this host may sweep first: same result)
         assert not _exists(shared)
         with pool.locked(subnet) as entry:
             assert address not in entry.entry["leases"]

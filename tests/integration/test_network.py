@@ -29,7 +29,7 @@ from cleanup import rmdir_when_empty
 
 from pytest_nsbox import Box, BoxProcess, ConfigError, Link, NetPair, NetworkError, cgroups, live_boxes, state
 from pytest_nsbox import box as box_module
-from pytest_nsbox.network import bridge, hosts, nat, netns, pool
+from pytest_nsbox.network import bridge, hosts, nat, netns, pool, reclaim
 from pytest_nsbox.network.shaping import Shape
 from pytest_nsbox.plugin import DEFAULTS
 
@@ -664,7 +664,7 @@ def test_nat_state_of_a_killed_owner_is_reclaimed_by_the_sweeper(
         owner.send_signal(signal.SIGKILL)
         owner.wait()
     try:
-        bridge.sweep()
+        reclaim.sweep()
         with state.locked_document(nat.DOCUMENT) as document:
             others = {a: o for a, o in document.get("boxes", {}).items() if state.Owner.from_json(o).alive()}
         if others:

@@ -13,8 +13,10 @@ from collections.abc import Iterable
 import pytest
 from forking import in_child
 
-from pytest_nsbox import init, syscalls
-from pytest_nsbox.init import escape_overlay_path, find_program, hosts_file, resolve_user
+from pytest_nsbox import capabilities, init, rootfs, syscalls
+from pytest_nsbox.init import find_program, resolve_user
+from pytest_nsbox.overlay import escape_overlay_path
+from pytest_nsbox.rootfs import hosts_file
 
 # ---------------------------------------------------------------------- escape_overlay_path
 
@@ -263,15 +265,15 @@ def test_box_capabilities_are_dockers_defaults_without_mknod() -> None:
         "CAP_KILL",
         "CAP_AUDIT_WRITE",
     }
-    assert set(init.BOX_CAPABILITIES) == docker - {"CAP_MKNOD"}
-    assert len(init.BOX_CAPABILITIES) == len(set(init.BOX_CAPABILITIES))
+    assert set(capabilities.BOX_CAPABILITIES) == docker - {"CAP_MKNOD"}
+    assert len(capabilities.BOX_CAPABILITIES) == len(set(capabilities.BOX_CAPABILITIES))
 
 
 def test_capabilities_to_drop_are_the_bounding_set_less_the_kept_ones() -> None:
     last = syscalls.last_capability()
-    drop = init.capabilities_to_drop(last)
+    drop = capabilities.capabilities_to_drop(last)
     bounding = own_capabilities()["CapBnd"]
-    kept = mask_of(init.BOX_CAPABILITIES)
+    kept = mask_of(capabilities.BOX_CAPABILITIES)
     assert drop == sorted(drop)
     assert mask_of(name for name, cap in syscalls.CAPABILITIES.items() if cap in drop) == bounding & ~kept
 
@@ -287,8 +289,8 @@ def test_limit_capabilities_leaves_nothing_a_program_could_regain() -> None:
         syscalls.set_capability_sets(effective, permitted, inheritable | 1 << admin | 1 << kill)
         libc = ctypes.CDLL(None, use_errno=True)
         assert libc.prctl(47, 2, admin, 0, 0) == 0  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE
-        init.limit_capabilities(
-            init.capabilities_to_drop(syscalls.last_capability()), syscalls.capability_sets()
+        capabilities.limit_capabilities(
+            capabilities.capabilities_to_drop(syscalls.last_capability()), syscalls.capability_sets()
         )
         with open("/proc/self/status") as handle:
             own = handle.read()
@@ -299,7 +301,7 @@ def test_limit_capabilities_leaves_nothing_a_program_could_regain() -> None:
     statuses = in_child(limit)
     assert isinstance(statuses, list)
     own, program = (capabilities_of(status) for status in statuses)
-    kept = mask_of(init.BOX_CAPABILITIES) & before["CapBnd"]
+    kept = mask_of(capabilities.BOX_CAPABILITIES) & before["CapBnd"]
     assert own == {**before, "CapBnd": kept, "CapInh": 1 << kill, "CapAmb": 0}  # its own stay
     assert program == {"CapInh": 1 << kill, "CapPrm": kept, "CapEff": kept, "CapBnd": kept, "CapAmb": 0}
 
@@ -314,7 +316,7 @@ def test_mask_kernel_files_guards_proc_and_sysfs(tmp_path: pathlib.Path) -> None
         for name, fstype in (("proc", "proc"), ("sys", "sysfs")):
             os.mkdir(f"{kernel}/{name}")
             syscalls.mount(name, f"{kernel}/{name}", fstype, syscalls.MS_NOSUID | syscalls.MS_NODEV)
-        made = init.mask_kernel_files(kernel, "/dev/null")
+        made = rootfs.mask_kernel_files(kernel, "/dev/null")
         with open(f"{kernel}/proc/timer_list", "rb") as handle:
             timer_list = handle.read()
         try:
@@ -330,7 +332,7 @@ def test_mask_kernel_files_guards_proc_and_sysfs(tmp_path: pathlib.Path) -> None
     assert isinstance(result, dict)
     names = [
         name
-        for name in init._READ_ONLY + init._MASKED_FILES + init._MASKED_DIRS
+        for name in rootfs._READ_ONLY + rootfs._MASKED_FILES + rootfs._MASKED_DIRS
         if os.path.exists(f"/{name}")
     ]
     assert result["made"] == [f"{kernel}/{name}" for name in names]

@@ -115,11 +115,27 @@ def test_run_result_repr_shows_signal_only_when_set() -> None:
 # ---------------------------------------------------------------- BoxProcess, stand-in box
 
 
-class StandInBox:
-    """Just what BoxProcess touches on a box that is already gone (no link to its init)."""
+class StandInLink:
+    """Just what BoxProcess touches on the link to its init: one that has reported no exit,
+    or (``gone``) one whose box has died, which counts as a SIGKILL."""
 
-    id = "standin"
-    _link = None
+    box_id = "standin"
+
+    def __init__(self, gone: bool) -> None:
+        self.gone = gone
+
+    def drain(self) -> None:
+        pass
+
+    def exit_status(self, pid: int) -> int | None:
+        return None
+
+    def forget(self, pid: int) -> None:
+        pass
+
+
+class StandInBox:
+    """Collects the processes that tell their box they are done."""
 
     def __init__(self) -> None:
         self.forgotten: list[BoxProcess] = []
@@ -134,9 +150,20 @@ def memfd_with(data: bytes) -> int:
     return fd
 
 
-def make_process(stdout: bytes, stderr: bytes, text: bool = True) -> tuple[BoxProcess, StandInBox]:
+def make_process(
+    stdout: bytes, stderr: bytes, text: bool = True, gone: bool = True
+) -> tuple[BoxProcess, StandInBox]:
     box = StandInBox()
-    process = BoxProcess(box, "cmd", 7, memfd_with(stdout), memfd_with(stderr), text)  # type: ignore[arg-type]
+    process = BoxProcess(
+        StandInLink(gone),  # type: ignore[arg-type]
+        "cmd",
+        7,
+        memfd_with(stdout),
+        memfd_with(stderr),
+        text,
+        init_pid=os.getpid(),
+        released=box._forget_process,
+    )
     return process, box
 
 
@@ -203,7 +230,7 @@ def test_box_process_wait_for_output_finds_a_match_already_printed() -> None:
 
 
 def test_box_process_wait_for_output_searches_only_the_asked_stream() -> None:
-    process, _box = make_process(b"", b"ready\n")
+    process, _box = make_process(b"", b"ready\n", gone=False)
     try:
         assert process.wait_for_output("ready", timeout=1, stream="stderr")
         with pytest.raises(TimeoutError, match=r"'ready' did not appear in the output of 'cmd' within 0.05s"):
