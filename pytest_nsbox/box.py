@@ -26,6 +26,7 @@ from . import cgroups, channel, kept, probe, state, teardown, zygote
 from . import network as networking
 from .boxfs import BoxFiles
 from .devices import box_devices
+from .environ import DEFAULT_PATH
 from .errors import (
     ArgumentTypeError,
     BoxError,
@@ -780,7 +781,7 @@ def _exec_failure(
     if cwd is not None and filename == cwd:
         return BoxError(f"box {box_id}: cannot run {argv[0]!r}: working directory {cwd!r}: {message}")
     if error.get("errno") in (2, 13, 8, 20):  # ENOENT, EACCES, ENOEXEC, ENOTDIR
-        search = (env or {}).get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        search = (env or {}).get("PATH", DEFAULT_PATH)
         reason = {
             2: "not found",
             13: "permission denied (not executable?)",

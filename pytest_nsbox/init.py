@@ -14,6 +14,7 @@ import socket
 import time
 
 from . import channel, rootfs, syscalls
+from .environ import command_env
 
 TYPE_CHECKING = False  # typing stays out of the box helper (see zygote_process)
 if TYPE_CHECKING:
@@ -158,14 +159,9 @@ class Server:
     def start(self, message: dict[str, Any], fds: list[int]) -> int:
         user = message.get("user")
         uid, gid, groups, home = resolve_user(user if user is not None else self.image_user)
-        # Layered as Docker does: a default PATH, the image's Env, the box's env, then run()'s.
-        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
-        env.update(self.image_env)
-        env["HOSTNAME"] = self.hostname
-        if user is not None or "HOME" not in env:
-            env["HOME"] = home
-        env.update(self.box_env)
-        env.update(message.get("env") or {})
+        env = command_env(
+            self.image_env, self.hostname, home, user is not None, self.box_env, message.get("env") or {}
+        )
         cwd = message.get("cwd") or self.workdir
         if uid is None:
             pid = spawn_fast(message["argv"], env, fds, cwd)

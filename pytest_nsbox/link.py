@@ -47,6 +47,13 @@ class InitLink:
                 self.gone = True
                 raise BoxError(f"box {self.box_id}: its init is gone ({exc})") from exc
         if not self.wait_until(lambda: request_id in self._replies, time.monotonic() + timeout):
+            if self.gone:
+                # Why not "did not answer within": the init died at once, and saying the box
+                # timed out would send the reader after a slow box that never was.
+                raise BoxError(
+                    f"box {self.box_id}: its init exited before answering {message.get('op')!r}: the "
+                    "box was stopped or killed meanwhile (by the OOM killer at a small memory cap?)"
+                )
             raise BoxError(f"box {self.box_id}: init did not answer {message.get('op')!r} within {timeout}s")
         return self._replies.pop(request_id)
 

@@ -14,8 +14,8 @@ import traceback
 
 from . import capabilities, cgroups, kept, state, syscalls
 from .box import Box
+from .environ import DEFAULT_PATH
 from .errors import BoxError
-from .spec import DEFAULT_PATH
 
 _NAMESPACES = ("ipc", "uts", "net", "cgroup", "pid", "mnt")
 

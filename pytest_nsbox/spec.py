@@ -40,8 +40,6 @@ _RESERVED_MOUNTS = ("/", "/proc", "/sys", "/dev", "/dev/pts")
 LIMITS = ("pids", "memory", "memory_swap", "cpus", "cpuset", "io_weight")
 _CPUSET_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
 
 def parse_size(value: object, what: str) -> int:
     """Bytes from ``1048576``, ``"64M"``, ``"1.5G"`` or ``"512k"`` (powers of 1024, as docker)."""

@@ -122,9 +122,19 @@ def test_the_pid1_side_imports_only_low_level_modules():
     """The helper and the box's init are copied into every box at fork: they load the
     standard library and the low-level modules only, never the host side."""
     graph = import_graph()
-    low_level = ("errors", "syscalls", "channel", "init", "rootfs", "overlay", "capabilities", "devices")
+    low_level = (
+        "errors",
+        "syscalls",
+        "channel",
+        "init",
+        "rootfs",
+        "overlay",
+        "capabilities",
+        "devices",
+        "environ",
+    )
     allowed = {f"{ROOT}.{name}" for name in low_level}
-    for side in ("zygote_process", "init", "rootfs", "overlay", "capabilities", "devices"):
+    for side in ("zygote_process", "init", "rootfs", "overlay", "capabilities", "devices", "environ"):
         module = f"{ROOT}.{side}"
         if module in graph:
             assert graph[module] <= allowed, f"{module} imports {sorted(graph[module] - allowed)}"
