@@ -78,7 +78,9 @@ class CommandFailedError(BoxError, subprocess.CalledProcessError):
 
 
 class CommandTimeoutError(BoxError, subprocess.TimeoutExpired):
-    """``run(timeout=...)`` ran out; its process group was killed. Carries the output so far."""
+    """``run(timeout=...)`` ran out and its process group was killed, or ``BoxProcess.wait
+    (timeout)`` ran out while the process goes on (``killed`` False). Carries the output so far.
+    """
 
     def __init__(
         self,
@@ -88,15 +90,15 @@ class CommandTimeoutError(BoxError, subprocess.TimeoutExpired):
         stderr: Any = None,
         *,
         box_id: str = "?",
+        killed: bool = True,
     ) -> None:
         subprocess.TimeoutExpired.__init__(self, cmd, timeout, output, stderr)
         self.box_id = box_id
+        self.killed = killed
 
     def __str__(self) -> str:
-        text = (
-            f"box {self.box_id}: command {self.cmd!r} timed out after {self.timeout} seconds; "
-            "its process group was killed"
-        )
+        outcome = "its process group was killed" if self.killed else "it is still running"
+        text = f"box {self.box_id}: command {self.cmd!r} timed out after {self.timeout} seconds; {outcome}"
         tail = output_tail(self.stderr) or output_tail(self.output)
         if tail:
             text += f"\n--- output so far ---\n{tail}"
@@ -156,7 +158,8 @@ class BoxProcess:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        """Wait for exit; ``subprocess.TimeoutExpired`` if it is still running after ``timeout``."""
+        """Wait for exit; ``CommandTimeoutError`` (a ``subprocess.TimeoutExpired``) if it is still
+        running after ``timeout``, which leaves it running, as ``Popen.wait`` does."""
         if self.returncode is None:
             link = self._link
             if link.gone:
@@ -165,7 +168,14 @@ class BoxProcess:
                 deadline = None if timeout is None else time.monotonic() + timeout
                 status = link.wait_exit(self.pid, deadline)
                 if status is None and not link.gone:
-                    raise subprocess.TimeoutExpired(self.args, timeout or 0.0, self._read(0), self._read(1))
+                    raise CommandTimeoutError(
+                        self.args,
+                        timeout or 0.0,
+                        self._read(0),
+                        self._read(1),
+                        box_id=self.box_id,
+                        killed=False,
+                    )
                 self._finish(status)
         assert self.returncode is not None
         return self.returncode

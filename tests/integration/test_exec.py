@@ -103,6 +103,18 @@ def test_timeout_kills_the_whole_process_group_and_keeps_output(nsbox: Box) -> N
     assert "sleep" not in _live_names(nsbox)
 
 
+def test_a_process_wait_that_runs_out_leaves_it_running(nsbox: Box) -> None:
+    process = nsbox.spawn("echo up; exec sleep 100")
+    with pytest.raises(subprocess.TimeoutExpired) as caught:
+        process.wait(timeout=0.2)
+    error = caught.value
+    assert isinstance(error, CommandTimeoutError) and isinstance(error, BoxError)
+    assert "still running" in str(error) and error.killed is False
+    assert process.poll() is None, "a wait that ran out must not end the process"
+    process.kill()
+    assert process.wait(timeout=10) == -signal.SIGKILL
+
+
 def test_missing_program_is_named(nsbox: Box) -> None:
     with pytest.raises(CommandNotFoundError) as caught:
         nsbox.run(["no-such-program", "--version"])
