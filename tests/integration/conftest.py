@@ -74,6 +74,14 @@ def shell_layer() -> list[Entry]:
     return shell_entries()
 
 
+@pytest.fixture(scope="module")
+def shell_entries_once() -> list[Entry]:
+    """The base layer's entries for a module-scoped fixture (do not change them)."""
+    if not os.path.exists("/bin/dash"):
+        pytest.skip("the host has no /bin/dash to copy into test images")
+    return shell_entries()
+
+
 @pytest.fixture
 def image_cache(tmp_path: Path) -> str:
     """A layer cache of this test's own (never the default under /var/cache)."""

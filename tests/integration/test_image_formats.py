@@ -34,7 +34,8 @@ from imagebuilder import (
 )
 
 from pytest_nsbox import Box, ImageError
-from pytest_nsbox.image import _Archive, load_image
+from pytest_nsbox.image import load_image
+from pytest_nsbox.image_files import Archive
 
 pytestmark = pytest.mark.requires("boxes")
 
@@ -100,7 +101,7 @@ def test_a_rootfs_tarball_is_indexed_only_a_few_members_in(
     entries: list[Entry] = [*shell_layer, *LOWER]
     entries += [Dir("usr/share/data")] + [File(f"usr/share/data/f{i}", b"x" * 4096) for i in range(300)]
     archive = write_rootfs_tar(tmp_path / "rootfs.tar", entries, compression=compression)
-    source = _Archive(str(archive))
+    source = Archive(str(archive))
     try:
         assert source.names() == set()
         indexed = source.tar.members  # type: ignore[attr-defined]  # what the scan has read so far

@@ -539,7 +539,7 @@ def test_a_layer_shared_by_two_images_is_stored_once(
 def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts archive opens and layer extractions; starts with this process's memory cleared."""
     counts = {"opened": 0, "extracted": 0}
-    real_open, real_extract = image_module._open_source, LayerStore._extract
+    real_open, real_extract = image_module.open_files, LayerStore._extract
 
     def open_source(*args: Any) -> Any:
         counts["opened"] += 1
@@ -549,7 +549,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         counts["extracted"] += 1
         return real_extract(self, *args)
 
-    monkeypatch.setattr(image_module, "_open_source", open_source)
+    monkeypatch.setattr(image_module, "open_files", open_source)
     monkeypatch.setattr(LayerStore, "_extract", extract)
     monkeypatch.setattr(image_module, "_loaded", {})
     return counts
@@ -568,7 +568,7 @@ def test_an_unchanged_archive_is_not_read_again(
         raise AssertionError("the archive was read again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(image_module, "_open_source", refuse)
+        patch.setattr(image_module, "open_files", refuse)
         assert load_image(str(archive), image_cache) == first
         image_module._loaded.clear()
         with Box(image=str(archive), cache=image_cache) as box:
