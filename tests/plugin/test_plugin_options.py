@@ -65,7 +65,8 @@ def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         [
             "@pytest.mark.nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None, "
-            "cache=None, network='none'|'bridge', limits=None, nat=False, publish=None, subnet=None): "
+            "cache=None, network='none'|'bridge', limits=None, nat=False, publish=None, subnet=None, "
+            "devices=None, no_new_privileges=False): "
             "configure the test's nsbox*",
         ]
     )

@@ -240,14 +240,20 @@ def test_ini_block_configures_the_plugin(block: Block, pytester: pytest.Pytester
         (pytester.path / "rootfs" / "etc" / "os-release").write_text("ID=tiny\n")
         with tarfile.open(image, "w") as archive:
             archive.add(pytester.path / "rootfs", arcname=".")
+    # With an image, the test asks for a box: the image is imported when the first box is
+    # (a session without box tests leaves the cache alone), and the box shows it is that image.
+    uses_box = "nsbox_image" in settings
+    arguments = "request, nsbox" if uses_box else "request"
+    check_box = 'assert nsbox.read_text("/etc/os-release") == "ID=tiny\\n"' if uses_box else "pass"
     pytester.makepyfile(
         f"""
         SETTINGS = {settings!r}
 
-        def test_every_key_reaches_pytest(request):
+        def test_every_key_reaches_pytest({arguments}):
             for key, value in SETTINGS.items():
                 got = request.config.getini(key)
                 assert str(got).lower() == value.lower(), (key, got)
+            {check_box}
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
