@@ -12,7 +12,7 @@ import platform
 import re
 from dataclasses import dataclass
 
-from . import cgroups
+from . import cgroups, devices
 from .errors import HostUnsupportedError
 
 _CAP_SYS_ADMIN = 21
@@ -41,6 +41,7 @@ def capabilities() -> tuple[Capability, ...]:
         _check_kernel(),
         _check_arch(),
         _check_cgroups(),
+        _check_device_allowlist(),
         _check_netem(),
         _check_nft(),
     )
@@ -133,6 +134,50 @@ def _check_cgroups() -> Capability:
         )
     where = getattr(backend, "parent", None) or next(iter(getattr(backend, "parents", {}).values()), "")
     return Capability("cgroups", True, f"{backend.version}; box cgroups under {where}", required=False)
+
+
+_WITHOUT_ALLOWLIST = (
+    "boxes still start and stay off host devices through nodev mounts and no CAP_MKNOD, but a "
+    "process placed in a box's cgroup with those rights (a privileged helper, a host process) is "
+    "not held to the box's device allowlist"
+)
+
+
+def _check_device_allowlist() -> Capability:
+    """Whether the kernel holds box cgroups to their device allowlist: the v1 devices
+    controller, or on v2 an eBPF device program, which this loads and attaches to a scratch
+    cgroup as the box helper would (a kernel without CONFIG_CGROUP_BPF, or a container without
+    CAP_SYS_ADMIN/CAP_BPF, refuses it)."""
+    name = "device allowlist"
+    backend = cgroups.driver()
+    if backend is None:
+        return Capability(name, False, f"no usable cgroups: {_WITHOUT_ALLOWLIST}", required=False)
+    if backend.version == "v1":
+        if "devices" in getattr(backend, "parents", {}):
+            return Capability(name, True, "cgroup v1 devices controller", required=False)
+        return Capability(
+            name, False, f"no cgroup v1 devices controller: {_WITHOUT_ALLOWLIST}", required=False
+        )
+    scratch = os.path.join(
+        str(getattr(backend, "nest", "/sys/fs/cgroup")), f"pytest-nsbox-probe-{os.getpid()}"
+    )
+    try:
+        os.mkdir(scratch)
+    except OSError as exc:
+        return Capability(
+            name, False, f"cannot make a scratch cgroup {scratch} ({exc.strerror})", required=False
+        )
+    try:
+        devices.restrict_v2(scratch, list(devices.ALLOWED))
+    except OSError as exc:
+        return Capability(
+            name, False, f"no cgroup v2 device filter ({exc}): {_WITHOUT_ALLOWLIST}", required=False
+        )
+    finally:
+        os.rmdir(scratch)  # its program goes with it
+    return Capability(
+        name, True, "cgroup v2 eBPF device filter (BPF_PROG_TYPE_CGROUP_DEVICE)", required=False
+    )
 
 
 def _kernel_option(name: str) -> str | None:

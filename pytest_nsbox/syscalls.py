@@ -137,8 +137,8 @@ _CLONE_FLAG_NAMES = {
 # Syscalls glibc does not wrap: pivot_root has no wrapper, openat2 came after glibc 2.36.
 # Numbers from 424 up are shared by every architecture; older ones are not.
 _SYSCALL_NUMBERS = {
-    "x86_64": {"pivot_root": 155, "clone": 56},
-    "aarch64": {"pivot_root": 41, "clone": 220},
+    "x86_64": {"pivot_root": 155, "clone": 56, "bpf": 321},
+    "aarch64": {"pivot_root": 41, "clone": 220, "bpf": 280},
 }
 _SYS_OPENAT2 = 437
 
@@ -186,6 +186,40 @@ class _CapData(ctypes.Structure):
 
 
 _CapDataPair = _CapData * 2  # made once, not per call: a new ctypes type costs 0.1 ms
+
+
+class _BpfProgLoad(ctypes.Structure):
+    """The ``BPF_PROG_LOAD`` part of ``union bpf_attr``, up to ``expected_attach_type`` (4.17).
+
+    Why not the whole union: the kernel takes any size up to its own and zero-fills the rest.
+    """
+
+    _fields_ = [
+        ("prog_type", ctypes.c_uint32),
+        ("insn_cnt", ctypes.c_uint32),
+        ("insns", ctypes.c_uint64),
+        ("license", ctypes.c_uint64),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_uint64),
+        ("kern_version", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_name", ctypes.c_char * 16),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("expected_attach_type", ctypes.c_uint32),
+    ]
+
+
+class _BpfProgAttach(ctypes.Structure):
+    """The ``BPF_PROG_ATTACH`` part of ``union bpf_attr``."""
+
+    _fields_ = [
+        ("target_fd", ctypes.c_uint32),
+        ("attach_bpf_fd", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("attach_flags", ctypes.c_uint32),
+        ("replace_bpf_fd", ctypes.c_uint32),
+    ]
 
 
 class _OpenHow(ctypes.Structure):
@@ -416,6 +450,103 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) 
         err = ctypes.get_errno()
         raise SyscallError(err, "openat2", repr(path))
     return int(result)
+
+
+# bpf(2) commands, program and attach types, flags (linux/bpf.h): what a device filter needs.
+BPF_PROG_LOAD = 5
+BPF_PROG_ATTACH = 8
+BPF_PROG_TYPE_CGROUP_DEVICE = 15
+BPF_CGROUP_DEVICE = 6
+BPF_F_ALLOW_MULTI = 0x2
+_BPF_LOG_SIZE = 1 << 16  # the verifier's log of a program of a few dozen instructions fits
+
+_BPF_CAPABILITY_HINT = (
+    "the kernel refused: loading and attaching a cgroup BPF program needs CAP_SYS_ADMIN (or, "
+    "from Linux 5.8, CAP_BPF and CAP_NET_ADMIN); a container needs --privileged or those "
+    "capabilities, and kernel.unprivileged_bpf_disabled does not matter to root"
+)
+
+
+def _bpf(command: int, attr: ctypes.Structure) -> int:
+    """bpf(2) itself: -1 with errno set on failure, as ``syscall`` returns it."""
+    numbers = _SYSCALL_NUMBERS.get(_MACHINE)
+    if numbers is None:
+        ctypes.set_errno(38)  # ENOSYS: as a kernel without the call would say
+        return -1
+    return int(
+        _libc.syscall(
+            ctypes.c_long(numbers["bpf"]),
+            ctypes.c_int(command),
+            ctypes.byref(attr),
+            ctypes.c_uint(ctypes.sizeof(attr)),
+        )
+    )
+
+
+def bpf_prog_load(
+    prog_type: int, instructions: bytes, *, license_name: str, name: str = "", expected_attach_type: int = 0
+) -> int:
+    """Load a BPF program (``BPF_PROG_LOAD``); returns its descriptor (close-on-exec).
+
+    Why load twice on failure: asking for the verifier's log costs a 64 KiB buffer and the
+    kernel's time writing it; a program that loads needs neither, one that does not needs the
+    log to say why, and the error carries its tail.
+    """
+    code = ctypes.create_string_buffer(instructions, len(instructions))
+    license_text = ctypes.create_string_buffer(license_name.encode())
+    attr = _BpfProgLoad()
+    attr.prog_type = prog_type
+    attr.insn_cnt = len(instructions) // 8
+    attr.insns = ctypes.addressof(code)
+    attr.license = ctypes.addressof(license_text)
+    attr.prog_name = name.encode()[:15]  # letters, digits, "_" and "." only, or EINVAL
+    attr.expected_attach_type = expected_attach_type
+    fd = _bpf(BPF_PROG_LOAD, attr)
+    if fd >= 0:
+        return fd
+    err = ctypes.get_errno()
+    log = ""
+    if err in (13, 22):  # EACCES, EINVAL: the verifier refused it (or the type is unknown)
+        buffer = ctypes.create_string_buffer(_BPF_LOG_SIZE)
+        attr.log_level, attr.log_size, attr.log_buf = 1, _BPF_LOG_SIZE, ctypes.addressof(buffer)
+        fd = _bpf(BPF_PROG_LOAD, attr)
+        if fd >= 0:  # loaded the second time: nothing left to report
+            return fd
+        log = buffer.value.decode("utf-8", "replace").strip()
+    detail = f"program type {prog_type}, {attr.insn_cnt} instructions, license {license_name!r}"
+    if err == 38:  # ENOSYS
+        hint = "this kernel has no bpf(2) (CONFIG_BPF_SYSCALL is off)"
+    elif err == 1:  # EPERM
+        hint = _BPF_CAPABILITY_HINT
+    elif err == 22 and not log:
+        hint = f"this kernel does not know program type {prog_type} (CONFIG_CGROUP_BPF is off?)"
+    else:
+        hint = "the verifier refused the program; its log ends: " + " | ".join(log.splitlines()[-6:])
+    raise SyscallError(err, "bpf(BPF_PROG_LOAD)", detail, hint)
+
+
+def bpf_prog_attach(
+    target_fd: int, prog_fd: int, attach_type: int, flags: int = 0, *, target: str = ""
+) -> None:
+    """Attach a loaded program to ``target_fd`` (``BPF_PROG_ATTACH``); ``target`` names it in errors.
+
+    The attachment holds its own reference to the program: the caller may close ``prog_fd``.
+    """
+    attr = _BpfProgAttach(target_fd, prog_fd, attach_type, flags, 0)
+    if _bpf(BPF_PROG_ATTACH, attr) >= 0:
+        return
+    err = ctypes.get_errno()
+    detail = f"attach type {attach_type}, flags {flags:#x}, target {target or target_fd!r}"
+    hint = ""
+    if err == 1:  # EPERM
+        # Why two causes: EPERM is also the answer when an ancestor's program was attached
+        # without BPF_F_ALLOW_MULTI (or OVERRIDE), which forbids any below it.
+        hint = _BPF_CAPABILITY_HINT + ", or a parent cgroup holds a program that allows none below it"
+    elif err == 9:  # EBADF
+        hint = "the target is not a cgroup v2 directory"
+    elif err == 22:  # EINVAL
+        hint = "this kernel cannot attach that program type to cgroups (CONFIG_CGROUP_BPF is off?)"
+    raise SyscallError(err, "bpf(BPF_PROG_ATTACH)", detail, hint)
 
 
 # ioctl numbers for interface flags (linux/sockios.h) and IFF_UP (linux/if.h).

@@ -60,6 +60,8 @@ class Plan:
     joins); ``remove``: every parent one may be in (the host joins some late, on demand);
     ``delegate``: the controllers to enable again in a v2 parent that had to be remade;
     ``devices``: the v1 devices parent (one of ``make``), whose box cgroups get an allowlist;
+    ``device_filter``: the v2 parent (one of ``make``), whose box cgroups get the allowlist as
+    an eBPF device program;
     ``error``: why there are no box cgroups, told to a box that asks for limits.
     """
 
@@ -68,11 +70,16 @@ class Plan:
         self.remove: list[str] = list(plan.get("remove", []))
         self.delegate: list[str] = list(plan.get("delegate", []))
         self.devices: str = str(plan.get("devices", ""))
+        self.device_filter: str = str(plan.get("device_filter", ""))
+        # Why the first failure is kept: a kernel without CONFIG_CGROUP_BPF, or a container
+        # without CAP_SYS_ADMIN/CAP_BPF, refuses every box alike; trying again costs each one.
+        self.device_filter_error: str = ""
         self.error: str = str(plan.get("error", ""))
 
     def make_cgroup(self, name: str, device_rules: list[str] | None = None) -> list[str]:
-        """mkdir the box's cgroup in every ``make`` parent, its devices cgroup (v1) allowing
-        only ``device_rules`` (None: all its parent allows); raises OSError (and undoes).
+        """mkdir the box's cgroup in every ``make`` parent, its devices cgroup (v1) or its v2
+        cgroup's device program allowing only ``device_rules`` (None: all its parent allows);
+        raises OSError (and undoes).
 
         Why here, before the box joins: the allowlist is in place before anything in the box
         can open a device, and the zygote, root with every capability, may write it.
@@ -89,6 +96,13 @@ class Plan:
                 made.append(path)
                 if parent == self.devices and device_rules is not None:
                     devices.restrict_v1(path, device_rules)
+                if parent == self.device_filter and device_rules is not None and not self.device_filter_error:
+                    try:
+                        devices.restrict_v2(path, device_rules)
+                    except OSError as exc:
+                        # The box still starts: nodev and no CAP_MKNOD keep it off host
+                        # devices; `nsbox doctor` tells whether this host has the filter.
+                        self.device_filter_error = str(exc)
         except OSError:
             self.remove_cgroup(name)
             raise

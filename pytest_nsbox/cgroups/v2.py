@@ -159,10 +159,13 @@ class V2Driver:
 
     def helper_plan(self) -> dict[str, Any]:
         """One parent, delegated now; should it vanish (removed with another process's last
-        box), the zygote remakes it and enables the same controllers in it."""
+        box), the zygote remakes it and enables the same controllers in it. Its box cgroups
+        get the device allowlist as an eBPF program (``device_filter``): v2 has no devices
+        controller."""
         self._prepare()
         return {
             "make": [str(self.parent)],
             "remove": [str(self.parent)],
             "delegate": read(self.parent / "cgroup.subtree_control").split(),
+            "device_filter": str(self.parent),
         }

@@ -2,8 +2,10 @@
 
 The image tests ship a block node that names a real loop device on the host, backed by a file
 holding a secret: a default box can neither read nor write through it, a privileged box still
-can (as before), and ``devices=[...]`` gives a box a host node on purpose. The v1 devices
-cgroup is checked on its own too, from a host process placed in a box's cgroup.
+can (as before), and ``devices=[...]`` gives a box a host node on purpose. The cgroup guard
+is checked on its own too, from a host process placed in a box's cgroup: the v1 devices
+controller, and on cgroup v2 the eBPF device filter (also on a scratch cgroup of any mounted
+v2 hierarchy, so that a hybrid v1 host runs it).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytest
 from imagebuilder import Device, Entry, ImageSpec, write_docker_save_legacy
 
 from pytest_nsbox import Box
-from pytest_nsbox.devices import ALLOWED
+from pytest_nsbox.devices import ALLOWED, cgroup_rules, restrict_v2
 
 pytestmark = pytest.mark.requires("boxes")
 
@@ -134,15 +136,11 @@ def test_the_v1_devices_cgroup_allows_only_the_boxs_own_nodes(nsbox_factory: Cal
     assert (_devices_dir(privileged) / "devices.list").read_text() == "a *:* rwm\n"
 
 
-def test_the_v1_devices_cgroup_alone_refuses_host_devices_and_mknod(
-    nsbox_factory: Callable[..., Box],
-    loop_device: tuple[str, Path],
-    tmp_path: Path,
-) -> None:
-    """A host process (all capabilities, host /dev without nodev) moved into a box's devices
-    cgroup: what it is refused, the cgroup refused, not nodev or a missing capability."""
-    box = nsbox_factory()
-    procs = _devices_dir(box) / "cgroup.procs"
+def _attempts_from(procs: Path, device: str, node: Path) -> list[str]:
+    """A host process (all capabilities, host /dev without nodev) moved into the cgroup of
+    ``procs`` tries to open ``device`` and /dev/null and to make a node at ``node``; what it is
+    refused, the cgroup refused, not nodev or a missing capability. One line per attempt:
+    ``what ok`` or ``what ERRNO``."""
     script = (
         "import os, sys\n"
         f"open({str(procs)!r}, 'w').write(str(os.getpid()))\n"
@@ -152,14 +150,119 @@ def test_the_v1_devices_cgroup_alone_refuses_host_devices_and_mknod(
         "        print(what, 'ok')\n"
         "    except OSError as exc:\n"
         "        print(what, exc.errno)\n"
-        f"attempt('loop', lambda: os.close(os.open({loop_device[0]!r}, os.O_RDONLY)))\n"
+        f"attempt('device', lambda: os.close(os.open({device!r}, os.O_RDONLY)))\n"
         "attempt('null', lambda: os.close(os.open('/dev/null', os.O_RDWR)))\n"
-        f"node = {str(tmp_path / 'node')!r}\n"
-        "attempt('mknod', lambda: os.mknod(node, 0o600 | 0o020000, os.makedev(1, 3)))\n"
+        f"attempt('mknod', lambda: os.mknod({str(node)!r}, 0o600 | 0o020000, os.makedev(1, 3)))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines() == [f"loop {errno.EPERM}", "null ok", f"mknod {errno.EPERM}"]
+    if node.exists():
+        node.unlink()
+    return out.splitlines()
+
+
+REFUSED = [f"device {errno.EPERM}", "null ok", f"mknod {errno.EPERM}"]
+
+
+def test_the_v1_devices_cgroup_alone_refuses_host_devices_and_mknod(
+    nsbox_factory: Callable[..., Box],
+    loop_device: tuple[str, Path],
+    tmp_path: Path,
+) -> None:
+    box = nsbox_factory()
+    assert _attempts_from(_devices_dir(box) / "cgroup.procs", loop_device[0], tmp_path / "node") == REFUSED
     assert not (tmp_path / "node").exists()
+
+
+# A character device every Linux host has and no box's allowlist holds (1:11, 10:237, ...).
+_OFF_LIST = ("/dev/kmsg", "/dev/loop-control", "/dev/mem")
+
+
+@pytest.fixture
+def off_list_device() -> str:
+    """A host device node a default box may not use (opening it read-only as root works)."""
+    for path in _OFF_LIST:
+        if Path(path).exists() and stat.S_ISCHR(os.stat(path).st_mode):
+            return path
+    pytest.skip(f"this host has none of {', '.join(_OFF_LIST)}")
+
+
+def _v2_mount() -> Path | None:
+    """Where a cgroup v2 hierarchy is mounted (a hybrid v1 host has an empty one too)."""
+    with open("/proc/self/mounts") as handle:
+        for line in handle:
+            fields = line.split()
+            if fields[2] == "cgroup2":
+                return Path(fields[1])
+    return None
+
+
+@pytest.fixture
+def scratch_v2_cgroup() -> Iterator[Path]:
+    """An empty cgroup of the host's v2 hierarchy, removed after the test."""
+    mount = _v2_mount()
+    if mount is None:
+        pytest.skip("this host has no cgroup v2 hierarchy mounted")
+    directory = mount / f"nsbox-test-filter-{os.getpid()}"
+    directory.mkdir()
+    try:
+        yield directory
+    finally:
+        directory.rmdir()  # the processes moved in have exited; the program goes with it
+
+
+def test_the_v2_device_filter_refuses_what_its_rules_do_not_list(
+    scratch_v2_cgroup: Path, off_list_device: str, tmp_path: Path
+) -> None:
+    try:
+        restrict_v2(str(scratch_v2_cgroup), cgroup_rules([]))
+    except OSError as exc:
+        pytest.skip(f"this kernel refuses the cgroup v2 device filter: {exc}")
+    assert _attempts_from(scratch_v2_cgroup / "cgroup.procs", off_list_device, tmp_path / "node") == REFUSED
+
+
+def test_the_v2_device_filter_allows_the_devices_a_box_names(
+    scratch_v2_cgroup: Path, off_list_device: str, tmp_path: Path
+) -> None:
+    rdev = os.stat(off_list_device).st_rdev
+    try:
+        restrict_v2(
+            str(scratch_v2_cgroup),
+            cgroup_rules([[off_list_device, "c", os.major(rdev), os.minor(rdev), 0o600]]),
+        )
+    except OSError as exc:
+        pytest.skip(f"this kernel refuses the cgroup v2 device filter: {exc}")
+    node = tmp_path / "node"
+    assert _attempts_from(scratch_v2_cgroup / "cgroup.procs", off_list_device, node) == [
+        "device ok",
+        "null ok",
+        f"mknod {errno.EPERM}",  # 1:3 is listed rw, without m
+    ]
+
+
+def _v2_box_dir(box: Box) -> Path:
+    if box.cgroup.version != "v2" or not box.cgroup.dirs:
+        pytest.skip(f"this host's boxes use cgroup {box.cgroup.version}, not v2")
+    return box.cgroup.dirs[0]
+
+
+def test_a_v2_box_cgroup_refuses_host_devices_and_mknod(
+    nsbox_factory: Callable[..., Box], off_list_device: str, tmp_path: Path
+) -> None:
+    procs = _v2_box_dir(nsbox_factory()) / "cgroup.procs"
+    assert _attempts_from(procs, off_list_device, tmp_path / "node") == REFUSED
+
+
+def test_a_v2_box_cgroup_lets_through_the_devices_a_box_names_and_a_privileged_box_all(
+    nsbox_factory: Callable[..., Box], off_list_device: str, tmp_path: Path
+) -> None:
+    named = _v2_box_dir(nsbox_factory(devices=[off_list_device])) / "cgroup.procs"
+    assert _attempts_from(named, off_list_device, tmp_path / "node")[:2] == ["device ok", "null ok"]
+    privileged = _v2_box_dir(nsbox_factory(privileged=True)) / "cgroup.procs"
+    assert _attempts_from(privileged, off_list_device, tmp_path / "node") == [
+        "device ok",
+        "null ok",
+        "mknod ok",
+    ]
 
 
 def test_devices_gives_a_box_the_host_node_it_names(loop_device: tuple[str, Path]) -> None:

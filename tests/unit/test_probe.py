@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import re
+from pathlib import Path
 
 import pytest
 
 from pytest_nsbox import probe
-from pytest_nsbox.errors import HostUnsupportedError, NsboxError
+from pytest_nsbox.errors import HostUnsupportedError, NsboxError, SyscallError
 from pytest_nsbox.probe import Capability
 
 EXPECTED_NAMES = [
     *("linux", "root", "namespaces", "overlayfs", "kernel", "architecture"),
-    *("cgroups", "netem", "nft"),
+    *("cgroups", "device allowlist", "netem", "nft"),
 ]
 
 
@@ -25,9 +27,10 @@ def test_capabilities_are_capability_tuples_in_doctor_order() -> None:
     assert [c.name for c in caps] == EXPECTED_NAMES
 
 
-def test_cgroups_and_the_network_extras_are_optional() -> None:
+def test_cgroups_the_device_allowlist_and_the_network_extras_are_optional() -> None:
     required = {c.name: c.required for c in probe.capabilities()}
-    assert required == {name: name not in ("cgroups", "netem", "nft") for name in EXPECTED_NAMES}
+    optional = ("cgroups", "device allowlist", "netem", "nft")
+    assert required == {name: name not in optional for name in EXPECTED_NAMES}
 
 
 def test_netem_verdict_follows_the_kernel_config(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,3 +152,31 @@ def test_kernel_check_requires_openat2(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "older than 5.6" in old.detail
     monkeypatch.setattr(probe.platform, "release", lambda: "5.6.0")
     assert probe._check_kernel().ok
+
+
+class _FakeV2:
+    version = "v2"
+
+    def __init__(self, nest: Path) -> None:
+        self.nest = nest
+
+
+def test_the_device_allowlist_check_says_what_a_host_without_the_v2_filter_means(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(probe.cgroups, "driver", lambda: _FakeV2(tmp_path))
+
+    def refusing(directory: str, rules: list[str]) -> None:
+        assert Path(directory).parent == tmp_path and Path(directory).is_dir()
+        raise SyscallError(errno.EPERM, "bpf(BPF_PROG_LOAD)")
+
+    monkeypatch.setattr(probe.devices, "restrict_v2", refusing)
+    verdict = probe._check_device_allowlist()
+    assert not verdict.ok and not verdict.required
+    assert "no cgroup v2 device filter (bpf(BPF_PROG_LOAD) failed: EPERM" in verdict.detail
+    assert "nodev mounts and no CAP_MKNOD" in verdict.detail
+    assert list(tmp_path.iterdir()) == []  # the scratch cgroup is gone
+
+    monkeypatch.setattr(probe.devices, "restrict_v2", lambda directory, rules: None)
+    assert probe._check_device_allowlist().ok
+    assert list(tmp_path.iterdir()) == []
