@@ -40,7 +40,16 @@ from .image import HOST_ROOT, Image, load_image
 from .link import InitLink
 from .overlay import OverlayRoot
 from .process import BoxProcess, CommandFailedError, CommandTimeoutError, RunResult
-from .spec import BoxSpec, CommandRequest, box_path, command_request, port_number, timeout_seconds
+from .spec import (
+    BoxSpec,
+    CommandRequest,
+    box_path,
+    command_request,
+    file_mode,
+    host_path,
+    port_number,
+    timeout_seconds,
+)
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -576,7 +585,7 @@ class Box:
                 f"write_bytes(): data: expected bytes-like data, got {type(data).__name__} "
                 "(use write_text() for a str)"
             )
-        files.write_bytes(path, bytes(data), _file_mode(mode, "write_bytes()"))
+        files.write_bytes(path, bytes(data), file_mode(mode, "write_bytes()"))
 
     def write_text(self, path: str, text: str, mode: int = 0o644, encoding: str = "utf-8") -> None:
         files = self._fs("write_text()")
@@ -586,7 +595,7 @@ class Box:
                 f"write_text(): text: expected a str, got {type(text).__name__} "
                 "(use write_bytes() for bytes, or convert it with str())"
             )
-        files.write_bytes(path, text.encode(encoding), _file_mode(mode, "write_text()"))
+        files.write_bytes(path, text.encode(encoding), file_mode(mode, "write_text()"))
 
     def exists(self, path: str) -> bool:
         return self._fs("exists()").exists(box_path(path, "exists(): path"))
@@ -594,14 +603,14 @@ class Box:
     def copy_in(self, host_src: str | os.PathLike[str], box_dst: str) -> None:
         """Copy a host file or directory tree into the box (into ``box_dst`` if it is a dir)."""
         files = self._fs("copy_in()")
-        source = _host_path(host_src, "copy_in(): host_src")
+        source = host_path(host_src, "copy_in(): host_src")
         files.copy_in(source, box_path(box_dst, "copy_in(): box_dst"))
 
     def copy_out(self, box_src: str, host_dst: str | os.PathLike[str]) -> None:
         """Copy a box file or directory tree to the host (into ``host_dst`` if it is a dir)."""
         files = self._fs("copy_out()")
         source = box_path(box_src, "copy_out(): box_src")
-        files.copy_out(source, _host_path(host_dst, "copy_out(): host_dst"))
+        files.copy_out(source, host_path(host_dst, "copy_out(): host_dst"))
 
     # ------------------------------------------------------------------------ internals
 
@@ -732,25 +741,6 @@ def _only_spec(spec: object, options: dict[str, Any]) -> BoxSpec:
             f"pass spec.merged('Box()', {given[0]}=...) instead, or the options without spec"
         )
     return spec
-
-
-def _host_path(value: object, what: str) -> str:
-    if not isinstance(value, (str, bytes, os.PathLike)):
-        raise ArgumentTypeError(
-            f"{what}: expected a host path (str or path object), got {type(value).__name__}"
-        )
-    path = os.fsdecode(value)
-    if not path or "\0" in path:
-        raise ConfigError(f"{what}: {path!r} is not a host path")
-    return path
-
-
-def _file_mode(mode: object, what: str) -> int:
-    if isinstance(mode, bool) or not isinstance(mode, int):
-        raise ArgumentTypeError(f"{what}: mode: expected permission bits such as 0o644, got {mode!r}")
-    if not 0 <= mode <= 0o7777:
-        raise ConfigError(f"{what}: mode: {mode:#o} is not a file mode; expected 0 to 0o7777, such as 0o644")
-    return mode
 
 
 def _stdin_fd(data: str | bytes | None) -> int:

@@ -514,6 +514,27 @@ def box_path(value: object, what: str) -> str:
     return path
 
 
+def host_path(value: object, what: str) -> str:
+    """A path on the host for copy_in/copy_out: str or path object, non-empty, no NUL."""
+    if not isinstance(value, (str, bytes, os.PathLike)):
+        raise ArgumentTypeError(
+            f"{what}: expected a host path (str or path object), got {type(value).__name__}"
+        )
+    path = os.fsdecode(value)
+    if not path or "\0" in path:
+        raise ConfigError(f"{what}: {path!r} is not a host path")
+    return path
+
+
+def file_mode(mode: object, what: str) -> int:
+    """Permission bits for the file helpers (0 to 0o7777), never a bool or a string."""
+    if isinstance(mode, bool) or not isinstance(mode, int):
+        raise ArgumentTypeError(f"{what}: mode: expected permission bits such as 0o644, got {mode!r}")
+    if not 0 <= mode <= 0o7777:
+        raise ConfigError(f"{what}: mode: {mode:#o} is not a file mode; expected 0 to 0o7777, such as 0o644")
+    return mode
+
+
 def _bool_argument(value: object, what: str) -> bool:
     if not isinstance(value, bool):
         raise ArgumentTypeError(f"{what}: expected True or False, got {type(value).__name__} {value!r}")
