@@ -148,7 +148,7 @@ def _check_device_allowlist() -> Capability:
     controller, or on v2 an eBPF device program, which this loads and attaches to a scratch
     cgroup as the box helper would (a kernel without CONFIG_CGROUP_BPF, or a container without
     CAP_SYS_ADMIN/CAP_BPF, refuses it)."""
-    name = "device allowlist"
+    name = "devices"  # one word: scripts split doctor lines on whitespace
     backend = cgroups.driver()
     if backend is None:
         return Capability(name, False, f"no usable cgroups: {_WITHOUT_ALLOWLIST}", required=False)
