@@ -96,7 +96,6 @@ def test_copy_out_with_a_flipper_writes_nothing_outside_the_destination(tmp_path
         elapsed = time.monotonic() - started
         assert flipper.poll() is None, "the flipper stopped early: the race was not run"
         flipper.kill()
-    assert elapsed < 60, elapsed
     assert list(marker.iterdir()) == []
     assert set(os.listdir(tmp_path)) == before_tmp  # nothing beside the destination's parents
     assert sorted(os.listdir(outer)) == ["dest"]
@@ -139,7 +138,6 @@ def test_copy_in_with_a_flipper_writes_nothing_on_the_host(tmp_path: Path, marke
         elapsed = time.monotonic() - started
         assert flipper.poll() is None, "the flipper stopped early: the race was not run"
         flipper.kill()
-    assert elapsed < 60, elapsed
     assert list(marker.iterdir()) == []
     assert set(os.listdir(tmp_path)) == before_tmp
     assert set(os.listdir("/")) == before_root

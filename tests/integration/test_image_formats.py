@@ -172,7 +172,8 @@ def test_a_malformed_manifest_is_refused_at_once_and_leaves_nothing(
     message = str(caught.value)
     assert str(archive) in message and why in message, message
     assert "export" in message, message  # it says what to do
-    assert elapsed < 1.0, elapsed
+    # Refused at once, never after a lock or download timeout (a generous bound: shared machines).
+    assert elapsed < 10.0, elapsed
     assert _cache_contents(image_cache) == []
     with pytest.raises(ImageError):
         Box(image=str(archive), cache=image_cache).start()
