@@ -282,7 +282,7 @@ class Box:
                     "pid": init.pid,
                     "start": init.start,
                     "hostname": self.hostname,
-                    "image": self.spec.image or "host /",
+                    "image": self.image.reference,
                     "ip": self.ip,
                     "cgroup": self.cgroup.name if self.cgroup.driver else "",
                     "test": test,

@@ -19,6 +19,7 @@ is not read again: the cache's index remembers which layers it made.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -29,6 +30,7 @@ from . import image_dir, image_docker, image_oci, image_rootfs
 from .errors import ImageError
 from .image_files import Directory, Files, ImageConfig, LayerSource, Reader, image_archive_member, open_files
 from .layers import LayerStore
+from .spec import ImageSource
 
 __all__ = ["HOST_ROOT", "Image", "ImageConfig", "load_image", "read_image", "split_reference"]
 
@@ -36,16 +38,61 @@ ProgressReport = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class Image:
-    """A bootable image: ``lowers`` are its layer directories, top first (overlay's order)."""
+class Image(ImageSource):
+    """A bootable image: what ``Box(image=...)`` boots, what ``Box.snapshot()`` returns.
+
+    ``lowers`` are its layer directories, top first (overlay's order); ``diff_ids`` the
+    digests of the cached ones, bottom first (the OCI order). ``base_dir`` is set when the
+    bottom layer is a directory used as it is (the host's ``/``, a root filesystem directory)
+    rather than a cached layer; ``snapshots`` counts the layers snapshots added on top of the
+    imported image (a deep chain is folded into one layer). ``tags`` name it in a saved archive.
+    """
 
     reference: str
     lowers: tuple[str, ...]
     config: ImageConfig = field(default_factory=ImageConfig)
     diff_ids: tuple[str, ...] = ()
+    base_dir: str = ""
+    snapshots: int = 0
+    tags: tuple[str, ...] = ()
+
+    def resolve(self, cache: str | None = None) -> Image:
+        return self
+
+    @property
+    def identity(self) -> str:
+        """A digest of what the image is: its layers' content, its base directory, its config.
+
+        Two images with the same identity boot the same files the same way (a template's
+        cache key uses it). An image over a directory is identified by the directory's path:
+        its content is not hashed.
+        """
+        data = {
+            "base_dir": self.base_dir,
+            "layers": list(self.diff_ids),
+            "env": list(self.config.env),
+            "workdir": self.config.workdir,
+            "user": self.config.user,
+        }
+        return "sha256:" + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def save(self, path: str | os.PathLike[str], format: str = "docker", *, tag: str | None = None) -> str:
+        """Write the image as an archive ``docker load``/``podman load`` take (``format="docker"``)
+        or as an OCI image layout archive (``format="oci"``); returns the archive's path.
+
+        The archive holds every layer (as uncompressed tars), the config (env, working
+        directory, user) and the tags (``tag``, or the image's own). Read back with
+        ``--nsbox-image``, it boots the same files.
+        """
+        from . import image_save  # the writer is needed only when saving
+
+        return image_save.save(self, path, format, tag)
+
+    def __repr__(self) -> str:
+        return f"<Image {self.reference} {len(self.lowers)} layers {self.identity[7:19]}>"
 
 
-HOST_ROOT = Image("host /", ("/",))
+HOST_ROOT = Image("host /", ("/",), base_dir="/")
 
 
 _loaded: dict[tuple[str, str], tuple[tuple[int, ...], Image]] = {}
@@ -53,11 +100,19 @@ _loaded_lock = threading.Lock()
 
 
 def load_image(
-    reference: str | None, cache: str | None = None, progress: ProgressReport | None = None
+    reference: str | ImageSource | None, cache: str | None = None, progress: ProgressReport | None = None
 ) -> Image:
-    """Resolve ``reference`` to layers in the cache, importing the archive on first use."""
+    """Resolve ``reference`` to layers in the cache, importing the archive on first use.
+
+    An ``Image`` is itself; a template is built (or found in the cache) first.
+    """
     if reference is None:
         return HOST_ROOT
+    if isinstance(reference, ImageSource):
+        image = reference.resolve(cache)
+        if not isinstance(image, Image):
+            raise ImageError(f"{reference!r} resolved to {image!r}, not an Image")
+        return image
     path, tag = split_reference(reference)
     try:
         info = os.stat(path)
@@ -72,7 +127,8 @@ def load_image(
         if known is not None and known[0] == stamp and all(map(os.path.isdir, known[1].lowers)):
             return known[1]  # (a layer pruned since would need importing again)
     if image_rootfs.is_root_directory(path):
-        image = Image(reference, (os.path.abspath(path),))  # a root filesystem directory, as is
+        root = os.path.abspath(path)  # a root filesystem directory, used as it is
+        image = Image(reference, (root,), base_dir=root)
     else:
         image = _import(reference, path, tag, stamp, LayerStore(cache), progress)
     with _loaded_lock:

@@ -41,6 +41,16 @@ LIMITS = ("pids", "memory", "memory_swap", "cpus", "cpuset", "io_weight")
 _CPUSET_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
 
+class ImageSource:
+    """What ``image=`` accepts besides a path: something that resolves to an ``Image``
+    (an ``Image`` itself, a ``template``). A base class here, so that a spec can tell one
+    apart without importing the image machinery."""
+
+    def resolve(self, cache: str | None = None) -> Any:
+        """The ``Image`` to boot (made or found in ``cache`` if need be)."""
+        raise NotImplementedError
+
+
 def parse_size(value: object, what: str) -> int:
     """Bytes from ``1048576``, ``"64M"``, ``"1.5G"`` or ``"512k"`` (powers of 1024, as docker)."""
     if isinstance(value, bool):
@@ -60,7 +70,7 @@ def parse_size(value: object, what: str) -> int:
 class BoxSpec:
     """Everything that decides how a box is built; frozen so a started box cannot drift."""
 
-    image: str | None = None
+    image: str | ImageSource | None = None
     cache: str | None = None
     hostname: str = "box"
     network: str = "none"
@@ -86,7 +96,7 @@ class BoxSpec:
             )
         values = dict(options)
         return cls(
-            image=_path_or_none(values.get("image"), f"{source}: image"),
+            image=_image(values.get("image"), f"{source}: image"),
             cache=_path_or_none(values.get("cache"), f"{source}: cache"),
             hostname=_hostname(values.get("hostname", "box"), f"{source}: hostname"),
             network=_network(values.get("network", "none"), f"{source}: network"),
@@ -140,6 +150,20 @@ class BoxSpec:
         }
         current.update(options)
         return BoxSpec.create(source, **current)
+
+
+def _image(value: object, what: str) -> str | ImageSource | None:
+    if isinstance(value, ImageSource):
+        return value
+    if isinstance(value, (str, os.PathLike)) or value is None:
+        return _path_or_none(value, what)
+    hint = ""
+    if callable(value):
+        hint = " (a function: decorate it with @pytest_nsbox.template to make it an image)"
+    raise ArgumentTypeError(
+        f"{what}: expected an image path, an Image (Box.snapshot()) or a template, "
+        f"got {type(value).__name__} {value!r}{hint}"
+    )
 
 
 def _path_or_none(value: object, what: str) -> str | None:
