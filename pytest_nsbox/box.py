@@ -40,6 +40,7 @@ from .image import HOST_ROOT, Image, load_image
 from .link import InitLink
 from .overlay import OverlayRoot
 from .process import BoxProcess, CommandFailedError, CommandTimeoutError, RunResult
+from .snapshot import snapshot as take_snapshot
 from .spec import (
     BoxSpec,
     CommandRequest,
@@ -249,6 +250,18 @@ class Box:
             self.stop()
             raise
         return self
+
+    def snapshot(self) -> Image:
+        """The box's root as it is now, as an ``Image``: its image's layers plus one layer of
+        its changes (stored in the layer cache by their digest). The box keeps running; its
+        processes are frozen for the copy, so a file being written is copied whole.
+
+        Boot it with ``Box(image=...)``, the marker's ``image=`` or ``nsbox_factory(image=...)``,
+        save it with ``Image.save``. Mounts of the box (``tmpfs=``, ``/proc``) are not part
+        of its root and are not in the snapshot.
+        """
+        self._require_running("snapshot()")
+        return take_snapshot(self)
 
     def _require_pid(self) -> int:
         if self.pid is None or self._state != "running":

@@ -153,7 +153,7 @@ class LayerStore:
         blob_digest: str | None,
         progress: Progress | None,
     ) -> LayerInfo:
-        work = tempfile.mkdtemp(prefix="layer-", dir=os.path.join(self.root, "tmp"))
+        work = self.work_dir("layer")
         try:
             target = os.path.join(work, "root")
             os.mkdir(target, 0o755)
@@ -183,6 +183,46 @@ class LayerStore:
             size = compressed.count
             _write_json(final + ".json", {"diff_id": diff_id, "size": uncompressed.count, "blob_size": size})
             os.rename(target, final)
+            return self._info(diff_id)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def work_dir(self, kind: str) -> str:
+        """A fresh directory under ``tmp/`` to build a layer in, named after this process, so
+        that ``sweep_unfinished`` can tell one a killed process left from one being built."""
+        return tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-", dir=os.path.join(self.root, "tmp"))
+
+    def sweep_unfinished(self) -> list[str]:
+        """Remove what processes killed while building a layer left in ``tmp/``."""
+        removed: list[str] = []
+        tmp = os.path.join(self.root, "tmp")
+        for name in os.listdir(tmp):
+            parts = name.split("-")
+            if len(parts) < 3 or not parts[1].isdigit() or _alive(int(parts[1])):
+                continue
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+            removed.append(f"unfinished layer {os.path.join(tmp, name)}")
+        return removed
+
+    def add_layer(self, build: Callable[[str], tuple[str, int]], what: str) -> LayerInfo:
+        """Make a layer with ``build(directory) -> (diff_id, size)`` and store it by its digest.
+
+        Built aside and renamed into place, as extracted layers are: nobody sees half of it,
+        and a layer the cache has already (the same snapshot twice) is kept once.
+        """
+        work = self.work_dir("snap")
+        try:
+            target = os.path.join(work, "root")
+            os.mkdir(target, 0o755)
+            diff_id, size = build(target)
+            with self.lock(f"layer-{_hex(diff_id)[:_SHORT]}"):
+                if self.has_layer(diff_id):
+                    return self._info(diff_id)
+                final = self.layer_path(diff_id)
+                if os.path.lexists(final):
+                    shutil.rmtree(final)  # leftover without a sidecar
+                os.rename(target, final)
+                _write_json(final + ".json", {"diff_id": diff_id, "size": size, "made_by": what})
             return self._info(diff_id)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -286,6 +326,16 @@ class LayerStore:
                 f"waited {LOCK_TIMEOUT:.0f}s for {path}: another process is importing the same layer "
                 "and is not finishing; if none is running, delete the lock file"
             ) from exc
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _hex(digest: str | None) -> str:

@@ -30,8 +30,29 @@ def mount_root(target: str, lowers: list[str], upper: str, work: str, flags: int
 
     ``upper`` and ``work`` must share one filesystem, and it may not be an overlay itself.
     """
+    if len(lowers) > 1 and lowers[-1] == "/":
+        lowers = [*lowers[:-1], _host_root_layer(os.path.dirname(upper))]
     joined = ":".join(escape_overlay_path(path) for path in short_lowers(lowers))
-    syscalls.mount("nsbox", target, "overlay", flags, f"lowerdir={joined},upperdir={upper},workdir={work}")
+    # Why redirect_dir and metacopy off (the kernel's defaults, said out loud): with them on,
+    # a renamed directory or a chmod is recorded in xattrs that mean nothing outside this
+    # overlay, and the upper directory would no longer be a snapshot's exact layer.
+    options = f"lowerdir={joined},upperdir={upper},workdir={work},redirect_dir=off,metacopy=off"
+    syscalls.mount("nsbox", target, "overlay", flags, options)
+
+
+def _host_root_layer(scratch: str) -> str:
+    """The host's ``/`` as a layer under others (a snapshot of a box of the host's root).
+
+    Why not ``/`` itself: overlayfs refuses layers nested in one another (ELOOP), and every
+    cached layer lives somewhere below ``/``. A read-only overlay of ``/`` (over an empty
+    directory: without an upper it needs two layers) is a filesystem of its own, so the
+    layers above no longer sit inside it.
+    """
+    layer, empty = f"{scratch}/host-root", f"{scratch}/host-root-empty"
+    os.mkdir(layer, 0o755)
+    os.mkdir(empty, 0o755)
+    syscalls.mount("nsbox", layer, "overlay", syscalls.MS_RDONLY, f"lowerdir=/:{empty}")
+    return layer
 
 
 def short_lowers(lowers: list[str]) -> list[str]:

@@ -31,8 +31,8 @@ from .errors import BoxError
 
 START_TIMEOUT = 30.0
 # Waiting boxes kept, one per root (image and privilege) recently asked for: a suite that
-# alternates two images finds a box ready for each.
-MAX_WAITING = 2
+# alternates among four images, templates or snapshots finds a box ready for each.
+MAX_WAITING = 4
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 # The helper needs only the standard library and this package's low-level modules. Why not

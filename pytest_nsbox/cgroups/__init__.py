@@ -136,6 +136,31 @@ class Cgroup:
     def procs_files(self) -> list[str]:
         return self.driver.procs_files(self.dirs) if self.driver else []
 
+    def freeze(self) -> None:
+        """Stop every process of the cgroup where it stands (cgroup freezer); ``thaw()`` resumes.
+
+        Returns once all of them are stopped. Frozen processes keep their memory and open
+        files and notice nothing but lost time.
+        """
+        self._require_live("freeze()")
+        assert self.driver is not None
+        self.driver.freeze(self.dirs, True)
+
+    def thaw(self) -> None:
+        """Let the processes of a frozen cgroup run again (nothing happens if it is not frozen)."""
+        self._require_live("thaw()")
+        assert self.driver is not None
+        self.driver.freeze(self.dirs, False)
+
+    def is_frozen(self) -> bool:
+        return bool(self.driver and not self.closed and self.driver.is_frozen(self.dirs))
+
+    def _require_live(self, what: str) -> None:
+        if self.closed:
+            raise CgroupError(f"cgroup {self.name} belongs to a stopped box; {what} needs a running one")
+        if self.driver is None:
+            raise CgroupError(f"{what} needs cgroups; this host has none usable (see `nsbox doctor`)")
+
     def remove(self) -> bool:
         """rmdir the cgroup in every hierarchy; False while it still has a process."""
         return self.driver.remove_named(self.name) if self.driver else True

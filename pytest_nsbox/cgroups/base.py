@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +52,10 @@ class Driver(Protocol):
 
     def helper_plan(self) -> dict[str, Any]: ...
 
+    def freeze(self, dirs: list[Path], frozen: bool) -> None: ...
+
+    def is_frozen(self, dirs: list[Path]) -> bool: ...
+
 
 def box_dirs(parents: list[Path]) -> list[Path]:
     """The box cgroups (``nsb-*``) in these parent directories, for leak checks and reapers."""
@@ -77,6 +83,17 @@ def write(path: Path, value: str, limit: str | None = None) -> None:
         }.get(exc.errno or 0, exc.strerror)
         what = f" for limit {limit!r}" if limit else ""
         raise CgroupError(f"writing {value!r} to {path}{what} failed: {exc.strerror} ({hint})") from exc
+
+
+def wait_until(done: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``done`` (a cgroup state file's answer) until it holds; ``CgroupError`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0002
+    while not done():
+        if time.monotonic() >= deadline:
+            raise CgroupError(f"the cgroup did not reach the state asked for within {timeout:.0f}s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
 
 
 def read(path: Path, default: str = "") -> str:

@@ -16,13 +16,15 @@ from .base import (
     read,
     read_int,
     remove_dirs,
+    wait_until,
     write,
 )
 
-CONTROLLERS = ("pids", "memory", "cpu", "cpuacct", "cpuset", "blkio", "devices")
-# Counted, capped for OOM, CPU time, kept to its own devices: every box joins these. (A
-# privileged box joins devices too, and keeps all its parent allows.)
-ALWAYS = ("pids", "memory", "cpuacct", "devices")
+CONTROLLERS = ("pids", "memory", "cpu", "cpuacct", "cpuset", "blkio", "devices", "freezer")
+# Counted, capped for OOM, CPU time, kept to its own devices, frozen for a snapshot: every box
+# joins these. (A privileged box joins devices too, and keeps all its parent allows.) Why
+# freezer from the start: joining it late races with the box's forks.
+ALWAYS = ("pids", "memory", "cpuacct", "devices", "freezer")
 _PERIOD_US = 100_000
 _UNLIMITED = "-1"
 
@@ -179,6 +181,20 @@ class V1Driver:
 
     def existing(self) -> list[Path]:
         return box_dirs(list(self.parents.values()))
+
+    def freeze(self, dirs: list[Path], frozen: bool) -> None:
+        directory = self._find(dirs, "freezer")
+        if directory is None:
+            raise CgroupError(
+                "freezing a box needs the v1 freezer controller, which this host has not mounted"
+            )
+        write(directory / "freezer.state", "FROZEN" if frozen else "THAWED", "freeze")
+        # FREEZING until every task has stopped at a safe point.
+        wait_until(lambda: read(directory / "freezer.state").strip() == ("FROZEN" if frozen else "THAWED"))
+
+    def is_frozen(self, dirs: list[Path]) -> bool:
+        directory = self._find(dirs, "freezer")
+        return directory is not None and read(directory / "freezer.state").strip() != "THAWED"
 
     def helper_plan(self) -> dict[str, Any]:
         """Made in the hierarchies every box joins; removed from all (some are joined late).

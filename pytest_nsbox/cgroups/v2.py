@@ -17,6 +17,7 @@ from .base import (
     read,
     read_int,
     remove_dirs,
+    wait_until,
     write,
 )
 
@@ -156,6 +157,17 @@ class V2Driver:
 
     def existing(self) -> list[Path]:
         return box_dirs([self.parent])
+
+    def freeze(self, dirs: list[Path], frozen: bool) -> None:
+        path = dirs[0]
+        if not (path / "cgroup.freeze").exists():
+            raise CgroupError("freezing a box needs cgroup.freeze (Linux 5.2 or later)")
+        write(path / "cgroup.freeze", "1" if frozen else "0", "freeze")
+        # cgroup.events says "frozen 1" once every task has stopped.
+        wait_until(lambda: keyed(path / "cgroup.events").get("frozen", 0) == int(frozen))
+
+    def is_frozen(self, dirs: list[Path]) -> bool:
+        return read(dirs[0] / "cgroup.freeze").strip() == "1"
 
     def helper_plan(self) -> dict[str, Any]:
         """One parent, delegated now; should it vanish (removed with another process's last

@@ -1,0 +1,121 @@
+"""``Box.snapshot()``: a running box's root as a new image, its changes one more layer.
+
+The box's changes are exactly its overlay's upper directory (added and modified files,
+deletions as whiteouts, opaque directories). That directory is copied into the layer cache
+(``layer_tar.copy_layer``), which names the new layer by the digest of its tar: the same
+changes made twice are stored once, and a saved image carries the same layer.
+
+Why freeze: a process writing while the copy runs would leave a file half old, half new in
+the layer. The box's cgroup is frozen for the copy (the box's processes stop where they
+stand and notice nothing but lost time), then thawed.
+
+A chain of snapshots of snapshots grows one layer per link; past ``MAX_SNAPSHOT_LAYERS`` the
+links are folded into one layer (``layer_tar.squash``), so that overlayfs's limits (a page of
+options, a few hundred layers) are never reached however deep a chain gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from . import layer_tar
+from .errors import BoxError, CgroupError, ImageError
+from .image import Image
+from .layers import LayerInfo, LayerStore
+
+if TYPE_CHECKING:
+    from .box import Box
+
+MAX_SNAPSHOT_LAYERS = 16
+_EMPTY_LAYER_SIZE = 1024  # a tar with no entries: its end-of-archive blocks alone
+
+
+def snapshot(box: Box) -> Image:
+    """The image of ``box``'s root as it is now (the box keeps running)."""
+    root = box.root
+    if not box.running or root is None:
+        raise BoxError(f"box {box.id} is not running: snapshot() needs its root (call it before stop())")
+    image = box.image
+    store = LayerStore(box.spec.cache)
+    what = f"box {box.id}"
+    exclude = frozenset(path.lstrip("/") for path in root.made_by_box)
+    with _frozen(box):
+        layer = store.add_layer(lambda target: layer_tar.copy_layer(root.upper, target, exclude, what), what)
+    if layer.size <= _EMPTY_LAYER_SIZE:
+        return _renamed(image, box.id)  # nothing changed: the box's own image is its snapshot
+    chain = image.lowers[: image.snapshots]  # the layers earlier snapshots added, top first
+    if layer.path in image.lowers[image.snapshots :]:
+        raise ImageError(
+            f"box {box.id}: its changes are byte for byte a layer its image has already "
+            f"({layer.diff_id}); overlayfs cannot stack a layer twice. Change one more file first"
+        )
+    if image.snapshots + 1 > MAX_SNAPSHOT_LAYERS or layer.path in chain:
+        # Fold the chain (and the new layer) into one; a layer met twice is folded too, as
+        # overlayfs refuses a directory listed twice.
+        folded = _fold(store, [*reversed(chain), layer.path], what)
+        base = image.lowers[image.snapshots :]
+        base_ids = image.diff_ids[: len(image.diff_ids) - image.snapshots]
+        return Image(
+            _reference(image, box.id),
+            (folded.path, *base),
+            image.config,
+            (*base_ids, folded.diff_id),
+            image.base_dir,
+            1,
+            image.tags,
+        )
+    return Image(
+        _reference(image, box.id),
+        (layer.path, *image.lowers),
+        image.config,
+        (*image.diff_ids, layer.diff_id),
+        image.base_dir,
+        image.snapshots + 1,
+        image.tags,
+    )
+
+
+def _fold(store: LayerStore, layers: list[str], what: str) -> LayerInfo:
+    def build(target: str) -> tuple[str, int]:
+        layer_tar.squash(layers, target, what)
+        return layer_tar.tar_digest(target, what)
+
+    return store.add_layer(build, f"{what} (a chain of {len(layers)} snapshots, folded)")
+
+
+@contextlib.contextmanager
+def _frozen(box: Box) -> Iterator[None]:
+    """Freeze the box's cgroup for the block, if it has one; a box without (a host with no
+    usable cgroups) is copied as it runs."""
+    cgroup = box.cgroup
+    if cgroup.driver is None or cgroup.is_frozen():
+        yield  # no freezer here, or the caller froze it already: leave it as it is
+        return
+    try:
+        cgroup.freeze()
+    except CgroupError as exc:
+        raise BoxError(f"box {box.id}: cannot freeze it for a consistent snapshot: {exc}") from exc
+    try:
+        yield
+    finally:
+        cgroup.thaw()
+
+
+def _reference(image: Image, box_id: str) -> str:
+    """``snapshot of box ID, over debian.tar``: the box, and the image the chain started from."""
+    origin = image.reference.split(", over ", 1)[-1]
+    return f"snapshot of box {box_id}, over {origin}"
+
+
+def _renamed(image: Image, box_id: str) -> Image:
+    return Image(
+        _reference(image, box_id),
+        image.lowers,
+        image.config,
+        image.diff_ids,
+        image.base_dir,
+        image.snapshots,
+        image.tags,
+    )
