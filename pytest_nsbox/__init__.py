@@ -24,13 +24,16 @@ from .errors import (
     NsboxError,
     StateError,
     SyscallError,
+    TemplateError,
     WaitTimeoutError,
 )
+from .image import Image, ImageConfig
 from .netpair import NetPair
 from .network import Link
 from .overlay import Changes, OverlayRoot
 from .process import BoxProcess, CommandFailedError, CommandTimeoutError, RunResult
 from .spec import BoxSpec
+from .templates import Template, template
 
 __version__ = "0.1.0"
 
@@ -47,6 +50,8 @@ __all__ = [
     "CommandTimeoutError",
     "ConfigError",
     "HostUnsupportedError",
+    "Image",
+    "ImageConfig",
     "ImageError",
     "Link",
     "MountError",
@@ -57,6 +62,9 @@ __all__ = [
     "RunResult",
     "StateError",
     "SyscallError",
+    "Template",
+    "TemplateError",
     "WaitTimeoutError",
     "live_boxes",
+    "template",
 ]

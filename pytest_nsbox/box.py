@@ -261,7 +261,8 @@ class Box:
         of its root and are not in the snapshot.
         """
         self._require_running("snapshot()")
-        return take_snapshot(self)
+        assert self.root is not None
+        return take_snapshot(self.id, self.root, self.image, self.cgroup, self.spec.cache)
 
     def _require_pid(self) -> int:
         if self.pid is None or self._state != "running":

@@ -18,9 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     doctor = commands.add_parser("doctor", help="check that this host can make boxes")
     doctor.add_argument("--no-box", action="store_true", help="only inspect; do not start a test box")
-    images = commands.add_parser("images", help="list (or prune) the image layer cache")
+    images = commands.add_parser(
+        "images", help="list (or prune) the image layer cache: images, templates, layers"
+    )
     images.add_argument("--cache", metavar="DIR", help=f"the cache directory (default {default_cache()})")
-    images.add_argument("--prune", action="store_true", help="remove images and layers no recent run used")
+    images.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove images and templates no recent run used, and layers nothing needs",
+    )
     images.add_argument(
         "--days", type=float, default=7.0, help="with --prune: 'recent' means this many days (default 7)"
     )
@@ -113,6 +119,10 @@ def gc_command(dry_run: bool = False) -> int:
     return 0
 
 
+def _when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
+
+
 def images_command(cache: str | None, prune: bool, days: float) -> int:
     """What the cache holds: one line per imported image, then the layers and their total."""
     try:
@@ -128,14 +138,24 @@ def images_command(cache: str | None, prune: bool, days: float) -> int:
         return 0
     layers = {layer.diff_id: layer for layer in store.layers()}
     images = list(store.images())
-    print(f"cache {store.root}: {len(images)} images, {len(layers)} layers")
-    for entry in images:
+    templates = [entry for entry in images if entry.get("kind") == "template"]
+    imported = [entry for entry in images if entry.get("kind") != "template"]
+    print(f"cache {store.root}: {len(imported)} images, {len(templates)} templates, {len(layers)} layers")
+    for entry in imported:
         sizes = [layers[d].size for d in entry.get("layers", []) if d in layers]
-        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["last_used"]))
         ref = f"#{entry['ref']}" if entry.get("ref") else ""
         print(
             f"  {entry.get('source')}{ref}: {len(entry.get('layers', []))} layers, "
-            f"{sum(sizes) / 1e6:.1f} MB, last used {used}"
+            f"{sum(sizes) / 1e6:.1f} MB, last used {_when(entry['last_used'])}"
+        )
+    for entry in templates:
+        own = entry.get("layers", [])[-1:]
+        size = sum(layers[d].size for d in own if d in layers)
+        key = str(entry.get("key", "")).split(":", 1)[-1][:12]
+        print(
+            f"  template {entry.get('name')}: key {key}, {size / 1e6:.1f} MB of its own over "
+            f"{entry.get('base', '?')}, built {_when(entry.get('built', 0))} "
+            f"in {entry.get('build_seconds', 0):.1f}s, last used {_when(entry['last_used'])}"
         )
     total = sum(layer.size for layer in layers.values())
     print(f"layers: {total / 1e6:.1f} MB in all (shared layers are stored once)")

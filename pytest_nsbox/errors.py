@@ -9,6 +9,7 @@ derives from it, so code written against ``subprocess`` or ``os`` keeps working:
     │   └── ArgumentTypeError (TypeError)   ... of the wrong type: names the accepted types
     ├── HostUnsupportedError             this host cannot make boxes; names the missing capability
     ├── ImageError                       an image that cannot be used, and why
+    │   └── TemplateError                  a template's setup failed: its error and its box
     ├── SyscallError (OSError)           a kernel call failed: operation, arguments, errno name
     │   └── MountError                   mount/umount/pivot_root, with source, target and flags
     ├── CgroupError                      a cgroup file that could not be read or written
@@ -54,6 +55,7 @@ __all__ = [
     "NsboxError",
     "StateError",
     "SyscallError",
+    "TemplateError",
     "WaitTimeoutError",
 ]
 
@@ -89,6 +91,10 @@ class HostUnsupportedError(NsboxError):
 
 class ImageError(NsboxError):
     """An image that cannot be used: unreadable, malformed, hostile or of an unknown format."""
+
+
+class TemplateError(ImageError):
+    """A template's setup function failed: the message holds its error and its box's report."""
 
 
 class SyscallError(NsboxError, OSError):

@@ -288,7 +288,9 @@ class LayerStore:
                     yield self._info(diff_id)
 
     def prune(self, older_than_days: float) -> list[str]:
-        """Remove images not used for that long, then every layer no remaining image needs."""
+        """Remove images and templates not used for that long, then every layer that no
+        remaining one needs and that is that old itself (a snapshot a running session just
+        made belongs to no image yet), and what killed builds left."""
         removed: list[str] = []
         cutoff = time.time() - older_than_days * 86400
         with self.lock("store"):
@@ -296,21 +298,21 @@ class LayerStore:
             for entry in list(self.images()):
                 if entry["last_used"] < cutoff:
                     os.unlink(self.index_path(entry["key"]))
-                    removed.append(
-                        f"image {entry.get('source')}{'#' + entry['ref'] if entry.get('ref') else ''}"
-                    )
+                    removed.append(_entry_name(entry))
                 else:
                     keep.update(entry.get("layers", []))
             for layer in list(self.layers()):
-                if layer.diff_id not in keep:
-                    with self.lock(f"layer-{_hex(layer.diff_id)[:_SHORT]}"):
-                        os.unlink(layer.path + ".json")
-                        shutil.rmtree(layer.path)
-                    removed.append(f"layer {layer.diff_id}")
+                if layer.diff_id in keep or _mtime(layer.path + ".json") >= cutoff:
+                    continue
+                with self.lock(f"layer-{_hex(layer.diff_id)[:_SHORT]}"):
+                    os.unlink(layer.path + ".json")
+                    shutil.rmtree(layer.path)
+                removed.append(f"layer {layer.diff_id}")
+            removed.extend(self.sweep_unfinished())
             tmp = os.path.join(self.root, "tmp")
             for name in os.listdir(tmp):
                 path = os.path.join(tmp, name)
-                if os.stat(path).st_mtime < cutoff:
+                if _mtime(path) < cutoff:
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(f"unfinished extraction {path}")
         return removed
@@ -326,6 +328,19 @@ class LayerStore:
                 f"waited {LOCK_TIMEOUT:.0f}s for {path}: another process is importing the same layer "
                 "and is not finishing; if none is running, delete the lock file"
             ) from exc
+
+
+def _entry_name(entry: dict[str, Any]) -> str:
+    if entry.get("kind") == "template":
+        return f"template {entry.get('name')} (key {str(entry.get('key', '')).split(':', 1)[-1][:12]})"
+    return f"image {entry.get('source')}{'#' + entry['ref'] if entry.get('ref') else ''}"
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _alive(pid: int) -> bool:

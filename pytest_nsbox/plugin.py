@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from . import hookspecs, interrupts, network, probe, reaper, report
+from . import hookspecs, interrupts, network, probe, reaper, report, templates
 from .box import Box, before_next_box, forget_hook, stop_all
 from .cgroups import Cgroup
 from .errors import ArgumentTypeError, ConfigError, HostUnsupportedError, ImageError, NsboxError
@@ -93,6 +93,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         "nsbox_subnet", type="string", default="", help="subnet of bridged boxes (see --nsbox-subnet)"
     )
+    group.addoption(
+        "--nsbox-rebuild",
+        action="store_true",
+        default=None,
+        help="build every @template again in this run, whatever the cache holds. ini: nsbox_rebuild",
+    )
+    parser.addini("nsbox_rebuild", type="bool", default=False, help="rebuild templates (see --nsbox-rebuild)")
     parser.addini("nsbox_image", type="string", default="", help="image every box boots (see --nsbox-image)")
     parser.addini("nsbox_cache", type="string", default="", help="image layer cache directory")
     parser.addini(
@@ -129,6 +136,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if keep not in ("never", "failed", "always"):
         raise pytest.UsageError(f"nsbox_keep: {keep!r} is not one of never, failed, always")
     config.stash[KEEP] = keep
+    _configure_templates(config, defaults.get("image"))
 
     # The session's box work waits for the first box (as pytest-xdist's does for its
     # workers): --collect-only, or a suite without box tests, leaves the host alone.
@@ -137,6 +145,22 @@ def pytest_configure(config: pytest.Config) -> None:
 
     config.stash[BEGIN_BOXES] = hook
     before_next_box(hook)
+
+
+def _configure_templates(config: pytest.Config, default_image: str | None) -> None:
+    """Templates build over the session's image, say when they build, and under
+    --nsbox-rebuild rebuild once per run: all pytest-xdist workers of a run share its id."""
+    option = config.getoption("nsbox_rebuild")
+    rebuild = bool(config.getini("nsbox_rebuild") if option is None else option)
+    worker = getattr(config, "workerinput", None)
+    run_id = str(worker["testrunuid"]) if worker and "testrunuid" in worker else None
+
+    def report_line(line: str) -> None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"nsbox: {line}")
+
+    templates.configure(default_image=default_image, rebuild=rebuild, run_id=run_id, report_line=report_line)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

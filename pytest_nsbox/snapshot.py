@@ -18,37 +18,32 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from . import layer_tar
+from .cgroups import Cgroup
 from .errors import BoxError, CgroupError, ImageError
 from .image import Image
 from .layers import LayerInfo, LayerStore
-
-if TYPE_CHECKING:
-    from .box import Box
+from .overlay import OverlayRoot
 
 MAX_SNAPSHOT_LAYERS = 16
 _EMPTY_LAYER_SIZE = 1024  # a tar with no entries: its end-of-archive blocks alone
 
 
-def snapshot(box: Box) -> Image:
-    """The image of ``box``'s root as it is now (the box keeps running)."""
-    root = box.root
-    if not box.running or root is None:
-        raise BoxError(f"box {box.id} is not running: snapshot() needs its root (call it before stop())")
-    image = box.image
-    store = LayerStore(box.spec.cache)
-    what = f"box {box.id}"
+def snapshot(box_id: str, root: OverlayRoot, image: Image, cgroup: Cgroup, cache: str | None) -> Image:
+    """The image of a running box's root (``root``, over ``image``) as it is now; its
+    processes (``cgroup``) are frozen for the copy. The new layer goes into ``cache``."""
+    store = LayerStore(cache)
+    what = f"box {box_id}"
     exclude = frozenset(path.lstrip("/") for path in root.made_by_box)
-    with _frozen(box):
+    with _frozen(cgroup, box_id):
         layer = store.add_layer(lambda target: layer_tar.copy_layer(root.upper, target, exclude, what), what)
     if layer.size <= _EMPTY_LAYER_SIZE:
-        return _renamed(image, box.id)  # nothing changed: the box's own image is its snapshot
+        return _renamed(image, box_id)  # nothing changed: the box's own image is its snapshot
     chain = image.lowers[: image.snapshots]  # the layers earlier snapshots added, top first
     if layer.path in image.lowers[image.snapshots :]:
         raise ImageError(
-            f"box {box.id}: its changes are byte for byte a layer its image has already "
+            f"box {box_id}: its changes are byte for byte a layer its image has already "
             f"({layer.diff_id}); overlayfs cannot stack a layer twice. Change one more file first"
         )
     if image.snapshots + 1 > MAX_SNAPSHOT_LAYERS or layer.path in chain:
@@ -58,7 +53,7 @@ def snapshot(box: Box) -> Image:
         base = image.lowers[image.snapshots :]
         base_ids = image.diff_ids[: len(image.diff_ids) - image.snapshots]
         return Image(
-            _reference(image, box.id),
+            _reference(image, box_id),
             (folded.path, *base),
             image.config,
             (*base_ids, folded.diff_id),
@@ -67,7 +62,7 @@ def snapshot(box: Box) -> Image:
             image.tags,
         )
     return Image(
-        _reference(image, box.id),
+        _reference(image, box_id),
         (layer.path, *image.lowers),
         image.config,
         (*image.diff_ids, layer.diff_id),
@@ -86,17 +81,16 @@ def _fold(store: LayerStore, layers: list[str], what: str) -> LayerInfo:
 
 
 @contextlib.contextmanager
-def _frozen(box: Box) -> Iterator[None]:
+def _frozen(cgroup: Cgroup, box_id: str) -> Iterator[None]:
     """Freeze the box's cgroup for the block, if it has one; a box without (a host with no
     usable cgroups) is copied as it runs."""
-    cgroup = box.cgroup
     if cgroup.driver is None or cgroup.is_frozen():
         yield  # no freezer here, or the caller froze it already: leave it as it is
         return
     try:
         cgroup.freeze()
     except CgroupError as exc:
-        raise BoxError(f"box {box.id}: cannot freeze it for a consistent snapshot: {exc}") from exc
+        raise BoxError(f"box {box_id}: cannot freeze it for a consistent snapshot: {exc}") from exc
     try:
         yield
     finally:
