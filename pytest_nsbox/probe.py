@@ -42,6 +42,7 @@ def capabilities() -> tuple[Capability, ...]:
         _check_arch(),
         _check_cgroups(),
         _check_device_allowlist(),
+        _check_freezer(),
         _check_netem(),
         _check_nft(),
     )
@@ -178,6 +179,26 @@ def _check_device_allowlist() -> Capability:
     return Capability(
         name, True, "cgroup v2 eBPF device filter (BPF_PROG_TYPE_CGROUP_DEVICE)", required=False
     )
+
+
+def _check_freezer() -> Capability:
+    """Whether a box can be frozen: ``Box.snapshot()`` freezes a box for its copy (without a
+    freezer, a file being written while it is copied may be copied half old, half new)."""
+    backend = cgroups.driver()
+    if backend is None:
+        return Capability("freezer", False, "no usable cgroups: snapshots copy running boxes", required=False)
+    if backend.version == "v1":
+        if "freezer" in getattr(backend, "parents", {}):
+            return Capability("freezer", True, "cgroup v1 freezer controller", required=False)
+        return Capability(
+            "freezer", False, "no cgroup v1 freezer controller: snapshots copy running boxes", required=False
+        )
+    parent = str(getattr(backend, "nest", "/sys/fs/cgroup"))
+    if os.path.exists(os.path.join(parent, "cgroup.freeze")) or os.path.exists(
+        "/sys/fs/cgroup/cgroup.subtree_control"
+    ):
+        return Capability("freezer", True, "cgroup v2 cgroup.freeze", required=False)
+    return Capability("freezer", False, "no cgroup.freeze: snapshots copy running boxes", required=False)
 
 
 def _kernel_option(name: str) -> str | None:
