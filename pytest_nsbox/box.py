@@ -44,6 +44,7 @@ from .snapshot import snapshot as take_snapshot
 from .spec import (
     BoxSpec,
     CommandRequest,
+    ImageSource,
     box_path,
     command_request,
     file_mode,
@@ -74,7 +75,7 @@ class Box:
 
     def __init__(
         self,
-        image: str | os.PathLike[str] | None = None,
+        image: str | os.PathLike[str] | ImageSource | None = None,
         *,
         cache: str | os.PathLike[str] | None = None,
         hostname: str = "box",

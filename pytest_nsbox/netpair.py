@@ -15,13 +15,13 @@ from .box import Box
 from .errors import ConfigError, NsboxError
 from .network import bridge, pool
 from .network.shaping import End, Link
-from .spec import BoxSpec
+from .spec import BoxSpec, ImageSource
 
 
 class NetPair:
     """Two started boxes, hostnames ``a`` and ``b``, each resolving the other by name."""
 
-    def __init__(self, image: str | os.PathLike[str] | None = None, **options: Any) -> None:
+    def __init__(self, image: str | os.PathLike[str] | ImageSource | None = None, **options: Any) -> None:
         for reserved in ("hostname", "network", "nat"):
             if reserved in options:
                 raise ConfigError(
