@@ -122,7 +122,11 @@ def _walk_dir(
             yield Entry(tar, "symlink", dir_fd, name, rel, info, xattrs)
         else:  # character and block devices, fifos
             tar.type = (
-                tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE if stat.S_ISBLK(mode) else tarfile.FIFOTYPE
+                tarfile.CHRTYPE
+                if stat.S_ISCHR(mode)
+                else tarfile.BLKTYPE
+                if stat.S_ISBLK(mode)
+                else tarfile.FIFOTYPE
             )
             if not stat.S_ISFIFO(mode):
                 tar.devmajor, tar.devminor = os.major(info.st_rdev), os.minor(info.st_rdev)
@@ -138,7 +142,8 @@ def _tarinfo(rel: str, info: os.stat_result, xattrs: dict[str, bytes]) -> tarfil
     tar.size = 0
     if xattrs:
         tar.pax_headers = {
-            "SCHILY.xattr." + key: value.decode("utf-8", "surrogateescape") for key, value in sorted(xattrs.items())
+            "SCHILY.xattr." + key: value.decode("utf-8", "surrogateescape")
+            for key, value in sorted(xattrs.items())
         }
     return tar
 
