@@ -28,7 +28,15 @@ from dataclasses import dataclass, field
 
 from . import image_dir, image_docker, image_oci, image_rootfs
 from .errors import ImageError
-from .image_files import Directory, Files, ImageConfig, LayerSource, Reader, image_archive_member, open_files
+from .image_files import (
+    Directory,
+    Files,
+    ImageConfig,
+    ImageContents,
+    Reader,
+    image_archive_member,
+    open_files,
+)
 from .layers import LayerStore
 from .spec import ImageSource
 
@@ -45,7 +53,8 @@ class Image(ImageSource):
     digests of the cached ones, bottom first (the OCI order). ``base_dir`` is set when the
     bottom layer is a directory used as it is (the host's ``/``, a root filesystem directory)
     rather than a cached layer; ``snapshots`` counts the layers snapshots added on top of the
-    imported image (a deep chain is folded into one layer). ``tags`` name it in a saved archive.
+    imported image (a deep chain is folded into one layer). ``tags`` name it in a saved archive:
+    those of the archive it was imported from (``RepoTags``, or an OCI index's name), or none.
     """
 
     reference: str
@@ -81,7 +90,8 @@ class Image(ImageSource):
         or as an OCI image layout archive (``format="oci"``); returns the archive's path.
 
         The archive holds every layer (as uncompressed tars), the config (env, working
-        directory, user) and the tags (``tag``, or the image's own). Read back with
+        directory, user) and the tags (``tag``, or the image's own; with neither, the image is
+        saved untagged). The same image and tag give the same bytes. Read back with
         ``--nsbox-image``, it boots the same files.
         """
         from . import image_save  # the writer is needed only when saving
@@ -161,45 +171,52 @@ def _import(
         if cached is not None:
             return cached
         with open_files(path, os.path.join(store.root, "tmp")) as files:
-            sources, config = read_image(files, tag)
+            contents = read_image(files, tag)
             diff_ids: list[str] = []
-            report = _Reporter(os.path.basename(path), len(sources), progress)
-            for number, layer in enumerate(sources, 1):
+            report = _Reporter(os.path.basename(path), len(contents.layers), progress)
+            for number, layer in enumerate(contents.layers, 1):
                 report.layer(number)
                 info = store.ensure_layer(
                     layer.diff_id, layer.open, layer.what, layer.blob_digest, report.bytes
                 )
                 diff_ids.append(info.diff_id)
             report.done()
+        config = contents.config
         entry = {
             "source": os.path.realpath(path),
             "ref": tag or "",
             "stamp": list(stamp),
             "layers": diff_ids,
             "config": {"env": list(config.env), "workdir": config.workdir, "user": config.user},
+            "tags": list(contents.tags),
         }
         store.write_index(key, entry)
-    return _image(reference, store, diff_ids, config)
+    return _image(reference, store, diff_ids, config, contents.tags)
 
 
 def _from_index(reference: str, store: LayerStore, key: str, stamp: tuple[int, ...]) -> Image | None:
     entry = store.read_index(key)
     if entry is None or tuple(entry.get("stamp", ())) != stamp:
         return None
+    if "tags" not in entry:
+        return None  # indexed before tags were kept: read the archive again (its layers are cached)
     diff_ids = list(entry["layers"])
     if not all(store.has_layer(d) for d in diff_ids):
         return None  # pruned or damaged since: import again
     store.touch_index(key)
     raw = entry.get("config", {})
     config = ImageConfig(tuple(raw.get("env", ())), raw.get("workdir", ""), raw.get("user", ""))
-    return _image(reference, store, diff_ids, config)
+    tags = tuple(str(t) for t in entry["tags"])
+    return _image(reference, store, diff_ids, config, tags)
 
 
-def _image(reference: str, store: LayerStore, diff_ids: list[str], config: ImageConfig) -> Image:
+def _image(
+    reference: str, store: LayerStore, diff_ids: list[str], config: ImageConfig, tags: tuple[str, ...]
+) -> Image:
     # A layer listed twice (two empty RUN steps have the same digest) may appear once in
     # lowerdir, where overlayfs refuses duplicates: its top-most place is the one that counts.
     lowers = tuple(dict.fromkeys(store.layer_path(d) for d in reversed(diff_ids)))
-    return Image(reference, lowers, config, tuple(diff_ids))
+    return Image(reference, lowers, config, tuple(diff_ids), tags=tags)
 
 
 class _Reporter:
@@ -236,8 +253,8 @@ class _Reporter:
 _READERS: tuple[Reader, ...] = (image_dir, image_docker, image_oci)
 
 
-def read_image(files: Files, tag: str | None) -> tuple[list[LayerSource], ImageConfig]:
-    """The layers and config of the image in ``files``, by the reader its content calls for.
+def read_image(files: Files, tag: str | None) -> ImageContents:
+    """The layers, config and tags of the image in ``files``, by the reader its content calls for.
 
     As ``docker load`` decides: a manifest.json at the top makes a docker-load archive,
     whatever its other files are called (crane's "sha256:<hex>", Jib's "config.json", ...);

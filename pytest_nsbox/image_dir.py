@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from .errors import ImageError
-from .image_files import DIR_TRANSPORT_VERSION, Files, ImageConfig, LayerSource
+from .image_files import DIR_TRANSPORT_VERSION, Files, ImageContents
 from .image_oci import INDEX_TYPES, blob_name, check_manifest, manifest_layers, pick_platform
 
 
@@ -25,7 +25,7 @@ def matches(files: Files) -> bool:
         return handle.read(len(DIR_TRANSPORT_VERSION)) == DIR_TRANSPORT_VERSION
 
 
-def read(files: Files, tag: str | None) -> tuple[list[LayerSource], ImageConfig]:
+def read(files: Files, tag: str | None) -> ImageContents:
     if tag is not None:
         raise ImageError(f"{files.label}: a dir: copy holds one image; drop '#{tag}'")
     manifest = files.json("manifest.json")
@@ -38,7 +38,10 @@ def read(files: Files, tag: str | None) -> tuple[list[LayerSource], ImageConfig]
                 f"but {name} is missing; copy the image again with `skopeo copy --all` or for this platform"
             )
         manifest = json.loads(files.verified(name, chosen.get("digest")))
-    return manifest_layers(files, check_manifest(files.label, manifest, None, "manifest.json"), _blob)
+    layers, config = manifest_layers(
+        files, check_manifest(files.label, manifest, None, "manifest.json"), _blob
+    )
+    return ImageContents(layers, config)  # a dir: copy names no image
 
 
 def _blob(label: str, digest: str) -> str:

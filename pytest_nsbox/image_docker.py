@@ -16,12 +16,12 @@ import os
 from .errors import ImageError
 from .image_files import (
     Files,
-    ImageConfig,
-    LayerSource,
+    ImageContents,
     choose,
     clean,
     diff_ids,
     is_hex_digest,
+    kept_tags,
     parse_config,
 )
 
@@ -30,7 +30,7 @@ def matches(files: Files) -> bool:
     return "manifest.json" in files.names()
 
 
-def read(files: Files, tag: str | None) -> tuple[list[LayerSource], ImageConfig]:
+def read(files: Files, tag: str | None) -> ImageContents:
     label = files.label
     manifest = files.json("manifest.json")
     if not isinstance(manifest, list) or not manifest:
@@ -54,10 +54,11 @@ def read(files: Files, tag: str | None) -> tuple[list[LayerSource], ImageConfig]
             f"{label}: manifest.json lists {len(layer_names)} layers but the config has "
             f"{len(expected)} diff_ids; the archive is damaged"
         )
-    return [
+    layers = [
         files.layer(name, diff_id, _digest_in_name(name))
         for name, diff_id in zip(layer_names, expected, strict=True)
-    ], config
+    ]
+    return ImageContents(layers, config, kept_tags(_repo_tags(entry), tag))
 
 
 def _names(entry: dict[str, object]) -> list[str]:
@@ -66,12 +67,17 @@ def _names(entry: dict[str, object]) -> list[str]:
     ``skopeo copy ... docker-archive:X`` without a tag writes ``RepoTags: []`` (other writers
     ``null``); in an archive of several images, the digest is then the only way to pick it.
     """
-    tags = entry.get("RepoTags") or []
-    if isinstance(tags, list) and tags:
-        return [str(t) for t in tags]
+    tags = _repo_tags(entry)
+    if tags:
+        return tags
     config = entry.get("Config")
     digest = _digest_in_name(config) if isinstance(config, str) else None
     return [digest] if digest else []
+
+
+def _repo_tags(entry: dict[str, object]) -> list[str]:
+    tags = entry.get("RepoTags") or []
+    return [str(t) for t in tags] if isinstance(tags, list) else []
 
 
 def _manifest_path(label: str, field: str, value: object) -> str:

@@ -2,8 +2,9 @@
 
 An image reader (``image_docker``, ``image_oci``, ``image_dir``, ``image_rootfs``) is a module
 with two functions, ``matches(files) -> bool`` (decided by content) and ``read(files, tag) ->
-(layers, config)``; this module holds what they share: the ``Files`` they read, the
-``LayerSource`` they return, the ``ImageConfig`` they parse, and picking one image of several.
+ImageContents`` (layers, config, tags); this module holds what they share: the ``Files`` they
+read, the ``LayerSource`` they return, the ``ImageConfig`` they parse, picking one image of
+several, and the grammar of image references (``Image.save`` checks its tags by it).
 Keeping the readers apart from ``image.py`` (the cache and the dispatch) lets each format be
 read, tested and changed alone, and keeps the import graph one-way: image -> readers -> here.
 """
@@ -14,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -22,7 +24,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
-from .errors import ImageError
+from .errors import ArgumentTypeError, ConfigError, ImageError
 from .layers import decompressed
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -52,12 +54,22 @@ class LayerSource:
     what: str
 
 
+@dataclass(frozen=True)
+class ImageContents:
+    """What a reader found: the layers (bottom first), the config, and the names the archive
+    gives the image (kept so that ``Image.save`` writes them again)."""
+
+    layers: list[LayerSource]
+    config: ImageConfig
+    tags: tuple[str, ...] = ()
+
+
 class Reader(Protocol):
     """The interface of an image reader module (``image_docker``, ``image_oci``, ...)."""
 
     def matches(self, files: Files) -> bool: ...
 
-    def read(self, files: Files, tag: str | None) -> tuple[list[LayerSource], ImageConfig]: ...
+    def read(self, files: Files, tag: str | None) -> ImageContents: ...
 
 
 class Files:
@@ -269,6 +281,68 @@ def is_hex_digest(value: str) -> bool:
     return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
+# ------------------------------------------------------------------------ image references
+
+# The grammar of docker's reference package (distribution/reference), which podman, skopeo and
+# containerd share: [HOST[:PORT]/]PATH[:TAG], PATH lowercase components joined by "/".
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+_REFERENCE = re.compile(
+    rf"(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_COMPONENT}(?:/{_COMPONENT})*)(?::(?P<tag>{_TAG}))?"
+)
+_NAME_MAX = 255
+REFERENCE_RULE = (
+    "use NAME:TAG or HOST[:PORT]/NAME:TAG (such as localhost/app:1): NAME is lowercase letters and "
+    "digits, with '.', '_', '__' or '-' inside a component and '/' between components; TAG is up to "
+    "128 letters, digits, '_', '.' and '-', not starting with '.' or '-' (none means :latest)"
+)
+
+
+def image_reference(value: str) -> str | None:
+    """``value`` as a tagged image reference (``:latest`` added when it has no tag), or None.
+
+    The first component is a registry host when it has a '.' or a ':' or is ``localhost``, as
+    docker decides; only then may it hold capitals. A digest (``@sha256:``) names no tag: None.
+    """
+    match = _REFERENCE.fullmatch(value)
+    if match is None:
+        return None
+    domain, path, tag = match["domain"], match["path"], match["tag"]
+    if domain is not None and not _is_host(domain) and not re.fullmatch(_COMPONENT, domain):
+        return None  # "Foo/bar": a path component with capitals, not a registry host
+    name = f"{domain}/{path}" if domain else path
+    if len(name) > _NAME_MAX:
+        return None
+    return f"{name}:{tag or 'latest'}"
+
+
+def checked_reference(value: object, what: str) -> str:
+    """``value`` as ``image_reference`` gives it; ``ConfigError`` naming the rule otherwise
+    (``ArgumentTypeError`` for what is no string at all)."""
+    if not isinstance(value, str):
+        raise ArgumentTypeError(
+            f"{what}: expected an image reference (str) such as localhost/app:1, got {type(value).__name__}"
+        )
+    found = image_reference(value)
+    if found is None:
+        raise ConfigError(f"{what}: {value!r} is not an image reference; {REFERENCE_RULE}")
+    return found
+
+
+def fully_qualified(reference: str) -> str:
+    """``app:1`` -> ``docker.io/library/app:1``: the name containerd and podman store it under."""
+    first, _, rest = reference.partition("/")
+    if rest and _is_host(first):
+        return reference
+    return "docker.io/" + (reference if rest else "library/" + reference)
+
+
+def _is_host(component: str) -> bool:
+    return "." in component or ":" in component or component == "localhost"
+
+
 # ------------------------------------------------------------------ shared by the readers
 
 
@@ -297,6 +371,13 @@ def _matches(names: list[str], tag: str) -> bool:
         if ":" not in tag and name.split("/")[-1].split(":")[0] == tag:  # "debian" means "debian:*"
             return True
     return False
+
+
+def kept_tags(names: list[str], tag: str | None) -> tuple[str, ...]:
+    """The names an imported image keeps: those of ``names`` that are image references and,
+    when ``#tag`` picked it, those the tag matched (``#app`` keeps ``localhost/app:1``)."""
+    found = [image_reference(name) for name in names if tag is None or _matches([name], tag)]
+    return tuple(dict.fromkeys(name for name in found if name is not None))
 
 
 def choose(label: str, candidates: list[tuple[list[str], Any]], tag: str | None) -> Any:

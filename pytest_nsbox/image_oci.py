@@ -14,7 +14,17 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import ImageError
-from .image_files import Files, ImageConfig, LayerSource, choose, diff_ids, is_hex_digest, parse_config
+from .image_files import (
+    Files,
+    ImageConfig,
+    ImageContents,
+    LayerSource,
+    choose,
+    diff_ids,
+    image_reference,
+    is_hex_digest,
+    parse_config,
+)
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.manifest.v1+json",
@@ -59,12 +69,13 @@ def matches(files: Files) -> bool:
     return "index.json" in names and "oci-layout" in names
 
 
-def read(files: Files, tag: str | None) -> tuple[list[LayerSource], ImageConfig]:
+def read(files: Files, tag: str | None) -> ImageContents:
     index = files.json("index.json")
     candidates = [(_descriptor_names(d), d) for d in index.get("manifests", [])]
     descriptor = choose(files.label, candidates, tag)
     manifest = resolve_manifest(files, descriptor, blob_name, depth=0)
-    return manifest_layers(files, manifest, blob_name)
+    layers, config = manifest_layers(files, manifest, blob_name)
+    return ImageContents(layers, config, _image_name(descriptor))
 
 
 def blob_name(label: str, digest: str) -> str:
@@ -148,9 +159,27 @@ def _descriptor_names(descriptor: dict[str, Any]) -> list[str]:
     return [annotations[key] for key in _NAME_ANNOTATIONS if annotations.get(key)]
 
 
+def host_architecture() -> str:
+    """This machine's architecture as image configs and indexes spell it (``amd64``, ``arm64``)."""
+    return _ARCHITECTURES.get(platform.machine(), platform.machine())
+
+
+def _image_name(descriptor: dict[str, Any]) -> tuple[str, ...]:
+    """The one name an index entry gives its image: containerd's full name, else the OCI ref
+    name when it is a whole reference (``localhost/app:1``); a bare tag (skopeo's ``oci:DIR:two``,
+    Docker's ``latest``) names no repository, and is not kept."""
+    annotations = descriptor.get("annotations") or {}
+    full = annotations.get("io.containerd.image.name")
+    if not full:
+        ref = annotations.get("org.opencontainers.image.ref.name") or ""
+        full = ref if ("/" in ref or ":" in ref) else ""
+    name = image_reference(full) if isinstance(full, str) and full else None
+    return (name,) if name else ()
+
+
 def pick_platform(label: str, manifests: list[dict[str, Any]]) -> dict[str, Any]:
     """The entry of a multi-platform index for this machine (linux and its architecture)."""
-    architecture = _ARCHITECTURES.get(platform.machine(), platform.machine())
+    architecture = host_architecture()
     for descriptor in manifests:
         wanted = descriptor.get("platform") or {}
         if wanted.get("architecture", architecture) == architecture and wanted.get("os", "linux") == "linux":

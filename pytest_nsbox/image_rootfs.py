@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from .errors import ImageError
-from .image_files import DIR_TRANSPORT_VERSION, Archive, Files, ImageConfig, LayerSource
+from .image_files import DIR_TRANSPORT_VERSION, Archive, Files, ImageConfig, ImageContents, LayerSource
 
 
 def is_root_directory(path: str) -> bool:
@@ -31,11 +31,11 @@ def matches(files: Files) -> bool:
     return isinstance(files, Archive)
 
 
-def read(files: Files, tag: str | None) -> tuple[list[LayerSource], ImageConfig]:
+def read(files: Files, tag: str | None) -> ImageContents:
     if not isinstance(files, Archive):
         raise ImageError(f"{files.label}: not a root filesystem tarball")
     if tag is not None:
         raise ImageError(f"{files.label}: a root filesystem tarball holds one image; drop '#{tag}'")
     what = f"{files.label} (root filesystem tarball)"
     path = files.path
-    return [LayerSource(None, lambda: open(path, "rb"), None, what)], ImageConfig()
+    return ImageContents([LayerSource(None, lambda: open(path, "rb"), None, what)], ImageConfig())

@@ -1,0 +1,190 @@
+"""Archives ``Image.save`` writes are taken by the real tools and boot the same files.
+
+A two-layer image is built from local files (``imagebuilder``): a base layer with a shell and
+``/srv/lower`` and ``/srv/doomed``, and a second layer adding ``/srv/upper`` and deleting
+``/srv/doomed`` (a whiteout). It is imported with ``load_image`` and saved in both formats; then
+``podman load -i`` takes each (``podman image inspect`` shows its env, working directory, user
+and tag), ``skopeo inspect`` reads each, and a box of the saved archive sees what a box of the
+original sees.
+
+As in ``test_image_tools.py``, podman and skopeo keep everything in this module's temporary
+directory (``--root``, ``--runroot``, the ``vfs`` driver) and run in a private mount namespace
+with tmpfs over ``/run`` and ``/var/lib``; a missing tool skips its cases, naming the Debian
+package to install.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from imagebuilder import Dir, Entry, File, ImageSpec, Whiteout, write_docker_save_legacy
+
+from pytest_nsbox import Box
+from pytest_nsbox.image import Image, load_image
+
+pytestmark = pytest.mark.requires("boxes")
+
+FORMATS = ("docker", "oci")
+SOURCE_TAG = "localhost/nsbox-source:1"
+SAVED_TAG = "localhost/nsbox-saved:2"
+ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "GREETING=hello"]
+UPPER: list[Entry] = [Dir("srv"), File("srv/upper", b"upper\n"), Whiteout("srv/doomed")]
+# What a box shows of the image: both layers' files, not the deleted one, the config applied.
+LOOK = "cat /srv/lower /srv/upper; ls -a /srv; pwd; id -u; echo $GREETING; test -e /srv/doomed || echo gone"
+
+_PRIVATE = 'mount -t tmpfs nsbox-tools /run && mount -t tmpfs nsbox-tools /var/lib && exec "$@"'
+
+
+class Tools:
+    """A private podman store in ``root`` and the commands that read archives into it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.storage = [
+            "--root",
+            str(root / "storage"),
+            "--runroot",
+            str(root / "run"),
+            "--storage-driver",
+            "vfs",
+        ]
+
+    def run(self, *argv: str) -> str:
+        result = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", _PRIVATE, "sh", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stderr}")
+        return result.stdout.strip()
+
+    def podman(self, *args: str) -> str:
+        return self.run(
+            "podman",
+            *self.storage,
+            "--tmpdir",
+            str(self.root / "podman-tmp"),
+            "--events-backend",
+            "none",
+            "--cgroup-manager",
+            "cgroupfs",
+            *args,
+        )
+
+    def skopeo(self, *args: str) -> str:
+        return self.run("skopeo", *args)
+
+
+def _need(*programs: str) -> None:
+    for program in programs:
+        if shutil.which(program) is None:
+            package = {"unshare": "util-linux"}.get(program, program)
+            pytest.skip(f"{program} is not installed (Debian: apt-get install {package})")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory, shell_entries_once: list[Entry]) -> Path:
+    """The original two-layer archive, as another tool would have written it."""
+    lower = [*shell_entries_once, Dir("srv"), File("srv/lower", b"lower\n"), File("srv/doomed", b"doomed\n")]
+    spec = ImageSpec([lower, UPPER], tag=SOURCE_TAG, env=ENV, workdir="/srv", user="root")
+    return write_docker_save_legacy(tmp_path_factory.mktemp("source") / "source.tar", [spec])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def original(source: Path, cache: str) -> Image:
+    image = load_image(str(source), cache=cache)
+    assert len(image.lowers) == 2 and image.tags == (SOURCE_TAG,)
+    return image
+
+
+@pytest.fixture(scope="module")
+def saved(original: Image, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The original saved in each format, tagged anew."""
+    out = tmp_path_factory.mktemp("saved")
+    return {fmt: Path(original.save(out / f"saved-{fmt}.tar", fmt, tag=SAVED_TAG)) for fmt in FORMATS}
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tools]:
+    _need("unshare")
+    root = tmp_path_factory.mktemp("tools")
+    made = Tools(root)
+    try:
+        yield made
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # vfs keeps layers as plain directories: no mounts
+
+
+def _diff_ids(path: Path, cache: str) -> list[str]:
+    return list(load_image(str(path), cache=cache).diff_ids)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_podman_loads_the_saved_archive_with_its_config_and_tag(
+    fmt: str, saved: dict[str, Path], tools: Tools, cache: str
+) -> None:
+    _need("podman")
+    output = tools.podman("load", "-i", str(saved[fmt]))
+    assert f"Loaded image: {SAVED_TAG}" in output, output
+    (inspected,) = json.loads(tools.podman("image", "inspect", SAVED_TAG))
+    assert SAVED_TAG in inspected["RepoTags"]
+    assert inspected["Config"]["Env"] == ENV
+    assert inspected["Config"]["WorkingDir"] == "/srv" and inspected["Config"]["User"] == "root"
+    assert inspected["RootFS"]["Layers"] == _diff_ids(saved[fmt], cache)
+    tools.podman("rmi", SAVED_TAG)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_podman_loads_an_untagged_archive(fmt: str, original: Image, tools: Tools, tmp_path: Path) -> None:
+    _need("podman")
+    untagged = Image(original.reference, original.lowers, original.config, original.diff_ids)
+    path = untagged.save(tmp_path / f"untagged-{fmt}.tar", fmt)
+    output = tools.podman("load", "-i", path)
+    assert "Loaded image: sha256:" in output, output
+    image_id = output.rsplit("sha256:", 1)[1].split()[0]
+    (inspected,) = json.loads(tools.podman("image", "inspect", image_id))
+    assert inspected["RepoTags"] == [] and inspected["Config"]["WorkingDir"] == "/srv"
+    tools.podman("rmi", image_id)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_skopeo_reads_the_saved_archive(fmt: str, saved: dict[str, Path], tools: Tools, cache: str) -> None:
+    _need("skopeo")
+    transport = {"docker": "docker-archive", "oci": "oci-archive"}[fmt]
+    inspected = json.loads(tools.skopeo("inspect", f"{transport}:{saved[fmt]}"))
+    assert inspected["Env"] == ENV and inspected["Os"] == "linux"
+    assert inspected["Layers"] == _diff_ids(saved[fmt], cache)
+    config = json.loads(tools.skopeo("inspect", "--config", f"{transport}:{saved[fmt]}"))
+    assert config["config"]["WorkingDir"] == "/srv" and config["config"]["User"] == "root"
+    # The tag names the image: docker-archive picks it by the full name, oci-archive by its ref name.
+    name = SAVED_TAG if fmt == "docker" else SAVED_TAG.rsplit(":", 1)[1]
+    picked = json.loads(tools.skopeo("inspect", f"{transport}:{saved[fmt]}:{name}"))
+    assert picked["Digest"] == inspected["Digest"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_box_of_the_saved_archive_sees_what_the_original_shows(
+    fmt: str, source: Path, saved: dict[str, Path], cache: str
+) -> None:
+    with Box(image=str(source), cache=cache) as box:
+        before = box.run(["/bin/sh", "-c", LOOK])
+    with Box(image=str(saved[fmt]), cache=cache) as box:
+        after = box.run(["/bin/sh", "-c", LOOK])
+        assert not box.exists("/srv/doomed")
+        assert not box.exists("/manifest.json") and not box.exists("/index.json")
+    assert before.returncode == 0, before
+    assert before.stdout == "lower\nupper\n.\n..\nlower\nupper\n/srv\n0\nhello\ngone\n", before
+    assert (after.returncode, after.stdout) == (0, before.stdout), after
+    assert load_image(str(saved[fmt]), cache=cache).tags == (SAVED_TAG,)
