@@ -624,7 +624,7 @@ def test_nsbox_images_lists_and_prunes_the_cache(
 
     listed = _nsbox("images", "--cache", image_cache)
     assert listed.returncode == 0, listed.stderr
-    assert "1 images, 2 layers" in listed.stdout
+    assert "1 images, 0 templates, 2 layers" in listed.stdout
     assert f"{os.path.realpath(archive)}: 2 layers" in listed.stdout
 
     kept = _nsbox("images", "--cache", image_cache, "--prune")  # used just now: within 7 days
@@ -637,7 +637,7 @@ def test_nsbox_images_lists_and_prunes_the_cache(
     assert pruned.stdout.count("removed layer sha256:") == 2
     assert os.listdir(os.path.join(image_cache, "l")) == []
     assert os.listdir(os.path.join(image_cache, "images")) == []
-    assert "0 images, 0 layers" in _nsbox("images", "--cache", image_cache).stdout
+    assert "0 images, 0 templates, 0 layers" in _nsbox("images", "--cache", image_cache).stdout
 
 
 # ---------------------------------------------------------------------- concurrency, size

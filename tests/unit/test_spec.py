@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from pytest_nsbox.errors import ConfigError
+from pytest_nsbox.errors import ArgumentTypeError, ConfigError
 from pytest_nsbox.spec import HOSTNAME_MAX, BoxSpec, parse_size
 
 MARKER = "@pytest.mark.nsbox(...)"
@@ -280,7 +280,20 @@ def test_image_and_cache_accept_path_like(tmp_path: pathlib.Path) -> None:
 @pytest.mark.parametrize("option", ["image", "cache"])
 @pytest.mark.parametrize("value", ["", 5, b"/img"])
 def test_image_and_cache_must_be_non_empty_paths(option: str, value: object) -> None:
-    assert config_error(**{option: value}) == f"{MARKER}: {option}: expected a path, got {value!r}"
+    message = config_error(**{option: value})
+    if option == "image" and value != "":
+        expected = "expected an image path, an Image (Box.snapshot()) or a template, got"
+        assert message == f"{MARKER}: image: {expected} {type(value).__name__} {value!r}"
+    else:
+        assert message == f"{MARKER}: {option}: expected a path, got {value!r}"
+
+
+def test_a_function_for_an_image_is_told_to_become_a_template() -> None:
+    def setup(box: object) -> None:
+        pass
+
+    with pytest.raises(ArgumentTypeError, match=r"decorate it with @pytest_nsbox.template"):
+        BoxSpec.create(MARKER, image=setup)
 
 
 # ---------------------------------------------------------------------------- parse_size
