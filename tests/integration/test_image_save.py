@@ -16,6 +16,7 @@ package to install.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -188,3 +189,44 @@ def test_a_box_of_the_saved_archive_sees_what_the_original_shows(
     assert before.stdout == "lower\nupper\n.\n..\nlower\nupper\n/srv\n0\nhello\ngone\n", before
     assert (after.returncode, after.stdout) == (0, before.stdout), after
     assert load_image(str(saved[fmt]), cache=cache).tags == (SAVED_TAG,)
+
+
+@pytest.fixture(scope="module")
+def snapshot(source: Path, cache: str) -> tuple[Image, str]:
+    """A snapshot of a box of the original, with changes of its own: a file added, one of the
+    image modified, one deleted, a directory replaced; and how its box saw /srv."""
+    with Box(image=str(source), cache=cache) as box:  # the image has a shell and a few tools only
+        box.run("echo added > /srv/added && echo more >> /srv/lower && rm /srv/upper", check=True)
+        box.write_text("/srv/dir/old", "old\n")
+        box.run("rm -rf /srv/dir", check=True)
+        box.write_text("/srv/dir/new", "new\n")  # the directory again, made opaque
+        os.chmod(box.host_path("/srv/added"), 0o4750)
+        seen = box.run(["/bin/sh", "-c", SNAPSHOT_LOOK], check=True).stdout
+        return box.snapshot(), seen
+
+
+SNAPSHOT_LOOK = (
+    "cat /srv/lower /srv/added /srv/dir/new; stat -c '%A %n' /srv/*; ls -A /srv/dir; echo $GREETING"
+)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_saved_snapshot_boots_the_same_files(
+    fmt: str, snapshot: tuple[Image, str], tools: Tools, cache: str, tmp_path: Path
+) -> None:
+    """Snapshot -> save -> podman load and skopeo inspect take it -> a box of the archive
+    (read through the same path --nsbox-image takes) sees what the snapshot's box saw."""
+    image, seen = snapshot
+    assert image.snapshots == 1 and len(image.lowers) == 3
+    path = Path(image.save(tmp_path / f"snapshot-{fmt}.tar", fmt, tag="localhost/nsbox-snap:1"))
+    _need("podman", "skopeo")
+    assert "Loaded image: localhost/nsbox-snap:1" in tools.podman("load", "-i", str(path))
+    (inspected,) = json.loads(tools.podman("image", "inspect", "localhost/nsbox-snap:1"))
+    assert len(inspected["RootFS"]["Layers"]) == 3 and inspected["Config"]["Env"] == ENV
+    tools.podman("rmi", "localhost/nsbox-snap:1")
+    transport = {"docker": "docker-archive", "oci": "oci-archive"}[fmt]
+    assert len(json.loads(tools.skopeo("inspect", f"{transport}:{path}"))["Layers"]) == 3
+    with Box(image=str(path), cache=str(tmp_path / "fresh-cache")) as box:
+        assert box.run(["/bin/sh", "-c", SNAPSHOT_LOOK], check=True).stdout == seen
+        assert not box.exists("/srv/upper") and not box.exists("/srv/dir/old")
+    assert "more" in seen and "-rwsr-x---" in seen  # the change and the setuid bit came along
