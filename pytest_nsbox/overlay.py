@@ -213,16 +213,21 @@ class OverlayRoot:
 
     def _exists_below(self, box_path: str) -> bool:
         """Whether the image has ``box_path``, reading its layers as overlayfs does."""
+        return self.stat_below(box_path) is not None
+
+    def stat_below(self, box_path: str) -> os.stat_result | None:
+        """``lstat`` of ``box_path`` in the image (the layers below the box's changes), read
+        as overlayfs does; None where the image has no such path."""
         parts = box_path.strip("/").split("/")
         for lower in self.lowers:  # top first: the first layer that says anything decides
             try:
                 info = os.lstat(os.path.join(lower, *parts))
             except OSError:
                 if self._hides_below(lower, parts):
-                    return False  # a whiteout or opaque directory on the way hides lower layers
+                    return None  # a whiteout or opaque directory on the way hides lower layers
                 continue
-            return not (stat.S_ISCHR(info.st_mode) and info.st_rdev == 0)
-        return False
+            return None if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0 else info
+        return None
 
     def _hides_below(self, lower: str, parts: list[str]) -> bool:
         for depth in range(1, len(parts)):

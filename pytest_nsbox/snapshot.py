@@ -17,6 +17,8 @@ options, a few hundred layers) are never reached however deep a chain gets.
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 from collections.abc import Iterator
 
 from . import layer_tar
@@ -25,6 +27,7 @@ from .errors import BoxError, CgroupError, ImageError
 from .image import Image
 from .layers import LayerInfo, LayerStore
 from .overlay import OverlayRoot
+from .untar import OPAQUE_XATTR
 
 MAX_SNAPSHOT_LAYERS = 16
 _EMPTY_LAYER_SIZE = 1024  # a tar with no entries: its end-of-archive blocks alone
@@ -38,7 +41,7 @@ def snapshot(box_id: str, root: OverlayRoot, image: Image, cgroup: Cgroup, cache
     exclude = frozenset(path.lstrip("/") for path in root.made_by_box)
     with _frozen(cgroup, box_id):
         layer = store.add_layer(lambda target: layer_tar.copy_layer(root.upper, target, exclude, what), what)
-    if layer.size <= _EMPTY_LAYER_SIZE:
+    if layer.size <= _EMPTY_LAYER_SIZE or _only_copied_up_directories(layer.path, root):
         return _renamed(image, box_id)  # nothing changed: the box's own image is its snapshot
     chain = image.lowers[: image.snapshots]  # the layers earlier snapshots added, top first
     if layer.path in image.lowers[image.snapshots :]:
@@ -70,6 +73,31 @@ def snapshot(box_id: str, root: OverlayRoot, image: Image, cgroup: Cgroup, cache
         image.snapshots + 1,
         image.tags,
     )
+
+
+def _only_copied_up_directories(layer: str, root: OverlayRoot) -> bool:
+    """Whether the layer holds nothing but directories the image has already, with the same
+    mode and owner: what a box leaves in its upper layer by making its mount points (their
+    parents are copied up), not a change of its own."""
+    for top, dirs, files in os.walk(layer):
+        if files:
+            return False
+        for name in dirs:
+            path = os.path.join(top, name)
+            below = root.stat_below("/" + os.path.relpath(path, layer))
+            info = os.lstat(path)
+            if below is None or not stat.S_ISDIR(info.st_mode) or _is_opaque(path):
+                return False
+            if (below.st_mode, below.st_uid, below.st_gid) != (info.st_mode, info.st_uid, info.st_gid):
+                return False
+    return True
+
+
+def _is_opaque(path: str) -> bool:
+    try:
+        return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
 
 
 def _fold(store: LayerStore, layers: list[str], what: str) -> LayerInfo:
