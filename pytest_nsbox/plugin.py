@@ -26,19 +26,19 @@ DEFAULTS = pytest.StashKey[dict[str, Any]]()  # box options from the command lin
 BOXES = pytest.StashKey[list[Box]]()  # on a test item: the boxes its fixtures started
 CALL_REPORT = pytest.StashKey[pytest.TestReport]()  # on a test item: its call phase's report
 KEEP = pytest.StashKey[str]()  # --nsbox-keep: never, failed or always
-KEPT = pytest.StashKey[list[tuple[str, Box]]]()  # (test id, box) kept by this session
+KEPT = pytest.StashKey[list[tuple[str, Box]]]()  # (test or scope node id, box) kept by this session
 BEGIN_BOXES = pytest.StashKey[Callable[[], None]]()  # the session's box work, until it has run
 BOXES_BEGUN = pytest.StashKey[bool]()
 SCOPED = pytest.StashKey[list["ScopedBoxRegistry"]]()  # the wider-scoped factories' boxes, until stopped
 RUNNING = pytest.StashKey[pytest.Item]()  # the test being run (set up, called, torn down)
 SETTING_UP = pytest.StashKey[list[pytest.FixtureRequest]]()  # fixtures being set up, innermost last
-# The factories whose boxes outlive a test: fixture name -> its pytest scope.
-SCOPED_FACTORIES = {
-    "nsbox_factory_class": "class",
-    "nsbox_factory_module": "module",
-    "nsbox_factory_package": "package",
-    "nsbox_factory_session": "session",
-}
+# The factories whose boxes outlive a test, one per pytest scope wider than a function.
+SCOPED_FACTORIES = (
+    "nsbox_factory_class",
+    "nsbox_factory_module",
+    "nsbox_factory_package",
+    "nsbox_factory_session",
+)
 _BOX_FIXTURES = frozenset(
     {"nsbox", "nsbox_factory", "netpair", "overlay_root", "cgroup_limit", *SCOPED_FACTORIES}
 )

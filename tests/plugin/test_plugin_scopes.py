@@ -640,3 +640,12 @@ def test_on_a_host_without_boxes_their_tests_skip_or_fail_when_strict(
     strict = run_inner("--nsbox-strict")
     strict.assert_outcomes(errors=2)
     strict.stdout.fnmatch_lines(["*--nsbox-strict: this host cannot make boxes: root: pretend*"])
+
+
+def test_the_factories_are_listed_with_their_scopes(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--fixtures")
+    assert result.ret == 0
+    for scope in ("class", "module", "package", "session"):
+        result.stdout.fnmatch_lines(
+            [f"nsbox_factory_{scope} [[]{scope} scope[]] -- *pytest_nsbox*plugin.py:*"]
+        )
