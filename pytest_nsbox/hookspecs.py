@@ -7,9 +7,11 @@ says which fixture asks. Registered by ``pytest_addhooks`` in ``plugin.py``. Box
 itself with ``Box()`` or ``NetPair()`` go through no hook.
 
 The wider-scoped factories (``nsbox_factory_class``, ``_module``, ``_package``, ``_session``)
-pass their own request, whose ``node`` is the class, module, package or session their boxes
-serve (not a test: no ``user_properties``, no ``funcargs``), and call the hooks of that node's
-directory; a session's are those of the rootdir's conftest.py.
+pass their own request: ``request.scope`` is theirs, and ``request.node`` the node pytest tied
+the factory to, the class, the module or the session (for ``_package`` too: pytest ties a
+plugin's package fixture to the session; for ``_class`` used outside a class, the test). It
+is seldom a test: no ``user_properties``, no ``funcargs``. The hooks called are those of the
+directory the box serves: the class's or module's, its package's, or the rootdir's.
 
 Per box, in this order: ``pytest_nsbox_configure`` (may replace the spec), the box starts,
 ``pytest_nsbox_started``, the test (or, for a wider-scoped box, every test of its scope),
