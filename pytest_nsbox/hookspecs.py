@@ -6,9 +6,18 @@ to the tests in and below its directory only, as pytest's own hooks do; ``reques
 says which fixture asks. Registered by ``pytest_addhooks`` in ``plugin.py``. Boxes a test makes
 itself with ``Box()`` or ``NetPair()`` go through no hook.
 
+The wider-scoped factories (``nsbox_factory_class``, ``_module``, ``_package``, ``_session``)
+pass their own request: ``request.scope`` is theirs, and ``request.node`` the node pytest tied
+the factory to, the class, the module or the session (for ``_package`` too: pytest ties a
+plugin's package fixture to the session; for ``_class`` used outside a class, the test). It
+is seldom a test: no ``user_properties``, no ``funcargs``. The hooks called are those of the
+directory the box serves: the class's or module's, its package's, or the rootdir's.
+
 Per box, in this order: ``pytest_nsbox_configure`` (may replace the spec), the box starts,
-``pytest_nsbox_started``, the test, ``pytest_nsbox_stopping`` (while the box still runs), the box
-stops. A hook that raises errors the test (at setup or teardown); the box is stopped all the same.
+``pytest_nsbox_started``, the test (or, for a wider-scoped box, every test of its scope),
+``pytest_nsbox_stopping`` (while the box still runs), the box stops. A hook that raises errors
+the test (at setup or teardown; for a wider-scoped box, the test that made it or the last one
+of its scope); the box is stopped all the same.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ def pytest_nsbox_stopping(box: Box, request: pytest.FixtureRequest, report: pyte
     """A fixture's box is about to stop, at the test's teardown; it still runs.
 
     ``report`` is the test's call-phase ``TestReport`` (``report.failed``, ``report.longrepr``),
-    or None when the test body never ran (its setup failed or it skipped). Not called for a
-    box the test already stopped itself.
+    or None when the test body never ran (its setup failed or it skipped). A box of a
+    wider-scoped factory stops at the end of its scope, which has no single test report: it
+    always gets None. Not called for a box the test already stopped itself.
     """

@@ -26,10 +26,22 @@ DEFAULTS = pytest.StashKey[dict[str, Any]]()  # box options from the command lin
 BOXES = pytest.StashKey[list[Box]]()  # on a test item: the boxes its fixtures started
 CALL_REPORT = pytest.StashKey[pytest.TestReport]()  # on a test item: its call phase's report
 KEEP = pytest.StashKey[str]()  # --nsbox-keep: never, failed or always
-KEPT = pytest.StashKey[list[tuple[str, Box]]]()  # (test id, box) kept by this session
+KEPT = pytest.StashKey[list[tuple[str, Box]]]()  # (test or scope node id, box) kept by this session
 BEGIN_BOXES = pytest.StashKey[Callable[[], None]]()  # the session's box work, until it has run
 BOXES_BEGUN = pytest.StashKey[bool]()
-_BOX_FIXTURES = frozenset({"nsbox", "nsbox_factory", "netpair", "overlay_root", "cgroup_limit"})
+SCOPED = pytest.StashKey[list["ScopedBoxRegistry"]]()  # the wider-scoped factories' boxes, until stopped
+RUNNING = pytest.StashKey[pytest.Item]()  # the test being run (set up, called, torn down)
+SETTING_UP = pytest.StashKey[list[pytest.FixtureRequest]]()  # fixtures being set up, innermost last
+# The factories whose boxes outlive a test, one per pytest scope wider than a function.
+SCOPED_FACTORIES = (
+    "nsbox_factory_class",
+    "nsbox_factory_module",
+    "nsbox_factory_package",
+    "nsbox_factory_session",
+)
+_BOX_FIXTURES = frozenset(
+    {"nsbox", "nsbox_factory", "netpair", "overlay_root", "cgroup_limit", *SCOPED_FACTORIES}
+)
 
 _MARKER_HELP = (
     "nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None, cache=None, "
@@ -235,7 +247,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A failed setup or call gets a section per box the test's fixtures started.
+    """A failed setup or call gets a section per box the test's fixtures started, and per box
+    still running of each wider-scoped factory in its fixture closure (each box once).
 
     The call phase's report is made before teardown stops the boxes, so the processes shown
     are those alive at the failure. A passing test costs a stash look-up.
@@ -244,9 +257,50 @@ def pytest_runtest_makereport(
     if call.when == "call":
         item.stash[CALL_REPORT] = test_report
     if test_report.failed and call.when in ("setup", "call"):
-        for box in item.stash.get(BOXES, ()):
+        boxes = list(item.stash.get(BOXES, ()))
+        for registry in _scoped_registries(item):
+            registry.failed = True  # for --nsbox-keep=failed at the end of the scope
+            boxes.extend(box for box in registry.boxes if box.running)
+        for box in {id(box): box for box in boxes}.values():
             test_report.sections.append(_box_section(box))
     return test_report
+
+
+def _scoped_registries(item: pytest.Item) -> list[ScopedBoxRegistry]:
+    """The live registries of the wider-scoped factories ``item`` uses, directly or through a
+    fixture of its own: the factory is in its closure and the registry's node is above it."""
+    live = item.config.stash.get(SCOPED, [])
+    names = getattr(item, "fixturenames", ())
+    if not live or not any(registry.name in names for registry in live):
+        return []
+    chain = item.listchain()
+    return [registry for registry in live if registry.name in names and registry.node in chain]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
+    """Remember the test being run: ``nsbox_factory_package`` needs its package."""
+    item.config.stash[RUNNING] = item
+    try:
+        return (yield)
+    finally:
+        del item.config.stash[RUNNING]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+) -> Generator[None, object, object]:
+    """Keep the stack of fixtures being set up: a package-scoped box lives as long as the
+    package-scoped fixture that makes it, which pytest may tie to the whole session."""
+    stack = request.config.stash.setdefault(SETTING_UP, [])
+    stack.append(request)
+    try:
+        return (yield)
+    finally:
+        stack.pop()
 
 
 def _box_section(box: Box) -> tuple[str, str]:
@@ -275,7 +329,9 @@ class BoxRegistry:
     """The boxes one test started; all stopped at its teardown, the last one first.
 
     Each box goes through the plugin hooks (``hookspecs.py``) with the request of the fixture
-    that asked for it: configure, started, and at teardown stopping.
+    that asked for it: configure, started, and at teardown stopping. Whose hooks run, which
+    report ``stopping`` gets and whether ``--nsbox-keep`` keeps a box are decided from the
+    test; ``ScopedBoxRegistry`` decides them from a wider scope.
     """
 
     def __init__(self, config: pytest.Config) -> None:
@@ -285,21 +341,26 @@ class BoxRegistry:
 
     def start(self, spec: BoxSpec, request: pytest.FixtureRequest) -> Box:
         require_boxes(self.config)
-        box = Box(spec=configure_spec(request, spec)).start()
+        hooks = self._hooks(request)
+        box = Box(spec=configure_spec(request, spec, hooks)).start()
         self.boxes.append(box)
         self._requests.append(request)
-        _track(request, box)
-        request.node.ihook.pytest_nsbox_started(box=box, request=request)
+        self._track(request, box)
+        hooks.pytest_nsbox_started(box=box, request=request)
         return box
 
     def stop_all(self) -> None:
+        made = list(zip(self.boxes, self._requests, strict=True))
+        self.boxes.clear()  # stopping twice is a no-op
+        self._requests.clear()
         failures: list[BaseException] = []
-        for box, request in reversed(list(zip(self.boxes, self._requests, strict=True))):
-            failures.extend(_stopping(request, [box]))
+        for box, request in reversed(made):
+            failures.extend(_stopping(self._hooks(request), request, [box], self._report(request)))
             try:
-                if _keeps(request) and box.running:
-                    box.keep(request.node.nodeid)
-                    self.config.stash.setdefault(KEPT, []).append((request.node.nodeid, box))
+                if self._keeps(request) and box.running:
+                    kept_as = self._kept_as(request)
+                    box.keep(kept_as)
+                    self.config.stash.setdefault(KEPT, []).append((kept_as, box))
                 else:
                     box.stop()
             except NsboxError as exc:
@@ -307,17 +368,76 @@ class BoxRegistry:
         if failures:
             raise failures[0]
 
+    def _hooks(self, request: pytest.FixtureRequest) -> Any:
+        """The hook caller whose conftest.py files apply: those of the test's directory."""
+        return request.node.ihook
 
-def _keeps(request: pytest.FixtureRequest) -> bool:
-    """Whether --nsbox-keep asks to keep this test's boxes (never under xdist: the workers'
-    output of how to enter them would be lost)."""
-    keep = request.config.stash.get(KEEP, "never")
-    if keep == "never" or hasattr(request.config, "workerinput"):
-        return False
-    if keep == "always":
-        return True
-    report = request.node.stash.get(CALL_REPORT, None)
-    return report is None or report.failed
+    def _track(self, request: pytest.FixtureRequest, box: Box) -> None:
+        _track(request, box)
+
+    def _report(self, request: pytest.FixtureRequest) -> pytest.TestReport | None:
+        """The report ``pytest_nsbox_stopping`` gets: the test's call phase, if it ran."""
+        return request.node.stash.get(CALL_REPORT, None)
+
+    def _keeps(self, request: pytest.FixtureRequest) -> bool:
+        """Whether --nsbox-keep asks to keep this test's boxes: always, or if it failed (or
+        never reached its body)."""
+        keep = _keep_mode(self.config)
+        if keep != "failed":
+            return keep == "always"
+        report = self._report(request)
+        return report is None or report.failed
+
+    def _kept_as(self, request: pytest.FixtureRequest) -> str:
+        return str(request.node.nodeid)
+
+
+class ScopedBoxRegistry(BoxRegistry):
+    """The boxes one wider-scoped factory (``nsbox_factory_module``, ...) made for one node (a
+    class, module, package or the session): stopped when pytest tears that node down, the
+    last one first.
+
+    Their hooks get the factory's own request and are those of the node's conftest.py files.
+    At the end of a scope there is no single test report: ``pytest_nsbox_stopping`` gets None,
+    and --nsbox-keep=failed keeps the boxes if a test that used the factory failed
+    (``pytest_runtest_makereport`` sets ``failed``).
+    """
+
+    def __init__(self, request: pytest.FixtureRequest, node: pytest.Item | pytest.Collector) -> None:
+        super().__init__(request.config)
+        self.request = request
+        self.name = request.fixturename or ""
+        self.node = node
+        self.failed = False
+
+    def close(self) -> None:
+        """The scope is over: stop the boxes (or keep them), and stop describing them."""
+        live = self.config.stash.get(SCOPED, [])
+        if self in live:
+            live.remove(self)
+        self.stop_all()
+
+    def _hooks(self, request: pytest.FixtureRequest) -> Any:
+        return self.node.ihook
+
+    def _track(self, request: pytest.FixtureRequest, box: Box) -> None:
+        pass  # not on one test: a failed test finds these boxes by the factory in its closure
+
+    def _report(self, request: pytest.FixtureRequest) -> pytest.TestReport | None:
+        return None
+
+    def _keeps(self, request: pytest.FixtureRequest) -> bool:
+        keep = _keep_mode(self.config)
+        return keep == "always" or (keep == "failed" and self.failed)
+
+    def _kept_as(self, request: pytest.FixtureRequest) -> str:
+        return str(self.node.nodeid) or "(session)"
+
+
+def _keep_mode(config: pytest.Config) -> str:
+    """--nsbox-keep, but never under xdist: the workers' output of how to enter the boxes
+    would be lost."""
+    return "never" if hasattr(config, "workerinput") else config.stash.get(KEEP, "never")
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -331,10 +451,12 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     terminalreporter.write_line("enter one with `nsbox shell BOX_ID`; end them all with `nsbox gc`")
 
 
-def configure_spec(request: pytest.FixtureRequest, spec: BoxSpec) -> BoxSpec:
-    """``spec`` as the ``pytest_nsbox_configure`` hooks leave it."""
+def configure_spec(request: pytest.FixtureRequest, spec: BoxSpec, hooks: Any = None) -> BoxSpec:
+    """``spec`` as the ``pytest_nsbox_configure`` hooks leave it (those of ``hooks``, a hook
+    caller; by default those of the request's node)."""
+    hooks = request.node.ihook if hooks is None else hooks
     try:
-        result = request.node.ihook.pytest_nsbox_configure(spec=spec, request=request)
+        result = hooks.pytest_nsbox_configure(spec=spec, request=request)
     except ConfigError as exc:  # spec.merged(...) with a bad value: the message names the option
         message = f"pytest_nsbox_configure: {exc}"
     else:
@@ -349,15 +471,16 @@ def _track(request: pytest.FixtureRequest, box: Box) -> None:
     request.node.stash.setdefault(BOXES, []).append(box)
 
 
-def _stopping(request: pytest.FixtureRequest, boxes: Sequence[Box]) -> list[BaseException]:
+def _stopping(
+    hooks: Any, request: pytest.FixtureRequest, boxes: Sequence[Box], report: pytest.TestReport | None
+) -> list[BaseException]:
     """Call ``pytest_nsbox_stopping`` for each running box; return what the hooks raised."""
-    test_report = request.node.stash.get(CALL_REPORT, None)
     raised: list[BaseException] = []
     for box in boxes:
         if not box.running:
             continue  # the test stopped it itself
         try:
-            request.node.ihook.pytest_nsbox_stopping(box=box, request=request, report=test_report)
+            hooks.pytest_nsbox_stopping(box=box, request=request, report=report)
         except BaseException as exc:  # even Ctrl-C: the boxes are stopped first, then it goes on
             raised.append(exc)
     return raised
@@ -384,6 +507,90 @@ def nsbox_factory(request: pytest.FixtureRequest, _nsbox_registry: BoxRegistry) 
         return _nsbox_registry.start(_spec("nsbox_factory(...)", {**defaults, **options}), request)
 
     return factory
+
+
+@pytest.fixture(scope="class")
+def nsbox_factory_class(request: pytest.FixtureRequest) -> Iterator[Callable[..., Box]]:
+    """``nsbox_factory`` for class-scoped fixtures: its boxes stop after the test class."""
+    yield from _scoped_factory(request)
+
+
+@pytest.fixture(scope="module")
+def nsbox_factory_module(request: pytest.FixtureRequest) -> Iterator[Callable[..., Box]]:
+    """``nsbox_factory`` for module-scoped fixtures: its boxes stop after the test module."""
+    yield from _scoped_factory(request)
+
+
+@pytest.fixture(scope="package")
+def nsbox_factory_package(request: pytest.FixtureRequest) -> Iterator[Callable[..., Box]]:
+    """``nsbox_factory`` for package-scoped fixtures: its boxes stop after the package (the
+    test's innermost directory with an ``__init__.py``), or with the package-scoped fixture
+    that made them if pytest keeps that one longer (one in a conftest.py outside any package
+    lasts the session)."""
+    yield from _scoped_factory(request)
+
+
+@pytest.fixture(scope="session")
+def nsbox_factory_session(request: pytest.FixtureRequest) -> Iterator[Callable[..., Box]]:
+    """``nsbox_factory`` for session-scoped fixtures: its boxes stop at the end of the session."""
+    yield from _scoped_factory(request)
+
+
+def _scoped_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Box]]:
+    """What the ``nsbox_factory_<scope>`` fixtures yield: ``nsbox_factory``'s ``factory``, with
+    the same options, defaults, host check and hooks, for boxes that serve many tests."""
+    require_boxes(request.config)
+
+    defaults = request.config.stash.get(DEFAULTS, {})
+    source = f"{request.fixturename}(...)"
+
+    def factory(**options: Any) -> Box:
+        spec = _spec(source, {**defaults, **options})
+        return _scoped_registry(request).start(spec, request)
+
+    yield factory
+    # Each registry stops with its node; any whose node outlives this fixture stops now.
+    failures: list[BaseException] = []
+    for registry in [r for r in request.config.stash.get(SCOPED, []) if r.request is request]:
+        try:
+            registry.close()
+        except BaseException as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]
+
+
+def _scoped_registry(request: pytest.FixtureRequest) -> ScopedBoxRegistry:
+    """The registry of the factory fixture ``request`` for the node its next box belongs to;
+    made on first use, to be closed when pytest tears that node down."""
+    node = _package_of_box(request) if request.scope == "package" else request.node
+    live = request.config.stash.setdefault(SCOPED, [])
+    for registry in live:
+        if registry.request is request and registry.node is node:
+            return registry
+    registry = ScopedBoxRegistry(request, node)
+    live.append(registry)
+    node.addfinalizer(registry.close)  # after the teardown of the fixture making the box
+    return registry
+
+
+def _package_of_box(request: pytest.FixtureRequest) -> pytest.Item | pytest.Collector:
+    """The node a box of ``nsbox_factory_package`` lives as long as.
+
+    pytest ties a package-scoped fixture to the package its definition is in, so the
+    plugin's own lasts the session. A box belongs to the running test's innermost package
+    instead, unless the fixture making it is tied to an enclosing package or the session
+    (it is defined in a conftest.py there): then it lasts as long as that fixture does.
+    """
+    item = request.config.stash.get(RUNNING, None)
+    if item is None:
+        return request.node
+    chain = item.listchain()
+    package = next((node for node in reversed(chain) if isinstance(node, pytest.Package)), item.session)
+    making = request.config.stash.get(SETTING_UP, [])
+    if making and making[-1].node in package.listchain():
+        return making[-1].node
+    return package
 
 
 @pytest.fixture
@@ -428,7 +635,8 @@ def netpair(request: pytest.FixtureRequest) -> Iterator[NetPair]:
             for box in (pair.a, pair.b):
                 request.node.ihook.pytest_nsbox_started(box=box, request=request)
             yield pair
-            failures = _stopping(request, [pair.b, pair.a])
+            call_report = request.node.stash.get(CALL_REPORT, None)
+            failures = _stopping(request.node.ihook, request, [pair.b, pair.a], call_report)
             if failures:
                 raise failures[0]  # the pair stops on the way out all the same
         return
