@@ -98,6 +98,20 @@ BREAKAGES = {
         "if true; then",
         "AssertionError: the installer overwrote the config",
     ),
+    "a note store whose init starts the database over": Breakage(
+        "test_prepared_app.py",
+        "apps/notes/notes.py",
+        "        connection.execute(SCHEMA)",
+        '        connection.execute("DROP TABLE IF EXISTS notes")\n        connection.execute(SCHEMA)',
+        "AssertionError: a second `notes init` lost the notes",
+    ),
+    "a note store that crashes on a damaged database": Breakage(
+        "test_prepared_app.py",
+        "apps/notes/notes.py",
+        "except sqlite3.DatabaseError as exc:",
+        "except UnicodeError as exc:",
+        "AssertionError: a damaged database was not reported as such: notes list exited 1:",
+    ),
     "a conftest whose default environment replaces the marker's": Breakage(
         "test_hooks.py",
         "conftest.py",
