@@ -168,11 +168,25 @@ def _configure_templates(config: pytest.Config, default_image: str | None) -> No
     run_id = str(worker["testrunuid"]) if worker and "testrunuid" in worker else None
 
     def report_line(line: str) -> None:
-        reporter = config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(f"nsbox: {line}")
+        _say(config, line)
 
     templates.configure(default_image=default_image, rebuild=rebuild, run_id=run_id, report_line=report_line)
+
+
+def _say(config: pytest.Config, line: str) -> None:
+    """One ``nsbox:`` line on the terminal, even in the middle of a test (output capture is
+    suspended for it) and under ``-q``: a build or import that takes seconds must not look
+    like a hung test."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if capture is None:
+        reporter.write_line(f"nsbox: {line}")
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.ensure_newline()
+        reporter.write_line(f"nsbox: {line}")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

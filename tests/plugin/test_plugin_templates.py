@@ -281,6 +281,10 @@ def test_a_build_killed_midway_leaves_nothing_and_the_next_run_builds(pytester: 
     (pytester.path / "sleep").write_text("0")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--nsbox-cache={cache}", timeout=120)
     result.assert_outcomes(passed=1)
+    # Said on the terminal as it happens, though the build runs inside a test's capture.
+    result.stdout.fnmatch_lines(
+        ["nsbox: template conftest.slow: building (key *) ...", "nsbox: template *built in*"]
+    )
     assert not half_made.exists(), "the killed build's half-made layer must be swept"
     templates = [e for e in store.images() if e.get("kind") == "template"]
     assert len(templates) == 1 and templates[0]["name"] == "conftest.slow"
