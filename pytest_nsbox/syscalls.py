@@ -8,6 +8,7 @@ This is the only module that touches ctypes. Every wrapper raises ``SyscallError
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import socket
@@ -430,6 +431,9 @@ def release_free_heap() -> None:
     _libc.malloc_trim(0)
 
 
+_OPENAT2_RETRIES = 1000
+
+
 def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) -> int:
     """openat2(2) (Linux 5.6+): with ``RESOLVE_IN_ROOT`` a path cannot climb out of ``dirfd``.
 
@@ -439,17 +443,25 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) 
     # openat2 refuses a mode unless the call creates (O_TMPFILE includes O_DIRECTORY's bit).
     creates = bool(flags & os.O_CREAT) or flags & os.O_TMPFILE == os.O_TMPFILE
     how = _OpenHow(flags | os.O_CLOEXEC, mode if creates else 0, resolve)
-    result = _libc.syscall(
-        ctypes.c_long(_SYS_OPENAT2),
-        ctypes.c_int(dirfd),
-        ctypes.c_char_p(os.fsencode(path)),
-        ctypes.byref(how),
-        ctypes.c_size_t(ctypes.sizeof(how)),
-    )
-    if result < 0:
+    encoded = ctypes.c_char_p(os.fsencode(path))
+    # EAGAIN: a lookup with RESOLVE_IN_ROOT or RESOLVE_BENEATH that met ".." (a relative
+    # symlink such as /etc/os-release -> ../usr/lib/os-release) is refused when any mount or
+    # rename happened on the system meanwhile, and the kernel asks the caller to try again:
+    # other boxes starting and stopping make that common.
+    for _attempt in range(_OPENAT2_RETRIES):
+        result = _libc.syscall(
+            ctypes.c_long(_SYS_OPENAT2),
+            ctypes.c_int(dirfd),
+            encoded,
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
+        if result >= 0:
+            return int(result)
         err = ctypes.get_errno()
-        raise SyscallError(err, "openat2", repr(path))
-    return int(result)
+        if err != errno.EAGAIN:
+            break
+    raise SyscallError(err, "openat2", repr(path))
 
 
 # bpf(2) commands, program and attach types, flags (linux/bpf.h): what a device filter needs.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,22 @@ def test_copy_out_replaces_files_drops_setuid_and_never_writes_through_a_host_li
     assert victim.read_text() == "untouched\n"
     assert not os.path.islink(back / "out" / "a") and (back / "out" / "a").read_text() == "new\n"
     assert os.stat(back / "out" / "tool").st_mode & 0o7777 == 0o755
+
+
+def test_file_helpers_follow_relative_symlinks_while_mounts_change(nsbox: Box) -> None:
+    """A lookup that meets ``..`` inside the box (``/etc/os-release -> ../usr/lib/os-release``)
+    is refused by the kernel with EAGAIN whenever a mount changes anywhere meanwhile; other
+    boxes starting and stopping do that all the time, and the helpers must retry, not fail."""
+    nsbox.write_text("/srv/target", "found\n")
+    nsbox.run("mkdir -p /srv/dir && ln -s ../target /srv/dir/link", check=True)
+    churn = subprocess.Popen(
+        ["unshare", "--mount", "sh", "-c", "while :; do mount -t tmpfs churn /mnt; umount /mnt; done"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(3000):
+            assert nsbox.read_text("/srv/dir/link") == "found\n"
+    finally:
+        churn.kill()
+        churn.wait()
