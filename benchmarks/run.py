@@ -7,7 +7,7 @@ Run from the repository root, as root, after ``benchmarks/setup.sh``::
     python benchmarks/run.py --only lifecycle scale --json out.json
 
 Sections (``--only`` takes these names), in the order they run: lifecycle, run, server, costs,
-scale, image, workload.
+scale, image, workload, prepared.
 Each prints a table of medians, p95s and ratios measured in the same run, interleaved; the
 targets the project set itself are printed last. See benchmarks/README.md for how to read it.
 Exit status: 0, or 1 if a section failed (a peer that cannot run is a note, not a failure) or
@@ -30,6 +30,7 @@ from typing import Any
 import features
 import images
 import lifecycle
+import prepared
 import psutil
 import scale
 import workload
@@ -50,6 +51,9 @@ SECTIONS: dict[str, SectionRun] = {
     "scale": scale.run,
     "image": images.run,
     "workload": workload.run,
+    # Last: it writes and removes a few gigabytes (snapshots, copies, inner test runs), and its
+    # inner pytest runs start helpers of their own.
+    "prepared": prepared.run,
 }
 RSS_GROWTH_LIMIT = 1 << 20  # "no RSS growth": less than 1 MiB over the whole row, allocator noise
 
@@ -166,7 +170,28 @@ def targets(sections: dict[str, Section]) -> list[Target]:
                 False,
             )
         )
-    return found + scale_targets(sections.get("scale"))
+    return found + scale_targets(sections.get("scale")) + prepared_targets(sections.get("prepared"))
+
+
+def prepared_targets(section: Section | None) -> list[Target]:
+    """A template's box against a plain one; a snapshot against ``cp -a`` of the same tree."""
+    mb = section.data.get("snapshot", {}).get("mb") if section else None
+    return [
+        ratio_target(
+            "lifecycle: template box / plain box",
+            median_of(section, prepared.TEMPLATE_ROW),
+            median_of(section, prepared.PLAIN_ROW),
+            1.2,
+            True,
+        ),
+        ratio_target(
+            f"snapshot of {mb or '100'} MB of changes / cp -a of it",
+            median_of(section, prepared.SNAPSHOT_ROW),
+            median_of(section, prepared.COPY_ROW),
+            1.5,
+            True,
+        ),
+    ]
 
 
 def scale_targets(section: Section | None) -> list[Target]:
