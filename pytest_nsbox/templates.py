@@ -107,6 +107,10 @@ class Template(ImageSource):
         source_file = inspect.getsourcefile(function) or function.__code__.co_filename
         self.directory = os.path.dirname(os.path.abspath(source_file))
         self.inputs = inputs
+        if isinstance(image, (str, os.PathLike)) and not os.path.isabs(image):
+            beside = os.path.join(self.directory, image)
+            if os.path.exists(beside):
+                image = beside  # like inputs: relative to the file that defines the function
         # Checked now, at import time: a typo in the decorator fails the collection, not a test.
         self.spec = BoxSpec.create(f"@template({self.name})", image=image, **options)
         self.options = options
@@ -345,8 +349,9 @@ def template(
     """Decorate ``def setup(box): ...`` to make it an image built once per cache key.
 
     ``image`` is the base (a path, an ``Image``, another template; None: the session's
-    ``--nsbox-image``, else the host's ``/``); ``inputs`` are files and directories whose
-    content is part of the key; the other keywords are ``Box`` options for the box the setup
+    ``--nsbox-image``, else the host's ``/``; a relative path is looked for beside the file
+    that defines the function first, then in the working directory); ``inputs`` are files and
+    directories whose content is part of the key; the other keywords are ``Box`` options for the box the setup
     runs in (``network="bridge", nat=True`` to install packages). Bare ``@template`` works too.
     """
     if callable(image) and not isinstance(image, ImageSource):

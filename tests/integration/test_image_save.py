@@ -230,3 +230,23 @@ def test_a_saved_snapshot_boots_the_same_files(
         assert box.run(["/bin/sh", "-c", SNAPSHOT_LOOK], check=True).stdout == seen
         assert not box.exists("/srv/upper") and not box.exists("/srv/dir/old")
     assert "more" in seen and "-rwsr-x---" in seen  # the change and the setuid bit came along
+
+
+def test_a_saved_template_boots_its_prepared_files(source: Path, cache: str, tmp_path: Path) -> None:
+    """A template over an image archive, saved, boots what the template prepared."""
+    from pytest_nsbox import template
+
+    @template(image=str(source), env={"STEP": "built"})
+    def prepared(box: Box) -> None:
+        box.run('echo "$STEP" > /srv/prepared && rm /srv/lower', check=True)
+
+    image = prepared.resolve(cache)
+    assert image.reference.startswith("template test_image_save.") and image.reference.endswith(".prepared")
+    assert image.tags and image.tags[0].startswith("localhost/nsbox-template-")
+    for fmt in FORMATS:
+        path = image.save(tmp_path / f"template-{fmt}.tar", fmt)
+        with Box(image=path, cache=str(tmp_path / f"cache-{fmt}")) as box:
+            assert box.read_text("/srv/prepared") == "built\n"
+            assert not box.exists("/srv/lower") and box.read_text("/srv/upper") == "upper\n"
+            assert box.run("echo $GREETING $STEP").stdout == "hello\n"  # the image's env, not the build's
+        assert load_image(path, cache=str(tmp_path / f"cache-{fmt}")).tags == image.tags
