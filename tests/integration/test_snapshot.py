@@ -8,6 +8,7 @@ target, extended attributes, content, and which paths are hard links of one anot
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nsbox import Box, BoxError, Image
+from pytest_nsbox import Box, BoxError, Image, zygote
 from pytest_nsbox.layers import LayerStore
 from pytest_nsbox.snapshot import MAX_SNAPSHOT_LAYERS
 
@@ -220,3 +221,24 @@ def test_snapshot_layers_live_in_the_cache(image_cache: str) -> None:
     assert store.has_layer(image.diff_ids[-1])
     assert image.lowers[0] == store.layer_path(image.diff_ids[-1])
     assert not os.listdir(os.path.join(image_cache, "tmp"))  # nothing half-made left beside it
+
+
+def test_four_images_in_turn_each_find_a_box_waiting(image_cache: str) -> None:
+    """The box helper keeps a box waiting, root built, for each of the last four roots asked
+    for: a suite alternating among four snapshots or templates is never left without."""
+    images = []
+    for number in range(4):
+        with Box(cache=image_cache) as box:
+            box.write_text(f"/srv/image-{number}", "x")
+            images.append(box.snapshot())
+    for image in images:  # once each: the helper makes the next box like it
+        with Box(image=image, cache=image_cache):
+            pass
+    helper = zygote.current()
+    assert helper is not None
+    deadline = time.monotonic() + 30
+    while helper.waiting_boxes() < 4:
+        assert time.monotonic() < deadline, f"only {helper.waiting_boxes()} boxes wait for 4 images"
+        time.sleep(0.01)
+    waiting_roots = {tuple(json.loads(key)["lowers"]) for key in helper._waiting}
+    assert {image.lowers for image in images} <= waiting_roots
