@@ -68,8 +68,8 @@ class Entry:
 def walk(root: str, exclude: frozenset[str] = frozenset(), what: str = "") -> Iterator[Entry]:
     """The entries of the layer directory ``root``, depth first, names sorted.
 
-    ``exclude`` names paths (relative, no leading slash) left out unless they are
-    directories: mount points a box made for itself, not changes of its own.
+    ``exclude`` names paths (relative, no leading slash) left out, with all below them:
+    mount points a box made for itself, and the directories copied up only to hold them.
     """
     root_fd = os.open(root, _DIR_FLAGS)
     try:
@@ -85,7 +85,7 @@ def _walk_dir(
         rel = prefix + name
         info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         mode = info.st_mode
-        if rel in exclude and not stat.S_ISDIR(mode):
+        if rel in exclude:
             continue
         if stat.S_ISSOCK(mode):
             continue  # a socket is a running program's, not a file an image can carry

@@ -38,7 +38,7 @@ def snapshot(box_id: str, root: OverlayRoot, image: Image, cgroup: Cgroup, cache
     processes (``cgroup``) are frozen for the copy. The new layer goes into ``cache``."""
     store = LayerStore(cache)
     what = f"box {box_id}"
-    exclude = frozenset(path.lstrip("/") for path in root.made_by_box)
+    exclude = _made_by_box(root)
     with _frozen(cgroup, box_id):
         layer = store.add_layer(lambda target: layer_tar.copy_layer(root.upper, target, exclude, what), what)
     if layer.size <= _EMPTY_LAYER_SIZE or _only_copied_up_directories(layer.path, root):
@@ -73,6 +73,47 @@ def snapshot(box_id: str, root: OverlayRoot, image: Image, cgroup: Cgroup, cache
         image.snapshots + 1,
         image.tags,
     )
+
+
+def _made_by_box(root: OverlayRoot) -> frozenset[str]:
+    """Paths of the upper layer that are the box's doing, not the test's: the files it made
+    as mount points (``/etc/hosts`` in an image without one), and the directories that hold
+    nothing else: mount points it made (a ``tmpfs=`` target), and those the image has already,
+    with the same mode and owner, copied up to hold them (with a new mtime, they would make
+    every snapshot of an unchanged box differ)."""
+    made = {path.strip("/") for path in root.made_by_box}
+    excluded: set[str] = set()
+    directories: set[str] = set()
+    for rel in made:
+        try:
+            info = os.lstat(os.path.join(root.upper, rel))
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            directories.add(rel)
+        else:
+            excluded.add(rel)
+    parents = {
+        "/".join(parts[:depth]) for parts in (p.split("/") for p in made) for depth in range(1, len(parts))
+    }
+    for rel in sorted(directories | parents, key=lambda rel: -rel.count("/")):  # deepest first
+        path = os.path.join(root.upper, rel)
+        try:
+            info = os.lstat(path)
+            children = os.listdir(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or _is_opaque(path):
+            continue
+        if not all(f"{rel}/{child}" in excluded for child in children):
+            continue  # it holds a change of the test's
+        below = root.stat_below("/" + rel)
+        if below is None:
+            if rel in directories:
+                excluded.add(rel)  # a mount point the image lacked
+        elif (below.st_mode, below.st_uid, below.st_gid) == (info.st_mode, info.st_uid, info.st_gid):
+            excluded.add(rel)
+    return frozenset(excluded)
 
 
 def _only_copied_up_directories(layer: str, root: OverlayRoot) -> bool:

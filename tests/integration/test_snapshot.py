@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from imagebuilder import Entry, ImageSpec, write_docker_save_legacy
 
 from pytest_nsbox import Box, BoxError, Image, zygote
 from pytest_nsbox.layers import LayerStore
@@ -242,3 +243,27 @@ def test_four_images_in_turn_each_find_a_box_waiting(image_cache: str) -> None:
         time.sleep(0.01)
     waiting_roots = {tuple(json.loads(key)["lowers"]) for key in helper._waiting}
     assert {image.lowers for image in images} <= waiting_roots
+
+
+def test_mount_points_a_box_made_are_not_its_changes(
+    image_cache: str, shell_layer: list[Entry], tmp_path: Path
+) -> None:
+    """An image without /etc/hostname and /etc/hosts: each box makes them (and copies /etc up
+    to hold them). That is the box's doing: an unchanged box's snapshot is its image, and the
+    same changes made in two boxes are one layer."""
+    archive = write_docker_save_legacy(tmp_path / "bare.tar", [ImageSpec([shell_layer])])
+    with Box(image=str(archive), cache=image_cache) as box:
+        assert box.root is not None and "/etc/hostname" in box.root.made_by_box
+        unchanged = box.snapshot()
+    assert unchanged.lowers == box.image.lowers
+    images = []
+    for _ in range(2):
+        with Box(image=str(archive), cache=image_cache, tmpfs={"/data": "1M"}) as box:
+            box.write_text("/etc/app.conf", "same\n")
+            os.utime(box.host_path("/etc/app.conf"), (1e9, 1e9))
+            os.utime(box.host_path("/etc"), (1e9, 1e9))
+            images.append(box.snapshot())
+    assert images[0].diff_ids == images[1].diff_ids and len(images[0].lowers) == 2
+    with Box(image=images[0], cache=image_cache) as copy:
+        assert copy.read_text("/etc/app.conf") == "same\n"
+        assert copy.read_text("/etc/hostname") == "box\n"  # its own, made as it started
