@@ -12,11 +12,12 @@ into every box), which is why the two records below are plain classes.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
 from . import syscalls
-from .errors import BoxError
+from .errors import BoxError, MountError
 
 TYPE_CHECKING = False  # typing stays out of the box helper (see zygote_process)
 if TYPE_CHECKING:
@@ -51,7 +52,19 @@ def _host_root_layer(scratch: str) -> str:
     layer, empty = f"{scratch}/host-root", f"{scratch}/host-root-empty"
     os.mkdir(layer, 0o755)
     os.mkdir(empty, 0o755)
-    syscalls.mount("nsbox", layer, "overlay", syscalls.MS_RDONLY, f"lowerdir=/:{empty}")
+    try:
+        syscalls.mount("nsbox", layer, "overlay", syscalls.MS_RDONLY, f"lowerdir=/:{empty}")
+    except MountError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        raise MountError(
+            exc.errno,
+            "mount",
+            "a read-only overlay of the host's / under a snapshot's layers",
+            "the host's / is itself an overlay here (a container?), and the kernel stacks at most "
+            "two: snapshots of boxes of the host's / need a host with a plain root; boot the box "
+            "from an image archive (--nsbox-image) and snapshot that",
+        ) from exc
     return layer
 
 
