@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     shell_parser.add_argument("box_id", nargs="?", help="a kept box's id (a unique prefix will do)")
     shell_parser.add_argument("--image", help="start a fresh box of this image instead (stopped on exit)")
     shell_parser.add_argument(
-        "argv", nargs="*", metavar="COMMAND", help="what to run (default /bin/sh -l); put it after --"
+        "argv",
+        nargs="*",
+        metavar="COMMAND",
+        help="what to run (default: the box's login shell for root); put it after --",
     )
     args = parser.parse_args(argv)
     if args.command == "gc":
@@ -87,7 +90,6 @@ def shell_command(box_id: str | None, command: list[str], image: str | None) -> 
 
     if image is not None and box_id is not None:
         command, box_id = [box_id, *command], None  # `--image X -- cmd`: argparse took cmd for an id
-    command = command or ["/bin/sh", "-l"]
     if box_id is None and image is None:
         kept_boxes = kept.entries()
         if len(kept_boxes) != 1:
