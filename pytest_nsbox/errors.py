@@ -164,6 +164,10 @@ class ProcessExitedError(WaitTimeoutError):
         self.returncode = returncode
         self.output = output
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The keyword arguments are not in ``args``: carry them as state (pickle, xdist).
+        return (type(self), (str(self),), dict(self.__dict__))
+
 
 class CommandNotFoundError(BoxError, FileNotFoundError):
     """The program given to ``run``/``spawn`` does not exist in the box (or is not executable)."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 import time
 
@@ -74,6 +75,8 @@ def test_process_exited_error_is_a_wait_timeout_error() -> None:
     error = ProcessExitedError("m", returncode=3, output="tail")
     assert isinstance(error, WaitTimeoutError) and isinstance(error, TimeoutError)
     assert (error.returncode, error.output, str(error)) == (3, "tail", "m")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), copy.returncode, copy.output, str(copy)) == (ProcessExitedError, 3, "tail", "m")
 
 
 # ------------------------------------------------------------------------------- arguments
