@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import atexit
+import http.client
 import os
 import re
 import secrets
@@ -22,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from . import cgroups, channel, kept, probe, state, teardown, zygote
+from . import cgroups, channel, kept, probe, state, teardown, waits, zygote
 from . import network as networking
 from .boxfs import BoxFiles
 from .devices import box_devices
@@ -34,10 +35,10 @@ from .errors import (
     CommandNotFoundError,
     ConfigError,
     NetworkError,
-    WaitTimeoutError,
 )
 from .image import HOST_ROOT, Image, load_image
 from .link import InitLink
+from .network import http_get
 from .overlay import OverlayRoot
 from .process import BoxProcess, CommandFailedError, CommandTimeoutError, RunResult
 from .snapshot import snapshot as take_snapshot
@@ -49,12 +50,19 @@ from .spec import (
     command_request,
     file_mode,
     host_path,
+    http_status,
+    http_target,
+    interval_seconds,
     port_number,
+    regular_expression,
     timeout_seconds,
 )
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+# wait_until: an attempt started just before the deadline still gets this long, so that the
+# last attempt says what the command answers, not that it had no time to.
+ATTEMPT_GRACE = 1.0
 
 _live: weakref.WeakSet[Box] = weakref.WeakSet()
 _DEVNULL_FD: int | None = None
@@ -435,7 +443,6 @@ class Box:
             cmd, input=input, env=env, cwd=cwd, user=user, timeout=timeout, check=check, text=text
         )
         timeout = request.timeout
-        oom_kills = self.cgroup.oom_kills()
         process = self._start_command(cmd, request)
         try:
             process.wait(timeout)
@@ -446,12 +453,6 @@ class Box:
                 cmd, timeout or 0.0, process.stdout, process.stderr, box_id=self.id
             ) from None
         result = process.result()
-        # Killed by SIGKILL (or a shell reporting it as 137), and the cgroup's OOM killer acted.
-        if (
-            result.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
-            and self.cgroup.oom_kills() > oom_kills
-        ):
-            result.oom_killed = True
         if check and result.returncode != 0:
             raise CommandFailedError(result.returncode, cmd, result.stdout, result.stderr, box_id=self.id)
         return result
@@ -472,10 +473,16 @@ class Box:
         self._last_spawned = process
         return process
 
-    def _start_command(self, cmd: str | Sequence[Any], request: CommandRequest) -> BoxProcess:
-        """Ask init to start a command whose arguments ``command_request`` checked."""
+    def _start_command(
+        self, cmd: str | Sequence[Any], request: CommandRequest, *, record: bool = True
+    ) -> BoxProcess:
+        """Ask init to start a command whose arguments ``command_request`` checked; ``record``
+        False keeps it out of ``history`` (``wait_until``'s attempts, but the last)."""
         link = self._require_running()
         argv, env, cwd = request.argv, request.env, request.cwd
+        # Before the request: the command's time and its cgroup's OOM kills count from here.
+        started = time.monotonic()
+        oom_kills = self.cgroup.oom_kills()
         stdout = os.memfd_create("nsbox-stdout", os.MFD_CLOEXEC)
         stderr = os.memfd_create("nsbox-stderr", os.MFD_CLOEXEC)
         stdin = _stdin_fd(request.input)
@@ -511,48 +518,251 @@ class Box:
             request.text,
             init_pid=self.pid,
             released=self._forget_process,
+            started=started,
+            oom_kills=self.cgroup.oom_kills,
+            oom_kills_at_start=oom_kills,
         )
         self._processes.add(process)
+        if record:
+            self._remember(process)
+        return process
+
+    def _remember(self, process: BoxProcess) -> None:
+        """Add a command to ``history``, which keeps the last 20 (the failure report's)."""
         self.history.append(process)
         del self.history[:-20]
-        return process
 
     def wait_for_output(
         self, pattern: str | re.Pattern[str], timeout: float = 30.0, *, process: BoxProcess | None = None
     ) -> re.Match[str]:
-        """Wait until ``pattern`` appears in the output of ``process`` (default: the last spawned)."""
+        """Wait until ``pattern`` appears in the output of ``process`` (default: the last spawned);
+        ``ProcessExitedError`` at once if it exits without printing it."""
         self._require_running("wait_for_output()")
-        if process is not None and not isinstance(process, BoxProcess):
-            raise ArgumentTypeError(
-                f"wait_for_output(): process: expected a BoxProcess of box {self.id}, got {process!r}"
-            )
+        process = self._watched(process, "wait_for_output()")
         if process is None:
-            process = self._last_spawned
-            if process is None:
-                raise BoxError(f"box {self.id}: nothing was spawned whose output could be watched")
+            raise BoxError(f"box {self.id}: nothing was spawned whose output could be watched")
         return process.wait_for_output(pattern, timeout)
 
-    def wait_for_port(self, port: int, timeout: float = 30.0, *, protocol: str = "tcp") -> None:
+    def wait_for_port(
+        self, port: int, timeout: float = 30.0, *, protocol: str = "tcp", process: BoxProcess | None = None
+    ) -> None:
         """Wait until something in the box listens on TCP ``port`` (any address, v4 or v6).
 
         Reads the box's own ``/proc/net/tcp*``: no connection is made, so a server that
         accepts only once is not disturbed. Gives up with ``WaitTimeoutError`` (a
-        ``TimeoutError``).
+        ``TimeoutError``), or with ``ProcessExitedError`` (one too) as soon as ``process``
+        (default: the last spawned, if any) has exited.
         """
         self._require_running("wait_for_port()")
         port = port_number(port, "wait_for_port(): port")
         seconds = timeout_seconds(timeout, "wait_for_port(): timeout", optional=False) or 0.0
         if protocol not in ("tcp", "udp"):
             raise ConfigError(f"wait_for_port(): protocol: expected 'tcp' or 'udp', got {protocol!r}")
+        waits.until(
+            lambda: True if listening(self.pid, port, protocol) else None,
+            seconds,
+            watched=self._watched(process, "wait_for_port()"),
+            waiting_for=f"{protocol} port {port}",
+            timed_out=lambda: f"box {self.id}: nothing listens on {protocol} port {port} after {timeout}s",
+        )
+
+    def wait_until(
+        self,
+        cmd: str | Sequence[Any],
+        timeout: float = 30.0,
+        *,
+        interval: float = 0.1,
+        process: BoxProcess | None = None,
+    ) -> RunResult:
+        """Run ``cmd`` in the box every ``interval`` seconds until it exits 0; returns that run.
+
+        For readiness only the software itself can tell (``pg_isready``, ``redis-cli ping``).
+        An attempt still running at the deadline is killed (one started just before it gets
+        ``ATTEMPT_GRACE`` seconds). Gives up with ``WaitTimeoutError``
+        showing the last attempt's exit status and output, or with ``ProcessExitedError`` as
+        soon as ``process`` (default: the last spawned, if any) has exited. Only the last
+        attempt goes into ``history`` (the failure report's commands).
+        """
+        self._require_running("wait_until()")
+        request = command_request(cmd, source="wait_until()")
+        seconds = timeout_seconds(timeout, "wait_until(): timeout", optional=False) or 0.0
+        pause = interval_seconds(interval, "wait_until(): interval")
+        watched = self._watched(process, "wait_until()")
         deadline = time.monotonic() + seconds
-        delay = 0.005
-        while not listening(self.pid, port, protocol):
-            if time.monotonic() >= deadline:
-                raise WaitTimeoutError(
-                    f"box {self.id}: nothing listens on {protocol} port {port} after {timeout}s"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+        attempts: list[BoxProcess] = []
+        killed: list[BoxProcess] = []
+
+        def attempt() -> RunResult | None:
+            attempt = self._start_command(cmd, request, record=False)
+            attempts[:] = [attempt]
+            try:
+                attempt.wait(max(deadline - time.monotonic(), ATTEMPT_GRACE))
+            except subprocess.TimeoutExpired:
+                killed[:] = [attempt]
+                attempt.kill(signal.SIGKILL, group=True)
+                attempt.wait(STOP_TIMEOUT)
+            result = attempt.result()
+            return result if result.returncode == 0 else None
+
+        def timed_out() -> str:
+            text = f"box {self.id}: {cmd!r} did not succeed within {timeout}s"
+            if not attempts:
+                return text
+            last = attempts[0]
+            end = "was killed at the deadline" if killed and killed[0] is last else last.outcome()
+            text += f"; its last attempt {end}"
+            output = last._output_tail()
+            return text + (f", with this output:\n{output}" if output else ", without output")
+
+        try:
+            return waits.until(
+                attempt,
+                seconds,
+                watched=watched,
+                waiting_for=f"{cmd!r} to succeed",
+                timed_out=timed_out,
+                interval=pause,
+            )
+        finally:
+            if attempts:
+                self._remember(attempts[0])
+
+    def wait_for_http(
+        self,
+        url_or_port: str | int,
+        status: int = 200,
+        timeout: float = 30.0,
+        *,
+        process: BoxProcess | None = None,
+    ) -> bytes:
+        """Wait until an HTTP GET of ``url_or_port`` (a port of the box's loopback, or an
+        ``http://`` URL as the box sees it) answers with ``status``; returns the body.
+
+        The request is made from this process inside the box's network namespace: it works
+        for a box without network and an image without curl. Gives up with
+        ``WaitTimeoutError`` naming the last answer (or the connection error), or with
+        ``ProcessExitedError`` as soon as ``process`` (default: the last spawned) has exited.
+        """
+        self._require_running("wait_for_http()")
+        target = http_target(url_or_port, "wait_for_http(): url_or_port")
+        expected = http_status(status, "wait_for_http(): status")
+        seconds = timeout_seconds(timeout, "wait_for_http(): timeout", optional=False) or 0.0
+        watched = self._watched(process, "wait_for_http()")
+        address = self._address_of(target.host, "wait_for_http()")
+        init = self._require_pid()
+        deadline = time.monotonic() + seconds
+        last = ["no attempt was made"]
+
+        def attempt() -> bytes | None:
+            left = max(deadline - time.monotonic(), 0.05)
+            try:
+                got, body = http_get.get_inside(init, address, target.host, target.port, target.path, left)
+            except (OSError, http.client.HTTPException) as exc:
+                last[0] = f"the last attempt failed: {type(exc).__name__}: {exc}"
+                return None
+            if got == expected:
+                return body
+            shown = body[:500].decode("utf-8", "replace")
+            last[0] = f"the last answer was {got}" + (f": {shown}" if shown else "")
+            return None
+
+        return waits.until(
+            attempt,
+            seconds,
+            watched=watched,
+            waiting_for=f"GET {target.url} to answer {expected}",
+            timed_out=lambda: (
+                f"box {self.id}: GET {target.url} did not answer {expected} within {timeout}s; " + last[0]
+            ),
+        )
+
+    def wait_for_file(self, path: str, timeout: float = 30.0, *, process: BoxProcess | None = None) -> None:
+        """Wait until ``path`` exists in the box (a pid file, a socket, a marker a job leaves).
+
+        Gives up with ``WaitTimeoutError``, or with ``ProcessExitedError`` as soon as
+        ``process`` (default: the last spawned, if any) has exited without making it.
+        """
+        files = self._fs("wait_for_file()")
+        path = box_path(path, "wait_for_file(): path")
+        seconds = timeout_seconds(timeout, "wait_for_file(): timeout", optional=False) or 0.0
+
+        def timed_out() -> str:
+            parent = os.path.dirname(path.rstrip("/")) or "/"
+            missing = "" if files.exists(parent) else f" (nor does its directory {parent})"
+            return f"box {self.id}: {path} did not appear within {timeout}s{missing}"
+
+        waits.until(
+            lambda: True if files.exists(path) else None,
+            seconds,
+            watched=self._watched(process, "wait_for_file()"),
+            waiting_for=f"{path} to appear",
+            timed_out=timed_out,
+        )
+
+    def wait_for_log(
+        self,
+        path: str,
+        pattern: str | re.Pattern[str],
+        timeout: float = 30.0,
+        *,
+        process: BoxProcess | None = None,
+    ) -> re.Match[str]:
+        """Wait until ``pattern`` (a regex) appears in the file ``path`` of the box (a log a
+        daemon writes rather than prints); returns the match.
+
+        Gives up with ``WaitTimeoutError`` showing the end of the file, or with
+        ``ProcessExitedError`` as soon as ``process`` (default: the last spawned, if any) has
+        exited without writing it.
+        """
+        files = self._fs("wait_for_log()")
+        path = box_path(path, "wait_for_log(): path")
+        regex = regular_expression(pattern, "wait_for_log(): pattern", "the file")
+        seconds = timeout_seconds(timeout, "wait_for_log(): timeout", optional=False) or 0.0
+
+        def text() -> str | None:
+            try:
+                return files.read_bytes(path).decode("utf-8", "replace")
+            except FileNotFoundError:
+                return None
+
+        def search() -> re.Match[str] | None:
+            content = text()
+            return None if content is None else regex.search(content)
+
+        def timed_out() -> str:
+            content = text()
+            found = "the file does not exist" if content is None else f"it holds:\n{content[-2000:]}"
+            return f"box {self.id}: {regex.pattern!r} did not appear in {path} within {timeout}s; {found}"
+
+        return waits.until(
+            search,
+            seconds,
+            watched=self._watched(process, "wait_for_log()"),
+            waiting_for=f"{regex.pattern!r} in {path}",
+            timed_out=timed_out,
+        )
+
+    def _watched(self, process: object, what: str) -> BoxProcess | None:
+        """The process a wait watches: ``process``, or by default the last spawned (None if
+        nothing was: then the wait watches nothing and only its timeout ends it)."""
+        if process is None:
+            return self._last_spawned
+        if not isinstance(process, BoxProcess):
+            raise ArgumentTypeError(
+                f"{what}: process: expected a BoxProcess (what spawn() returns) or None for the "
+                f"last spawned, got {type(process).__name__} {process!r}"
+            )
+        return process
+
+    def _address_of(self, host: str, what: str) -> str:
+        """The address of a URL's host as the box sees it (see ``http_get.address_of``)."""
+        address = http_get.address_of(host, lambda: self._fs(what).read_bytes("/etc/hosts"))
+        if address is None:
+            raise ConfigError(
+                f"{what}: {host!r} is not in the box's /etc/hosts; give an address "
+                "(http://127.0.0.1:PORT/ for the box's own loopback) or a name the box's /etc/hosts has"
+            )
+        return address
 
     def processes(self) -> list[psutil.Process]:
         """Every process of the box as ``psutil.Process`` views, its init first."""

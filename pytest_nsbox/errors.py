@@ -16,7 +16,8 @@ derives from it, so code written against ``subprocess`` or ``os`` keeps working:
     ├── NetworkError                     links, addresses and leases
     ├── StateError                       cross-process state: locks and ledgers
     └── BoxError                         a box that failed to start, or was used wrongly
-        ├── WaitTimeoutError (TimeoutError)  wait_for_port / wait_for_output gave up
+        ├── WaitTimeoutError (TimeoutError)  a wait (wait_for_port, wait_for_http, ...) gave up
+        │   └── ProcessExitedError           ... at once: the process it watched has exited
         ├── CommandNotFoundError (FileNotFoundError)   the program is not in the box
         ├── CommandFailedError (subprocess.CalledProcessError)   run(check=True), non-zero exit
         └── CommandTimeoutError (subprocess.TimeoutExpired)      run(timeout=...) ran out
@@ -53,6 +54,7 @@ __all__ = [
     "MountError",
     "NetworkError",
     "NsboxError",
+    "ProcessExitedError",
     "StateError",
     "SyscallError",
     "TemplateError",
@@ -144,7 +146,27 @@ class BoxError(NsboxError):
 
 
 class WaitTimeoutError(BoxError, TimeoutError):
-    """``wait_for_port`` or ``wait_for_output`` gave up; the builtin ``TimeoutError`` too."""
+    """A wait (``wait_for_port``, ``wait_for_output``, ``wait_until``, ``wait_for_http``,
+    ``wait_for_file``, ``wait_for_log``) gave up; the builtin ``TimeoutError`` too."""
+
+
+class ProcessExitedError(WaitTimeoutError):
+    """A wait gave up at once: the process it watched (the last spawned, or ``process=``) has
+    exited, so what it waited for will not come. The message holds its exit status and the
+    tail of its output; ``returncode`` and ``output`` carry them.
+
+    Why a ``WaitTimeoutError``: the wait ended without what it waited for, as a timeout does,
+    only sooner; code that catches a wait's failure (``except TimeoutError``) keeps working.
+    """
+
+    def __init__(self, message: str, *, returncode: int | None = None, output: str = "") -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.output = output
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The keyword arguments are not in ``args``: carry them as state (pickle, xdist).
+        return (type(self), (str(self),), dict(self.__dict__))
 
 
 class CommandNotFoundError(BoxError, FileNotFoundError):

@@ -181,10 +181,12 @@ class Server:
         return True
 
     def reap(self) -> None:
+        """Report each command's exit with the time it was reaped: the host times a command to
+        its exit, not to the moment it reads the report (which may be much later)."""
         for pid, status in channel.reaped_children():
             if pid in self.children:
                 self.children.discard(pid)
-                channel.send(self.sock, {"exit": pid, "status": status})
+                channel.send(self.sock, {"exit": pid, "status": status, "time": time.monotonic()})
 
 
 def spawn_fast(argv: list[str], env: dict[str, str], fds: list[int], cwd: str = "/") -> int:

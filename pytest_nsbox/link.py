@@ -31,6 +31,7 @@ class InitLink:
         self._recv_lock = threading.Lock()
         self._replies: dict[int, dict[str, Any]] = {}
         self._exits: dict[int, int] = {}
+        self._exit_times: dict[int, float] = {}
 
     def request(
         self, message: dict[str, Any], fds: tuple[int, ...] = (), timeout: float = 30.0
@@ -61,8 +62,14 @@ class InitLink:
         """The raw wait status of a finished command, or None while it runs."""
         return self._exits.get(pid)
 
+    def exit_time(self, pid: int) -> float | None:
+        """When a finished command exited, by init's ``time.monotonic()`` (the same clock as
+        ours: CLOCK_MONOTONIC is not namespaced), or None if init did not say."""
+        return self._exit_times.get(pid)
+
     def forget(self, pid: int) -> None:
         self._exits.pop(pid, None)
+        self._exit_times.pop(pid, None)
 
     def wait_exit(self, pid: int, deadline: float | None) -> int | None:
         """Wait until ``pid`` exits (its raw status) or ``deadline`` passes (None)."""
@@ -111,7 +118,10 @@ class InitLink:
         if message is None:
             self.gone = True
         elif "exit" in message:
-            self._exits[int(message["exit"])] = int(message["status"])
+            pid = int(message["exit"])
+            if "time" in message:
+                self._exit_times[pid] = float(message["time"])
+            self._exits[pid] = int(message["status"])
         elif "id" in message:
             self._replies[int(message["id"])] = message
 

@@ -18,16 +18,18 @@ from typing import Any
 
 import psutil
 
-from .errors import ArgumentTypeError, BoxError, ConfigError, WaitTimeoutError, output_tail
+from . import waits
+from .errors import BoxError, NsboxError, ProcessExitedError, output_tail
 from .link import InitLink
-from .spec import timeout_seconds
+from .spec import output_stream, regular_expression, timeout_seconds
 
 
 class RunResult(subprocess.CompletedProcess[Any]):
     """A finished command: ``subprocess.CompletedProcess`` plus what a box knows about it.
 
-    ``duration`` is seconds from start to exit; ``signal`` is the signal that ended it (or
-    None), ``oom_killed`` is True when the memory cap's OOM killer ended it.
+    ``duration`` is seconds from start to exit (the exit as the box's init saw it, not when
+    the host noticed); ``signal`` is the signal that ended it (or None), ``oom_killed`` is True
+    when the memory cap's OOM killer ended it.
     """
 
     def __init__(
@@ -110,6 +112,9 @@ class BoxProcess:
 
     ``pid`` is its pid inside the box; ``host_pid`` the same process as the host sees it.
     ``stdout``/``stderr`` hold its output so far (the whole output once it has exited).
+    ``started`` and ``ended`` are ``time.monotonic()`` values: from just before it was asked
+    for to its exit as the box's init reaped it. ``oom_killed`` says, once it has exited,
+    whether the OOM killer ended it.
     """
 
     def __init__(
@@ -123,19 +128,26 @@ class BoxProcess:
         *,
         init_pid: int,
         released: Callable[[BoxProcess], None] | None = None,
+        started: float | None = None,
+        oom_kills: Callable[[], int] | None = None,
+        oom_kills_at_start: int = 0,
     ) -> None:
-        # Why a link and a callback rather than the Box: a process needs only its init (to
-        # wait, signal and be forgotten) and to tell its box it is done; the box module stays
-        # the only one that knows the other.
+        # Why a link and callbacks rather than the Box: a process needs only its init (to
+        # wait, signal and be forgotten), to tell its box it is done, and its cgroup's OOM
+        # kill count; the box module stays the only one that knows the others.
         self._link = link
         self._init_pid = init_pid
         self._released = released
+        self._oom_kills = oom_kills
+        self._oom_kills_at_start = oom_kills_at_start
         self.box_id = link.box_id
         self.args = args
         self.pid = pid
         self.returncode: int | None = None
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
         self.ended: float | None = None
+        self.oom_killed = False
+        self._sigkilled = False
         self._text = text
         self._fds: tuple[int, int] | None = (stdout_fd, stderr_fd)
         self._output: tuple[bytes, bytes] = (b"", b"")
@@ -185,7 +197,10 @@ class BoxProcess:
         if self.returncode is not None or self._link.gone:
             return False
         reply = self._link.request({"op": "kill", "pid": self.pid, "sig": int(sig), "group": group})
-        return bool(reply.get("ok"))
+        sent = bool(reply.get("ok"))
+        if sent and sig == _signal.SIGKILL:
+            self._sigkilled = True  # its SIGKILL death is ours, whatever the OOM killer did
+        return sent
 
     def terminate(self) -> bool:
         """SIGTERM, as ``subprocess.Popen.terminate``."""
@@ -216,47 +231,57 @@ class BoxProcess:
         """Wait until ``pattern`` (a regex) appears in its output; returns the match.
 
         Raises ``WaitTimeoutError`` (a ``TimeoutError``) naming the pattern and showing the
-        output so far, or as soon as the process exits without printing it.
+        output so far, or ``ProcessExitedError`` (one too) as soon as the process exits without
+        printing it.
         """
-        seconds = timeout_seconds(timeout, "wait_for_output(): timeout", optional=False)
-        if not isinstance(pattern, (str, re.Pattern)):
-            raise ArgumentTypeError(
-                f"wait_for_output(): pattern: expected a regular expression (str or re.Pattern), "
-                f"got {type(pattern).__name__} {pattern!r}"
+        seconds = timeout_seconds(timeout, "wait_for_output(): timeout", optional=False) or 0.0
+        regex = regular_expression(pattern, "wait_for_output(): pattern", "the output")
+        stream = output_stream(stream, "wait_for_output(): stream")
+
+        def timed_out() -> str:
+            return (
+                f"box {self.box_id}: {regex.pattern!r} did not appear in the output of "
+                f"{self.args!r} within {timeout}s; output so far:\n{self._searchable(stream)[-2000:]}"
             )
-        if stream not in ("stdout", "stderr", "both"):
-            raise ConfigError(
-                f"wait_for_output(): stream: expected 'stdout', 'stderr' or 'both', got {stream!r}"
-            )
-        try:
-            regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        except re.error as exc:
-            raise ConfigError(
-                f"wait_for_output(): pattern {pattern!r} is not a regular expression: {exc}"
-            ) from None
-        if isinstance(regex.pattern, bytes):
-            raise ArgumentTypeError(
-                "wait_for_output(): pattern: the output is searched as text; give a str pattern"
-            )
-        deadline = time.monotonic() + (seconds or 0.0)
-        delay = 0.005
-        while True:
-            text = self._searchable(stream)
-            match = regex.search(text)
-            if match:
-                return match
-            if self.poll() is not None:
-                raise WaitTimeoutError(
-                    f"box {self.box_id}: {self.args!r} exited ({self.returncode}) without printing "
-                    f"{regex.pattern!r}; its output:\n{text[-2000:]}"
-                )
-            if time.monotonic() >= deadline:
-                raise WaitTimeoutError(
-                    f"box {self.box_id}: {regex.pattern!r} did not appear in the output of "
-                    f"{self.args!r} within {timeout}s; output so far:\n{text[-2000:]}"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+
+        return waits.until(
+            lambda: regex.search(self._searchable(stream)),
+            seconds,
+            watched=self,
+            waiting_for=f"{regex.pattern!r} in its output",
+            timed_out=timed_out,
+        )
+
+    def exited_within(self, seconds: float) -> bool:
+        """Whether it has exited within ``seconds``; returns as soon as it does (for waits,
+        which sleep on it between their checks)."""
+        if self.poll() is None and seconds > 0:
+            self._link.wait_exit(self.pid, time.monotonic() + seconds)
+        return self.poll() is not None
+
+    def exited_error(self, waiting_for: str) -> ProcessExitedError:
+        """The error of a wait for ``waiting_for`` that this process's exit ended: its exit
+        status and the tail of its output."""
+        output = self._output_tail()
+        text = (
+            f"box {self.box_id}: gave up waiting for {waiting_for}: the process it watches, "
+            f"{self.args!r} (pid {self.pid} in the box), {self.outcome()} after "
+            f"{(self.ended or time.monotonic()) - self.started:.2f} s"
+        )
+        text += f"; its output:\n{output}" if output else " without any output"
+        return ProcessExitedError(text, returncode=self.returncode, output=output)
+
+    def outcome(self) -> str:
+        """How it ended, in words: "exited with status 3", "was killed by SIGTERM", "was
+        OOM-killed" (or "is still running")."""
+        code = self.returncode
+        if code is None:
+            return "is still running"
+        if self.oom_killed:
+            return "was OOM-killed"
+        if code < 0:
+            return f"was killed by {_signal_name(-code)}"
+        return f"exited with status {code}"
 
     def result(self) -> RunResult:
         """The finished command as a ``RunResult`` (waits for it)."""
@@ -267,8 +292,9 @@ class BoxProcess:
             self.returncode,
             self.stdout,
             self.stderr,
-            duration=self.ended - self.started,
+            duration=max(self.ended - self.started, 0.0),
             signal=-self.returncode if self.returncode < 0 else None,
+            oom_killed=self.oom_killed,
         )
 
     # --------------------------------------------------------------------------- internals
@@ -276,6 +302,14 @@ class BoxProcess:
     def _searchable(self, stream: str) -> str:
         parts = {"stdout": (0,), "stderr": (1,), "both": (0, 1)}[stream]
         return "".join(self._read(i).decode("utf-8", "replace") for i in parts)
+
+    def _output_tail(self) -> str:
+        """The end of its stdout and of its stderr, each under its name when both have some."""
+        tails = {name: output_tail(self._read(index)) for index, name in ((0, "stdout"), (1, "stderr"))}
+        shown = {name: tail for name, tail in tails.items() if tail}
+        if len(shown) < 2:
+            return "".join(shown.values())
+        return "".join(f"--- {name} ---\n{tail.rstrip()}\n" for name, tail in shown.items())
 
     def _read(self, index: int) -> bytes:
         if self._fds is None:
@@ -299,10 +333,29 @@ class BoxProcess:
         """Record the exit (None: the box died under it, which counts as SIGKILL)."""
         if self.returncode is not None:
             return
-        self.ended = time.monotonic()
+        ended = self._link.exit_time(self.pid) if status is not None else None
+        self.ended = ended if ended is not None else time.monotonic()
         self.returncode = -_signal.SIGKILL if status is None else os.waitstatus_to_exitcode(status)
+        self.oom_killed = status is not None and self._was_oom_killed()
         self._link.forget(self.pid)
         self.release()
+
+    def _was_oom_killed(self) -> bool:
+        """Killed by SIGKILL (or a shell reporting it as 137) while the cgroup's OOM kill count
+        rose since it started: the OOM killer's work, as far as anyone can tell from outside
+        (the kernel does not say whom it killed).
+
+        Not for a process the box's death took (``status`` None: ``stop()``'s kill), nor one
+        this side sent SIGKILL (``kill()``, ``run(timeout=...)``).
+        """
+        if self.returncode not in (-_signal.SIGKILL, 128 + _signal.SIGKILL) or self._oom_kills is None:
+            return False
+        if self._sigkilled:
+            return False
+        try:
+            return self._oom_kills() > self._oom_kills_at_start
+        except (NsboxError, OSError):
+            return False  # the count cannot be read (the cgroup is gone): nothing to claim
 
     def release(self) -> None:
         """Keep the output in memory and close the memfds (called at exit and at box stop)."""
@@ -313,6 +366,13 @@ class BoxProcess:
             self._fds = None
         if self._released is not None:
             self._released(self)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return _signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def box_pid_of(host_pid: int) -> int | None:

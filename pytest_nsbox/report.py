@@ -171,6 +171,8 @@ def _command(process: BoxProcess) -> Iterator[str]:
     code = process.returncode
     if code is None:
         outcome = f"still running (pid {process.pid} in the box)"
+    elif process.oom_killed:  # not "killed by SIGKILL": who killed it is the news
+        outcome = "OOM-killed" if code < 0 else f"exit {code} (OOM-killed)"
     elif code < 0:
         outcome = f"killed by {_signal_name(-code)}"
     else:

@@ -563,3 +563,91 @@ def _bool_argument(value: object, what: str) -> bool:
     if not isinstance(value, bool):
         raise ArgumentTypeError(f"{what}: expected True or False, got {type(value).__name__} {value!r}")
     return value
+
+
+# ---------------------------------------------------------------------- wait arguments
+
+
+def interval_seconds(value: object, what: str) -> float:
+    """A pause between attempts: a finite number of seconds > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(
+            f"{what}: expected a number of seconds > 0, got {type(value).__name__} {value!r}"
+        )
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{what}: expected a number of seconds > 0, got {value!r}")
+    return seconds
+
+
+def regular_expression(pattern: object, what: str, searched: str) -> re.Pattern[str]:
+    """A regex given as a str or a compiled str pattern (``searched`` is decoded as text)."""
+    if not isinstance(pattern, (str, re.Pattern)):
+        raise ArgumentTypeError(
+            f"{what}: expected a regular expression (str or re.Pattern), "
+            f"got {type(pattern).__name__} {pattern!r}"
+        )
+    if isinstance(pattern, re.Pattern) and isinstance(pattern.pattern, bytes):
+        raise ArgumentTypeError(f"{what}: {searched} is searched as text; give a str pattern")
+    try:
+        return re.compile(pattern) if isinstance(pattern, str) else pattern
+    except re.error as exc:
+        raise ConfigError(f"{what}: {pattern!r} is not a regular expression: {exc}") from None
+
+
+def output_stream(value: object, what: str) -> str:
+    if value not in ("stdout", "stderr", "both"):
+        raise ConfigError(f"{what}: expected 'stdout', 'stderr' or 'both', got {value!r}")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class HttpTarget:
+    """Where ``wait_for_http`` sends its GET: ``host`` as given (an address, ``localhost`` or
+    a name of the box's ``/etc/hosts``), ``port``, and ``path`` with its query."""
+
+    url: str
+    host: str
+    port: int
+    path: str
+
+
+def http_target(value: object, what: str) -> HttpTarget:
+    """A port of the box's loopback (``8000``) or an ``http://`` URL."""
+    from urllib.parse import urlsplit
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        port = port_number(value, what)
+        return HttpTarget(f"http://127.0.0.1:{port}/", "127.0.0.1", port, "/")
+    if not isinstance(value, str):
+        raise ArgumentTypeError(
+            f"{what}: expected a port (int) or a URL (str, 'http://127.0.0.1:8000/health'), "
+            f"got {type(value).__name__} {value!r}"
+        )
+    try:
+        parts = urlsplit(value)
+        given = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {value!r} is not a URL: {exc}") from None
+    if parts.scheme != "http" or not parts.hostname:
+        raise ConfigError(
+            f"{what}: expected a port or an http:// URL with a host, such as "
+            f"'http://127.0.0.1:8000/health', got {value!r} (https is not spoken: the request "
+            "goes from the host straight into the box's network; wait for its port instead)"
+        )
+    if any(char in value for char in "\0\r\n "):
+        raise ConfigError(f"{what}: {value!r} holds a space, a line break or a NUL byte; quote it (%20)")
+    port = 80 if given is None else port_number(given, what)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return HttpTarget(value, parts.hostname, port, path)
+
+
+def http_status(value: object, what: str) -> int:
+    """An HTTP status code, 100-599."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(
+            f"{what}: expected an HTTP status code (int, such as 200), got {type(value).__name__} {value!r}"
+        )
+    if not 100 <= value <= 599:
+        raise ConfigError(f"{what}: {value} is not an HTTP status code; expected 100-599")
+    return value

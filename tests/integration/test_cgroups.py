@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pytest_nsbox import Box, CgroupError, ConfigError
+from pytest_nsbox import Box, CgroupError, ConfigError, report
 from pytest_nsbox.cgroups import driver
 
 pytestmark = pytest.mark.requires("boxes")
@@ -57,6 +57,20 @@ def test_memory_cap_oom_kills_and_says_so(nsbox: Box) -> None:
     stats = nsbox.cgroup.stats()
     assert stats.oom_kills >= 1
     assert 24 << 20 <= stats.memory_peak <= 52 << 20, stats
+
+
+@needs_cgroups
+@pytest.mark.nsbox(limits={"memory": "48M"})
+def test_a_spawned_process_says_it_was_oom_killed_and_the_report_too(nsbox: Box) -> None:
+    hog = nsbox.spawn(["python3", "-c", "chunks = [bytearray(1 << 20) for _ in range(300)]"])
+    sleeper = nsbox.spawn(["sleep", "100"])
+    result = hog.result()
+    assert (result.returncode, result.oom_killed) == (-9, True)
+    assert nsbox.cgroup.stats().oom_kills == 1
+    assert sleeper.kill() and sleeper.result().oom_killed is False  # killed after the OOM, not by it
+    commands = report.describe(nsbox)
+    assert "-> OOM-killed after" in commands, commands
+    assert "killed by SIGKILL" in commands  # the sleeper, which was killed by hand
 
 
 @needs_cgroups

@@ -35,9 +35,9 @@ def test_result_is_a_completed_process_with_timing(nsbox: Box) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
     assert result.signal is None and result.oom_killed is False
     slow = nsbox.run("sleep 0.2")
-    # Timed on the host from the spawn reply to the exit report: a loaded machine (xdist) may
-    # deliver the first late and the second early, so a few milliseconds can go either way.
-    assert 0.1 <= slow.duration < 60
+    # From just before the request to the exit as the box's init reaped it, on one clock
+    # (CLOCK_MONOTONIC): never shorter than the command ran.
+    assert 0.2 <= slow.duration < 60
 
 
 def test_input_text_and_bytes(nsbox: Box) -> None:
@@ -144,6 +144,15 @@ def test_spawn_poll_wait_and_output(nsbox: Box) -> None:
     assert process.poll() == 4
     result = process.result()
     assert result.returncode == 4 and result.duration >= 0
+
+
+def test_a_spawned_process_is_timed_to_its_exit_not_to_when_it_was_noticed(nsbox: Box) -> None:
+    process = nsbox.spawn("exit 3")
+    time.sleep(1.5)  # nobody looks meanwhile
+    result = process.result()
+    assert result.returncode == 3
+    assert result.duration < 0.5, f"timed to when its exit was noticed: {result.duration:.3f} s"
+    assert process.ended is not None and process.ended - process.started == result.duration
 
 
 def test_spawn_kill_and_host_pid(nsbox: Box) -> None:

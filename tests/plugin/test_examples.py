@@ -112,6 +112,20 @@ BREAKAGES = {
         "except UnicodeError as exc:",
         "AssertionError: a damaged database was not reported as such: notes list exited 1:",
     ),
+    "a health check that says ready before the service is": Breakage(
+        "test_readiness.py",
+        "apps/catalog_service.py",
+        "if not LOADED.is_set():",
+        "if False:",
+        "AssertionError: it said it was ready before its catalog was loaded:",
+    ),
+    "a service that crashes on a bad config instead of reporting it": Breakage(
+        "test_readiness.py",
+        "apps/catalog_service.py",
+        "except ValueError as exc:",
+        "except KeyError as exc:",
+        "AssertionError: a bad config was not reported as such: box * exited with status 1*",
+    ),
     "a conftest whose default environment replaces the marker's": Breakage(
         "test_hooks.py",
         "conftest.py",

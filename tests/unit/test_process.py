@@ -6,11 +6,12 @@ import os
 import pathlib
 import signal
 import subprocess
+import time
 from typing import Any
 
 import pytest
 
-from pytest_nsbox.errors import ArgumentTypeError, ConfigError
+from pytest_nsbox.errors import ArgumentTypeError, ConfigError, ProcessExitedError
 from pytest_nsbox.process import BoxProcess, RunResult
 from pytest_nsbox.spec import command_argv
 
@@ -130,6 +131,14 @@ class StandInLink:
     def exit_status(self, pid: int) -> int | None:
         return None
 
+    def exit_time(self, pid: int) -> float | None:
+        return None
+
+    def wait_exit(self, pid: int, deadline: float | None) -> int | None:
+        if not self.gone and deadline is not None:
+            time.sleep(max(deadline - time.monotonic(), 0))
+        return None
+
     def forget(self, pid: int) -> None:
         pass
 
@@ -242,5 +251,56 @@ def test_box_process_wait_for_output_searches_only_the_asked_stream() -> None:
 def test_box_process_wait_for_output_gives_up_when_the_process_exited() -> None:
     process, _box = make_process(b"booting\n", b"")
     process.wait()
-    with pytest.raises(TimeoutError, match=r"exited \(-9\) without printing 'ready'; its output:\nbooting"):
+    with pytest.raises(ProcessExitedError) as info:
         process.wait_for_output("ready", timeout=5)
+    assert isinstance(info.value, TimeoutError)
+    assert str(info.value) == (
+        "box standin: gave up waiting for 'ready' in its output: the process it watches, 'cmd' "
+        f"(pid 7 in the box), was killed by SIGKILL after {process.ended - process.started:.2f} s; "
+        "its output:\nbooting\n"
+    )
+    assert (info.value.returncode, info.value.output) == (-signal.SIGKILL, "booting\n")
+
+
+def test_box_process_exit_error_shows_both_streams_under_their_names() -> None:
+    process, _box = make_process(b"loading config\n", b"error: bad port\n")
+    process.wait()
+    text = str(process.exited_error("port 80"))
+    assert text.endswith("its output:\n--- stdout ---\nloading config\n--- stderr ---\nerror: bad port\n")
+
+
+def test_box_process_reports_an_oom_kill_only_for_a_sigkill_while_the_count_rose() -> None:
+    class ExitedLink(StandInLink):
+        def __init__(self, status: int) -> None:
+            super().__init__(gone=False)
+            self.status = status
+
+        def exit_status(self, pid: int) -> int | None:
+            return self.status
+
+        def exit_time(self, pid: int) -> float | None:
+            return 1000.0
+
+    def finished(status: int, kills_now: int) -> BoxProcess:
+        process = BoxProcess(
+            ExitedLink(status),  # type: ignore[arg-type]
+            "hog",
+            7,
+            memfd_with(b""),
+            memfd_with(b""),
+            True,
+            init_pid=os.getpid(),
+            started=999.5,
+            oom_kills=lambda: kills_now,
+            oom_kills_at_start=2,
+        )
+        assert process.poll() is not None
+        return process
+
+    sigkill, exit_137, exit_1 = signal.SIGKILL, 137 << 8, 1 << 8  # raw wait statuses
+    assert finished(sigkill, kills_now=3).result().oom_killed is True
+    assert finished(exit_137, kills_now=3).result().oom_killed is True  # a shell's "137"
+    assert finished(sigkill, kills_now=2).result().oom_killed is False  # a plain kill -9
+    assert finished(exit_1, kills_now=3).result().oom_killed is False  # it was not killed
+    # Timed to the exit init reported, not to when it was noticed.
+    assert finished(exit_1, kills_now=2).result().duration == 0.5
