@@ -43,13 +43,16 @@ def until(
     """``check()`` until it returns something other than None, and return that.
 
     Gives up with ``WaitTimeoutError(timed_out())`` after ``seconds``, or with the watched
-    process's ``ProcessExitedError`` as soon as it has exited. What the process did just before
+    process's ``ProcessExitedError`` as soon as it has failed (a non-zero status, a signal).
+    A watched process that exits 0 is taken for a launcher that left a daemon behind: the
+    wait goes on, and its timeout message says the process exited. What the process did just before
     it exited still counts: the condition is checked once more after its exit (a job that
     writes its file and exits has done what the wait waited for). Between checks the pause
     grows from 5 ms to 100 ms, or is ``interval``.
     """
     deadline = time.monotonic() + seconds
     pause = FIRST_PAUSE
+    launcher: Watched | None = None
     while True:
         found = check()
         if found is not None:
@@ -58,10 +61,21 @@ def until(
             found = check()
             if found is not None:
                 return found
-            raise watched.exited_error(waiting_for)
+            if watched.poll() != 0:
+                raise watched.exited_error(waiting_for)
+            # Exit status 0: a launcher that started a daemon and returned (nginx, redis
+            # --daemonize yes, `service x start`) is done, not dead: wait on for the daemon.
+            launcher, watched = watched, None
         left = deadline - time.monotonic()
         if left <= 0:
-            raise WaitTimeoutError(timed_out())
+            message = timed_out()
+            if launcher is not None:
+                exited = str(launcher.exited_error(waiting_for)).split(": the process it watches, ", 1)[-1]
+                message += (
+                    f"; the process it watched exited with status 0 (taken for a launcher that "
+                    f"left a daemon running, so the wait went on): {exited}"
+                )
+            raise WaitTimeoutError(message)
         step = min(interval if interval is not None else pause, left)
         if watched is not None:
             watched.exited_within(step)

@@ -54,6 +54,21 @@ def test_wait_for_port_fails_at_once_when_the_server_exits(nsbox: Box) -> None:
     assert isinstance(error, pytest_nsbox.ProcessExitedError) and isinstance(error, TimeoutError)
 
 
+def test_a_launcher_that_exits_0_leaves_the_wait_to_its_daemon(nsbox: Box) -> None:
+    """`nginx` (daemon on), `redis-server --daemonize yes`: the spawned process starts the
+    server in the background and exits 0. That is not a death: the wait goes on and sees the
+    daemon's port; and if the daemon never comes, the timeout says the launcher exited."""
+    server = 'import socket, time; s = socket.create_server(("", 8081)); time.sleep(60)'
+    daemon = f"exec {sys.executable} -c '{server}'"
+    nsbox.spawn(f"echo starting; (sleep 0.3; {daemon}) > /dev/null 2>&1 & exit 0")
+    nsbox.wait_for_port(8081, timeout=LONG)
+    nsbox.spawn("echo 'daemonized'; exit 0")
+    with pytest.raises(WaitTimeoutError) as info:
+        nsbox.wait_for_port(8082, timeout=0.5)
+    assert type(info.value) is WaitTimeoutError
+    assert "exited with status 0" in str(info.value) and "daemonized" in str(info.value)
+
+
 def test_a_server_that_dies_during_the_wait_is_noticed_at_once(nsbox: Box) -> None:
     nsbox.spawn("echo starting; sleep 0.5; echo 'segfault, pretend' >&2; kill -9 $$")
     error = failed_at_once(lambda: nsbox.wait_for_port(8080, timeout=LONG))
