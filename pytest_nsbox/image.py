@@ -272,8 +272,8 @@ class _Reporter:
 
     def done(self) -> None:
         elapsed = time.monotonic() - self.started
-        unpacked = f"{self.total / 1e6:.1f} MB unpacked"
-        self._say(f"imported {self.name}: {self.layers} layers, {unpacked}, in {elapsed:.1f}s")
+        layers = f"{self.layers} layer{'' if self.layers == 1 else 's'}"
+        self._say(f"imported {self.name}: {layers}, {self.total / 1e6:.1f} MB unpacked, in {elapsed:.1f}s")
 
 
 # ------------------------------------------------------------------------------ dispatch

@@ -259,11 +259,12 @@ def _exists(path: Path) -> bool:
 def _rootdir_and_inifile(config: pytest.Config) -> tuple[Path, Path | None] | None:
     """The rootdir and ini file pytest chooses from this run's real test paths, as it would
     had it known the plugin's options; None if this pytest's chooser cannot be called so."""
-    known = {
-        "inifile": config.option.inifilename,
-        "override_ini": config.option.override_ini,
-        "args": [str(arg) for arg in config.option.file_or_dir or ()],
-        "rootdir_cmd_arg": config.option.rootdir or None,
+    option = config.option
+    known: dict[str, Any] = {
+        "inifile": getattr(option, "inifilename", None),
+        "override_ini": getattr(option, "override_ini", None),
+        "args": [str(arg) for arg in getattr(option, "file_or_dir", None) or ()],
+        "rootdir_cmd_arg": getattr(option, "rootdir", None) or None,
         "invocation_dir": config.invocation_params.dir,
     }
     try:
@@ -271,7 +272,7 @@ def _rootdir_and_inifile(config: pytest.Config) -> tuple[Path, Path | None] | No
 
         wanted = inspect.signature(determine_setup).parameters
         rootpath, inipath, *_ = determine_setup(**{k: v for k, v in known.items() if k in wanted})
-    except Exception:  # another pytest's internals: then say nothing rather than guess
+    except Exception:  # another pytest's internals: the caller warns without comparing
         return None
     return Path(rootpath), (Path(inipath) if inipath is not None else None)
 
