@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from . import kept, probe, reaper
+from . import kept, probe, reaper, state
 from .box import Box
 from .errors import NsboxError
 from .layers import LayerStore, default_cache
@@ -108,16 +108,25 @@ def shell_command(box_id: str | None, command: list[str], image: str | None) -> 
 
 
 def gc_command(dry_run: bool = False) -> int:
-    """Remove what dead pytest-nsbox processes left (each pytest run also does this first)."""
+    """End the kept boxes and remove what dead pytest-nsbox processes left (each pytest run
+    does the second part first). A dry run lists the same: ending a kept box frees its lease,
+    and maybe its bridge, so it counts the kept boxes' inits as dead while it sweeps."""
     try:
-        removed = kept.end_all(dry_run) + reaper.sweep(dry_run)
+        ending = kept.inits() if dry_run else []
+        removed = kept.end_all(dry_run)
+        with state.counting_as_dead(ending):
+            removed += reaper.sweep(dry_run)
     except NsboxError as exc:
         print(exc, file=sys.stderr)
         return 1
     verb = "would remove" if dry_run else "removed"
     for line in removed:
-        print(f"{verb} {line}")
-    print(f"{len(removed)} leftovers {verb}" if removed else "nothing left over")
+        print(f"{verb}: {line}")
+    count = f"{len(removed)} leftover{'' if len(removed) == 1 else 's'}"
+    if not removed:
+        print("nothing left over")
+    else:
+        print(f"{count} would be removed" if dry_run else f"removed {count}")
     return 0
 
 

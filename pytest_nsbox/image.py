@@ -12,8 +12,9 @@ A reference is a path, optionally with ``#repo:tag`` to pick one image of severa
 
 This module is the cache index and the dispatch: formats are told apart by content, not by
 file name, each read by its own module behind one small interface (``image_files.Reader``).
-Layers may be uncompressed, gzip or zstd. An archive whose size, mtime and inode are unchanged
-is not read again: the cache's index remembers which layers it made.
+Layers may be uncompressed, gzip or zstd. An archive whose size, mtime, inode and device are
+unchanged is not read again: the cache's index remembers which layers it made. Its ctime is not
+compared: ``chmod``, ``chown`` or a new hard link change it, not the archive's content.
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ from .spec import ImageSource
 __all__ = ["HOST_ROOT", "Image", "ImageConfig", "load_image", "read_image", "split_reference"]
 
 ProgressReport = Callable[[str], None]
+
+# Where imports report when the caller gives no sink (a box's image=..., a template's base):
+# the plugin points it at the terminal for its session.
+_default_progress: ProgressReport | None = None
+
+
+def set_progress(sink: ProgressReport | None) -> ProgressReport | None:
+    """Send the lines of every import that is not given a sink of its own to ``sink`` (None:
+    nowhere); returns the sink it replaces, for the caller to put back."""
+    global _default_progress
+    previous, _default_progress = _default_progress, sink
+    return previous
 
 
 @dataclass(frozen=True)
@@ -114,7 +127,9 @@ def load_image(
 ) -> Image:
     """Resolve ``reference`` to layers in the cache, importing the archive on first use.
 
-    An ``Image`` is itself; a template is built (or found in the cache) first.
+    An ``Image`` is itself; a template is built (or found in the cache) first. An import that
+    runs says so on ``progress`` (by default the sink of ``set_progress``): a line as it
+    starts, one a second while it unpacks, and one when it is done; a cache hit says nothing.
     """
     if reference is None:
         return HOST_ROOT
@@ -130,7 +145,7 @@ def load_image(
         raise ImageError(
             f"image {reference!r}: {exc.strerror}; give the path of an image archive or directory"
         ) from exc
-    stamp = (info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev, info.st_ctime_ns)
+    stamp = _stamp(info)
     memo_key = (f"{os.path.realpath(path)}#{tag or ''}", cache or "")
     with _loaded_lock:
         known = _loaded.get(memo_key)
@@ -140,10 +155,18 @@ def load_image(
         root = os.path.abspath(path)  # a root filesystem directory, used as it is
         image = Image(reference, (root,), base_dir=root)
     else:
-        image = _import(reference, path, tag, stamp, LayerStore(cache), progress)
+        sink = progress if progress is not None else _default_progress
+        image = _import(reference, path, tag, stamp, LayerStore(cache), sink)
     with _loaded_lock:
         _loaded[memo_key] = (stamp, image)
     return image
+
+
+def _stamp(info: os.stat_result) -> tuple[int, ...]:
+    """What says an archive is the one imported before: the same file (inode and device, as
+    a copy elsewhere is another file) with the same size and mtime. Not the ctime, which
+    ``chmod``, ``chown`` and ``ln`` change without touching the content."""
+    return (info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev)
 
 
 def split_reference(reference: str) -> tuple[str, str | None]:
@@ -170,10 +193,11 @@ def _import(
         cached = _from_index(reference, store, key, stamp)  # another process imported it meanwhile
         if cached is not None:
             return cached
+        report = _Reporter(os.path.basename(path), progress)
         with open_files(path, os.path.join(store.root, "tmp")) as files:
             contents = read_image(files, tag)
             diff_ids: list[str] = []
-            report = _Reporter(os.path.basename(path), len(contents.layers), progress)
+            report.layers = len(contents.layers)
             for number, layer in enumerate(contents.layers, 1):
                 report.layer(number)
                 info = store.ensure_layer(
@@ -196,7 +220,8 @@ def _import(
 
 def _from_index(reference: str, store: LayerStore, key: str, stamp: tuple[int, ...]) -> Image | None:
     entry = store.read_index(key)
-    if entry is None or tuple(entry.get("stamp", ())) != stamp:
+    # An index written when the ctime was part of the stamp has it last: the rest still counts.
+    if entry is None or tuple(entry.get("stamp", ())[: len(stamp)]) != stamp:
         return None
     if "tags" not in entry:
         return None  # indexed before tags were kept: read the archive again (its layers are cached)
@@ -220,13 +245,20 @@ def _image(
 
 
 class _Reporter:
-    """Progress lines for a long first import (at most one a second), so it does not look hung."""
+    """The lines of an import that runs: one as it starts, then at most one a second while
+    layers unpack (so a long import does not look hung), and one when it is done."""
 
-    def __init__(self, name: str, layers: int, sink: ProgressReport | None) -> None:
-        self.name, self.layers, self.sink = name, layers, sink
+    def __init__(self, name: str, sink: ProgressReport | None) -> None:
+        self.name, self.sink = name, sink
+        self.layers = 0
         self.number = 0
         self.total = 0
         self.started = self.last = time.monotonic()
+        self._say(f"importing {name} ...")
+
+    def _say(self, line: str) -> None:
+        if self.sink is not None:
+            self.sink(line)
 
     def layer(self, number: int) -> None:
         self.number = number
@@ -234,16 +266,14 @@ class _Reporter:
     def bytes(self, count: int) -> None:
         self.total += count
         now = time.monotonic()
-        if self.sink is not None and now - self.last >= 1.0:
+        if now - self.last >= 1.0:
             self.last = now
-            self.sink(f"importing {self.name}: layer {self.number}/{self.layers}, {self.total / 1e6:.0f} MB")
+            self._say(f"importing {self.name}: layer {self.number}/{self.layers}, {self.total / 1e6:.0f} MB")
 
     def done(self) -> None:
         elapsed = time.monotonic() - self.started
-        if self.sink is not None and elapsed >= 1.0:
-            self.sink(
-                f"imported {self.name}: {self.layers} layers, {self.total / 1e6:.0f} MB in {elapsed:.1f}s"
-            )
+        layers = f"{self.layers} layer{'' if self.layers == 1 else 's'}"
+        self._say(f"imported {self.name}: {layers}, {self.total / 1e6:.1f} MB unpacked, in {elapsed:.1f}s")
 
 
 # ------------------------------------------------------------------------------ dispatch

@@ -42,14 +42,19 @@ def find(box_id: str) -> dict[str, Any]:
     return kept[matches[0]]
 
 
+def inits() -> list[state.Owner]:
+    """The inits of the kept boxes still alive: what ``end_all`` kills."""
+    return [state.Owner(int(entry["pid"]), int(entry["start"])) for entry in entries().values()]
+
+
 def end_all(dry_run: bool = False) -> list[str]:
-    """Kill every kept box (and forget those already dead): ``nsbox gc``."""
+    """Kill every kept box (and forget those already dead): ``nsbox gc``. One line each."""
     if not (state.STATE_DIR / f"{DOCUMENT}.json").exists():
         return []
     removed = []
     with state.locked_document(DOCUMENT, readonly=dry_run) as document:
         for box_id, entry in list(document.items()):
-            removed.append(f"kept box {box_id} ({entry['hostname']}, from {entry['test']})")
+            removed.append(_describe(box_id, entry))
             if dry_run:
                 continue
             _kill(entry)
@@ -58,6 +63,13 @@ def end_all(dry_run: bool = False) -> list[str]:
                 backend.remove_named(entry["cgroup"])
             del document[box_id]
     return removed
+
+
+def _describe(box_id: str, entry: dict[str, Any]) -> str:
+    test = f", from {entry['test']}" if entry.get("test") else ""
+    if not _alive(entry):
+        return f"kept box {box_id} ({entry['hostname']}{test}), whose init has ended already"
+    return f"kept box {box_id} ({entry['hostname']}, init pid {entry['pid']}{test})"
 
 
 def _alive(entry: dict[str, Any]) -> bool:

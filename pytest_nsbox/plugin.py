@@ -6,8 +6,12 @@ entry point), so ``Box`` stays usable from plain Python.
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import os
+import shlex
 from collections.abc import Callable, Generator, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +20,7 @@ from . import hookspecs, interrupts, network, probe, reaper, report, templates
 from .box import Box, before_next_box, forget_hook, stop_all
 from .cgroups import Cgroup
 from .errors import ArgumentTypeError, ConfigError, HostUnsupportedError, ImageError, NsboxError
-from .image import load_image, split_reference
+from .image import load_image, set_progress, split_reference
 from .netpair import NetPair
 from .overlay import OverlayRoot
 from .spec import BoxSpec, parse_limits
@@ -27,6 +31,7 @@ BOXES = pytest.StashKey[list[Box]]()  # on a test item: the boxes its fixtures s
 CALL_REPORT = pytest.StashKey[pytest.TestReport]()  # on a test item: its call phase's report
 KEEP = pytest.StashKey[str]()  # --nsbox-keep: never, failed or always
 KEPT = pytest.StashKey[list[tuple[str, Box]]]()  # (test or scope node id, box) kept by this session
+IMPORT_SINK = pytest.StashKey[Callable[[str], None] | None]()  # the image import sink before ours
 BEGIN_BOXES = pytest.StashKey[Callable[[], None]]()  # the session's box work, until it has run
 BOXES_BEGUN = pytest.StashKey[bool]()
 SCOPED = pytest.StashKey[list["ScopedBoxRegistry"]]()  # the wider-scoped factories' boxes, until stopped
@@ -150,6 +155,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[KEEP] = keep
     _configure_templates(config, defaults.get("image"))
 
+    def import_line(line: str) -> None:
+        _say(config, line)
+
+    # Every import in the session says so, the session image's and those a test's box asks for.
+    config.stash[IMPORT_SINK] = set_progress(import_line)
+
     # The session's box work waits for the first box (as pytest-xdist's does for its
     # workers): --collect-only, or a suite without box tests, leaves the host alone.
     def hook() -> None:
@@ -189,6 +200,83 @@ def _say(config: pytest.Config, line: str) -> None:
         reporter.write_line(f"nsbox: {line}")
 
 
+# The options that take a value. pytest chooses its rootdir and ini file from the command line
+# before any plugin has added its options: there, the value of ``--nsbox-image /x/img.tar``
+# (with a space, not ``=``) is a free argument, and as it names a file, pytest counts it as a
+# test path. Nothing a plugin does runs early enough to prevent that; it can only notice.
+_VALUE_OPTIONS = ("--nsbox-image", "--nsbox-cache", "--nsbox-subnet", "--nsbox-keep")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionstart(session: pytest.Session) -> Generator[None, None, None]:
+    """After pytest's header: warn if a spaced option value moved the rootdir or the ini file."""
+    yield
+    config = session.config
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or hasattr(config, "workerinput"):
+        return  # (a worker's controller warns for it)
+    warning = _spaced_value_warning(config)
+    if warning is not None:
+        reporter.write_line(f"nsbox: WARNING: {warning}", yellow=True, bold=True)
+
+
+def _spaced_value_warning(config: pytest.Config) -> str | None:
+    """What went wrong, if pytest took a value given after a space for a test path and that
+    changed the rootdir or the ini file it chose; else None."""
+    args = shlex.split(os.environ.get("PYTEST_ADDOPTS", "")) + list(config.invocation_params.args)
+    base = config.invocation_params.dir
+    taken = [
+        (option, value)
+        for option, value in itertools.pairwise(args)
+        if option in _VALUE_OPTIONS and not value.startswith("-") and _exists(base / value.split("::")[0])
+    ]
+    if not taken:
+        return None
+    option, value = taken[0]
+    expected = _rootdir_and_inifile(config)
+    if expected is None:  # this pytest cannot tell what it would have chosen: it may be fine
+        return (
+            f"pytest takes '{option} {value}' for a test path when it chooses its rootdir and ini file "
+            f"(rootdir {config.rootpath}, ini file {config.inipath or 'none'}); write {option}={value}"
+        )
+    if expected == (config.rootpath, config.inipath):
+        return None
+    root, inipath = expected
+    unread = f"so it did not read {inipath} " if inipath else ""
+    return (
+        f"pytest took '{option} {value}' for a test path when it chose its rootdir and ini file, "
+        f"{unread}(rootdir {config.rootpath} instead of {root}); write {option}={value}"
+    )
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long, ...: not a path pytest counts either
+        return False
+
+
+def _rootdir_and_inifile(config: pytest.Config) -> tuple[Path, Path | None] | None:
+    """The rootdir and ini file pytest chooses from this run's real test paths, as it would
+    had it known the plugin's options; None if this pytest's chooser cannot be called so."""
+    option = config.option
+    known: dict[str, Any] = {
+        "inifile": getattr(option, "inifilename", None),
+        "override_ini": getattr(option, "override_ini", None),
+        "args": [str(arg) for arg in getattr(option, "file_or_dir", None) or ()],
+        "rootdir_cmd_arg": getattr(option, "rootdir", None) or None,
+        "invocation_dir": config.invocation_params.dir,
+    }
+    try:
+        from _pytest.config.findpaths import determine_setup  # no public equivalent
+
+        wanted = inspect.signature(determine_setup).parameters
+        rootpath, inipath, *_ = determine_setup(**{k: v for k, v in known.items() if k in wanted})
+    except Exception:  # another pytest's internals: the caller warns without comparing
+        return None
+    return Path(rootpath), (Path(inipath) if inipath is not None else None)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """With box tests about to run, do the session's box work now rather than in the first
     test: a damaged image then stops the session before any test, as a usage error."""
@@ -226,8 +314,7 @@ def _begin_boxes(config: pytest.Config) -> None:
         return
 
     def progress(line: str) -> None:
-        if reporter is not None:
-            reporter.write_line(f"nsbox: {line}")
+        _say(config, line)
 
     try:
         load_image(defaults["image"], defaults.get("cache"), progress)
@@ -251,6 +338,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     hook = config.stash.get(BEGIN_BOXES, None)
     if hook is not None:
         forget_hook(hook)
+    if IMPORT_SINK in config.stash:
+        set_progress(config.stash[IMPORT_SINK])
     # Boxes are stopped by their fixtures; this catches any a test made with Box() and
     # forgot, and ends this process's zygote.
     stop_all()
@@ -455,7 +544,15 @@ def _keep_mode(config: pytest.Config) -> str:
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    """How to enter the boxes --nsbox-keep kept."""
+    """How to enter the boxes --nsbox-keep kept; or, under pytest-xdist, that it kept none."""
+    keep = config.stash.get(KEEP, "never")
+    if keep != "never" and config.pluginmanager.hasplugin("dsession"):
+        # The controller (only it has the dsession plugin) says it once for all its workers.
+        terminalreporter.write_line(
+            f"nsbox: --nsbox-keep={keep} does nothing under pytest-xdist (-n): the workers' boxes "
+            "cannot be handed to you; run the failing test without -n to keep its box",
+            yellow=True,
+        )
     kept = config.stash.get(KEPT, [])
     if not kept:
         return

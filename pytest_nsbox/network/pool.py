@@ -61,7 +61,7 @@ class Pool:
         entry.setdefault("private", {})
         entry.setdefault("next", 2)
         self.dead_private: list[str] = []  # private bridges of dead owners, to delete
-        self.reclaimed: list[tuple[str, int]] = []  # (address, pid) of dead owners' leases
+        self.reclaimed: list[tuple[str, str, int]] = []  # (address, box, pid) of dead owners' leases
 
     @property
     def gateway(self) -> str:
@@ -143,7 +143,7 @@ class Pool:
             owner = state.Owner.from_json(lease["owner"])
             if not owner.alive():
                 self.give_back(address)
-                self.reclaimed.append((address, owner.pid))
+                self.reclaimed.append((address, str(lease.get("box") or "?"), owner.pid))
         for address, interface in list(self.entry["cooling"].items()):
             if not interface_exists(interface):
                 del self.entry["cooling"][address]

@@ -19,7 +19,10 @@ def sweep(dry_run: bool = False) -> list[str]:
     with pool.locked_all(readonly=dry_run) as pools, netns.host() as ipr:
         in_use: set[str] = set()
         for entry in pools:
-            removed += [f"lease {address} of dead process {pid}" for address, pid in entry.reclaimed]
+            removed += [
+                f"IP lease {address} of box {box} (held by pid {pid})"
+                for address, box, pid in entry.reclaimed
+            ]
             for name in entry.dead_private:
                 if bridge.lookup(ipr, name) is not None:
                     removed.append(f"bridge {name} (a pair's, its owner is dead)")

@@ -52,7 +52,7 @@ def test_gc_deletes_our_orphaned_bridges_and_leaves_foreign_ones(capsys: pytest.
             out = capsys.readouterr().out
             if _exists(orphan):
                 break
-        assert f"would remove bridge {orphan} (nobody uses it)" in out
+        assert f"would remove: bridge {orphan} (nobody uses it)" in out
         assert foreign not in out
         assert nsbox_cli(["gc"]) == 0
         assert not _exists(orphan)
@@ -148,3 +148,53 @@ def test_gc_removes_an_empty_box_cgroup_left_by_a_killed_helper() -> None:
     finally:
         backend.remove(fresh)
         backend.remove(stale)
+
+
+def _listed(output: str) -> tuple[list[str], str]:
+    """What ``nsbox gc`` printed it removes (or would), without the verb; and its last line."""
+    lines = output.strip().splitlines()
+    items = [line.split(": ", 1)[1] for line in lines if line.startswith(("would remove: ", "removed: "))]
+    return items, lines[-1]
+
+
+def test_gc_dry_run_lists_what_gc_removes_a_kept_box_its_lease_and_its_bridge(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ending a kept box frees its lease, and then its bridge: the dry run counts them too."""
+    subnet = ipaddress.IPv4Network("10.217.0.0/16")  # its own pool: no other box shares the bridge
+    script = tmp_path / "keeper.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            from pytest_nsbox import Box
+            box = Box(hostname="gc-dry", network="bridge", subnet="{subnet}").start()
+            box.keep("test_gc.py::the_keeper")
+            print(box.id, box.ip, box.pid, flush=True)
+            """
+        )
+    )
+    keeper = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert keeper.returncode == 0, keeper.stderr
+    box_id, address, pid = keeper.stdout.split()
+    shared = bridge.shared_name(subnet)
+    ours = (box_id, address, shared)
+    try:
+        assert _exists(shared)
+        assert nsbox_cli(["gc", "--dry-run"]) == 0
+        would, would_summary = _listed(capsys.readouterr().out)
+        assert _exists(shared) and os.path.exists(f"/proc/{pid}"), "the dry run removed something"
+    finally:
+        assert nsbox_cli(["gc"]) == 0
+        removed, removed_summary = _listed(capsys.readouterr().out)
+    assert [item for item in would if any(name in item for name in ours)] == [
+        f"kept box {box_id} (gc-dry, init pid {pid}, from test_gc.py::the_keeper)",
+        f"IP lease {address} of box {box_id} (held by pid {pid})",
+        f"bridge {shared} (nobody uses it)",
+    ]
+    # Other runs on this host may leave (or take) leftovers of their own meanwhile: compare ours.
+    assert [item for item in removed if any(name in item for name in ours)] == [
+        item for item in would if any(name in item for name in ours)
+    ]
+    assert would_summary == f"{len(would)} leftovers would be removed"
+    assert removed_summary == f"removed {len(removed)} leftovers"
+    assert not _exists(shared)

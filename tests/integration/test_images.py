@@ -581,6 +581,32 @@ def test_an_unchanged_archive_is_not_read_again(
     assert counted == {"opened": 2, "extracted": 2}, "touched: read again, but no layer extracted again"
 
 
+def test_chmod_chown_and_a_hard_link_do_not_import_an_archive_again(
+    tmp_path: Path, shell_layer: list[Entry], image_cache: str, counted: dict[str, int]
+) -> None:
+    """They change the archive's ctime, not its content: size, mtime, inode and device decide.
+    An import that runs says so, first line to last; a cache hit says nothing."""
+    archive = write_oci_archive(tmp_path / "img.tar", [ImageSpec([shell_layer, [File("x", b"x")]])])
+    lines: list[str] = []
+    first = load_image(str(archive), image_cache, lines.append)
+    assert lines[0] == "importing img.tar ..."
+    assert lines[-1].startswith("imported img.tar: 2 layers, ") and lines[-1].endswith("s")
+    changes = {
+        "chmod": lambda: os.chmod(archive, 0o600),
+        "chown": lambda: os.chown(archive, 4321, 4321),
+        "link": lambda: os.link(archive, tmp_path / "also.tar"),
+    }
+    for what, change in changes.items():
+        before = os.stat(archive).st_ctime_ns
+        change()
+        assert os.stat(archive).st_ctime_ns != before or what == "chown", what
+        image_module._loaded.clear()  # as a new pytest session would start
+        lines.clear()
+        assert load_image(str(archive), image_cache, lines.append) == first, what
+        assert lines == [], f"{what}: {lines}"
+    assert counted == {"opened": 1, "extracted": 2}, "the archive was read again"
+
+
 def test_a_deleted_layer_directory_is_imported_again(
     tmp_path: Path, shell_layer: list[Entry], image_cache: str, counted: dict[str, int]
 ) -> None:

@@ -62,11 +62,13 @@ def test_a_failed_tests_box_is_kept_entered_and_collected(pytester: pytest.Pytes
         # Its address stays leased while it is kept (the lease belongs to its init now).
         assert entry["ip"] and _lease_owner(entry["ip"]) == [entry["pid"], entry["start"]]
         dry = _nsbox("gc", "--dry-run")
-        assert f"would remove kept box {box_id}" in dry.stdout
+        assert f"would remove: kept box {box_id} (kept-one, init pid {entry['pid']}" in dry.stdout
         assert init.is_running()
     finally:
         gc = _nsbox("gc")
-    assert f"removed kept box {box_id}" in gc.stdout, gc.stdout + gc.stderr
+    assert f"removed: kept box {box_id} (kept-one, init pid {entry['pid']}" in gc.stdout, (
+        gc.stdout + gc.stderr
+    )
     assert not state.Owner(entry["pid"], entry["start"]).alive()
     assert box_id not in kept.entries()
     assert not any(path.name == entry["cgroup"] for path in _cgroup_dirs())

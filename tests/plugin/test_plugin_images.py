@@ -94,6 +94,51 @@ def test_ini_paths_are_relative_to_the_ini_file(pytester: pytest.Pytester, image
     assert not (subdir / "cache").exists()
 
 
+@pytest.mark.requires("boxes")
+def test_every_import_says_so_under_q_and_a_chmod_imports_nothing_again(
+    pytester: pytest.Pytester, images: tuple[str, str], tmp_path: Path
+) -> None:
+    """The session image imports before the tests; the marker's inside a test, whose output is
+    captured: both say so all the same. chmod changes neither archive's content."""
+    first, second = images
+    pytester.makepyfile(
+        test_inner=f"""
+import pytest
+
+@pytest.mark.nsbox(image={second!r})
+def test_marker_image(nsbox):
+    assert nsbox.read_text("/etc/which-image") == "second\\n"
+"""
+    )
+
+    def run() -> pytest.RunResult:
+        return pytester.runpytest_subprocess(
+            f"--nsbox-image={first}",
+            f"--nsbox-cache={tmp_path / 'cache'}",
+            "-q",
+            "--nsbox-strict",
+            "-p",
+            "no:cacheprovider",
+            timeout=120,
+        )
+
+    result = run()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "nsbox: importing first.tar ...",
+            "nsbox: imported first.tar: 2 layers, * MB unpacked, in *s",
+            "nsbox: importing second.tar ...",
+            "nsbox: imported second.tar: 2 layers, * MB unpacked, in *s",
+        ]
+    )
+    for archive in images:
+        os.chmod(archive, 0o600)
+    again = run()
+    again.assert_outcomes(passed=1)
+    assert "nsbox: import" not in again.stdout.str()
+
+
 def test_a_missing_image_is_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_inner="def test_it():\n    pass\n")
     result = pytester.runpytest_subprocess("--nsbox-image=/no/such/image.tar")

@@ -92,3 +92,89 @@ def test_fixtures_are_listed(pytester: pytest.Pytester) -> None:
     assert result.ret == 0
     for name in ("nsbox", "nsbox_factory", "overlay_root"):
         result.stdout.fnmatch_lines([f"{name} -- *pytest_nsbox*plugin.py:*"])
+
+
+def test_keep_under_xdist_says_once_that_it_keeps_nothing(pytester: pytest.Pytester) -> None:
+    """The workers' boxes cannot outlive them for the user: the controller says so, once."""
+    pytest.importorskip("xdist")
+    pytester.makepyfile(test_inner="def test_fails():\n    assert False\n\ndef test_passes():\n    pass\n")
+    result = pytester.runpytest_subprocess("-n", "2", "--nsbox-keep=failed", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    lines = [line for line in result.stdout.lines if "--nsbox-keep" in line]
+    assert lines == [
+        "nsbox: --nsbox-keep=failed does nothing under pytest-xdist (-n): the workers' boxes cannot "
+        "be handed to you; run the failing test without -n to keep its box"
+    ]
+    alone = pytester.runpytest_subprocess("-n", "0", "--nsbox-keep=failed", "-p", "no:cacheprovider")
+    alone.assert_outcomes(passed=1, failed=1)
+    assert "--nsbox-keep" not in alone.stdout.str()  # without workers it keeps, and says nothing of xdist
+
+
+_INI_TEST = """
+def test_reads_the_projects_ini(pytestconfig):
+    assert pytestconfig.getini("nsbox_keep") == "always"
+"""
+
+
+@pytest.mark.parametrize("option", ["--nsbox-image", "--nsbox-cache"])
+def test_a_path_option_given_with_a_space_warns_when_it_moves_the_rootdir(
+    pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory, option: str
+) -> None:
+    """pytest chooses its rootdir and ini file before plugins add their options, so the value
+    of ``--nsbox-image /elsewhere/img.tar`` counts as a test path there: the project's ini is
+    not read. ``--nsbox-image=...`` is read right; the spaced form gets a warning, even under -q."""
+    elsewhere = tmp_path_factory.mktemp("images")  # outside the project (pytester.path)
+    value = str(elsewhere / "img.tar") if option == "--nsbox-image" else str(elsewhere)
+    (elsewhere / "img.tar").write_bytes(b"not read: no test here makes a box")
+    pytester.makefile(".ini", pytest="[pytest]\nnsbox_keep = always\n")
+    pytester.makepyfile(test_inner=_INI_TEST)
+
+    joined = pytester.runpytest_subprocess(f"{option}={value}", "-p", "no:cacheprovider")
+    joined.assert_outcomes(passed=1)
+    assert "nsbox: WARNING" not in joined.stdout.str()
+
+    spaced = pytester.runpytest_subprocess(option, value, "-q", "-p", "no:cacheprovider")
+    spaced.assert_outcomes(failed=1)  # pytest itself cannot be told: the ini was not read
+    spaced.stdout.fnmatch_lines(
+        [
+            f"nsbox: WARNING: pytest took '{option} {value}' for a test path when it chose its rootdir "
+            f"and ini file, so it did not read {pytester.path / 'pytest.ini'} (rootdir {elsewhere.parent} "
+            f"instead of {pytester.path}); write {option}={value}",
+            "F*",
+        ]
+    )
+
+
+def test_a_path_option_given_with_a_space_inside_the_project_changes_nothing(
+    pytester: pytest.Pytester,
+) -> None:
+    images = pytester.mkdir("images")
+    (images / "img.tar").write_bytes(b"not read")
+    pytester.makefile(".ini", pytest="[pytest]\nnsbox_keep = always\n")
+    pytester.makepyfile(test_inner=_INI_TEST)
+    result = pytester.runpytest_subprocess("--nsbox-image", "images/img.tar", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert "nsbox: WARNING" not in result.stdout.str()
+
+
+def test_a_spaced_path_value_warns_even_where_pytest_cannot_say_what_it_would_choose(
+    pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Where pytest's own chooser cannot be asked (another pytest's internals), the spaced form
+    is still worth a warning: the value did count as a test path."""
+    image = tmp_path_factory.mktemp("images") / "img.tar"
+    image.write_bytes(b"not read")
+    pytester.makeconftest(
+        "import _pytest.config.findpaths as findpaths\n\n"
+        "def _moved(**kwargs):\n    raise TypeError('not this signature')\n\n"
+        "findpaths.determine_setup = _moved\n"  # after pytest used it, before the plugin asks it
+    )
+    pytester.makepyfile(test_inner="def test_it():\n    pass\n")
+    result = pytester.runpytest_subprocess("--nsbox-image", str(image), "-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            f"nsbox: WARNING: pytest takes '--nsbox-image {image}' for a test path when it chooses *; "
+            f"write --nsbox-image={image}"
+        ]
+    )

@@ -139,7 +139,10 @@ def _commands(script: str) -> list[list[str]]:
 
 
 def _options(words: list[str]) -> list[str]:
-    return [word.split("=", 1)[0] for word in words if word.startswith("-") and word != "--"]
+    """The options ``words`` name: ``--long`` without its ``=value``; a short one without what
+    follows its letter (``-rs`` is ``-r s``, ``-vv`` is ``-v`` twice)."""
+    options = [word.split("=", 1)[0] for word in words if word.startswith("-") and word != "--"]
+    return [option if option.startswith("--") else option[:2] for option in options]
 
 
 def check_command(words: list[str], pytest_help: str) -> None:
@@ -270,7 +273,7 @@ def _text_blocks(marker: str) -> list[object]:
 
 
 def test_every_text_block_is_checked() -> None:
-    markers = ("nsbox: kept boxes", "processes at the failure", "FAIL root", _ERROR_TREE)
+    markers = ("nsbox: kept boxes", "processes at the failure", "FAIL root", _ERROR_TREE, "would remove: ")
     unchecked = [b.line for b in BLOCKS if b.kind == "text" and not any(m in b.text for m in markers)]
     assert not unchecked, f"README text blocks no test checks, at lines {unchecked}"
 
@@ -320,6 +323,31 @@ def test_the_kept_boxes_summary_is_what_pytest_prints(block: Block, pytestconfig
         del pytestconfig.stash[plugin.KEPT]
     assert re.sub(r"=+", "=", shown[0]) == re.sub(r"=+", "=", reporter.lines[0])
     assert shown[1:] == reporter.lines[1:]
+
+
+@pytest.mark.parametrize("block", _text_blocks("would remove: "))
+def test_the_gc_dry_run_sample_is_what_nsbox_gc_prints(
+    block: Block, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The lines as ``nsbox gc`` prints them; each in the form its maker writes it (the real
+    ones are compared in tests/integration/test_gc.py)."""
+    from pytest_nsbox import cli, kept, reaper
+
+    shown = block.text.splitlines()
+    items = [line.removeprefix("would remove: ") for line in shown[:-1]]
+    patterns = [
+        r"kept box (\w+) \([\w-]+, init pid (\d+), from \S+\)",
+        r"IP lease [\d.]+ of box (\w+) \(held by pid (\d+)\)",
+        r"bridge nsb\w+ \(nobody uses it\)",
+    ]
+    matches = [re.fullmatch(pattern, item) for item, pattern in zip(items, patterns, strict=True)]
+    assert all(matches), items
+    assert matches[0] and matches[1] and matches[0].groups() == matches[1].groups()  # the box's lease
+    monkeypatch.setattr(kept, "inits", list)
+    monkeypatch.setattr(kept, "end_all", lambda dry_run: items[:1])
+    monkeypatch.setattr(reaper, "sweep", lambda dry_run: items[1:])
+    assert cli.gc_command(dry_run=True) == 0
+    assert capsys.readouterr().out.splitlines() == shown
 
 
 DOCTOR = [sys.executable, "-m", "pytest_nsbox", "doctor", "--no-box"]

@@ -31,7 +31,8 @@ def test_end_all_spares_a_process_that_reuses_a_kept_init_pid(
     start = state.process_start(sleeper.pid)
     assert start is not None
     kept.record(_entry(sleeper.pid, start + 1))  # the same pid, another process
-    assert kept.end_all() == ["kept box b0x (h, from t)"]
+    assert kept.end_all(dry_run=True) == ["kept box b0x (h, from t), whose init has ended already"]
+    assert kept.end_all() == ["kept box b0x (h, from t), whose init has ended already"]
     assert sleeper.poll() is None
     assert kept.end_all() == []  # forgotten all the same
 
@@ -43,5 +44,8 @@ def test_end_all_kills_the_init_it_names_and_waits_for_it(
     start = state.process_start(sleeper.pid)
     assert start is not None
     kept.record(_entry(sleeper.pid, start))
-    assert kept.end_all() == ["kept box b0x (h, from t)"]
+    assert kept.inits() == [state.Owner(sleeper.pid, start)]
+    assert kept.end_all(dry_run=True) == [f"kept box b0x (h, init pid {sleeper.pid}, from t)"]
+    assert sleeper.poll() is None
+    assert kept.end_all() == [f"kept box b0x (h, init pid {sleeper.pid}, from t)"]
     assert sleeper.wait(timeout=1) == -9
