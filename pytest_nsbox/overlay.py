@@ -233,10 +233,17 @@ class OverlayRoot:
             upper_dir, box_dir, mode = stack.pop()
             image = self._image_entries(box_dir) if mode == _REPLACED else {}
             present: set[str] = set()
-            for name in sorted(os.listdir(upper_dir)):
+            try:
+                names = sorted(os.listdir(upper_dir))
+            except FileNotFoundError:
+                names = []  # removed by the running box meanwhile
+            for name in names:
                 box_path = os.path.join(box_dir, name)
                 upper_path = os.path.join(upper_dir, name)
-                info = os.lstat(upper_path)
+                try:
+                    info = os.lstat(upper_path)
+                except FileNotFoundError:
+                    continue  # removed by the running box meanwhile
                 is_dir = stat.S_ISDIR(info.st_mode)
                 if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0:  # a whiteout: deleted
                     if mode == _MERGED and (below := self.stat_below(box_path)) is not None:
@@ -320,9 +327,12 @@ class OverlayRoot:
             if not stat.S_ISDIR(info.st_mode):
                 break  # a file or a whiteout here hides the directories of the layers below
             if info.st_dev == _device(lower):  # not a host mount point below the host's /
-                for name in os.listdir(path):
+                for name in _listdir(path):
                     if name not in found:
-                        entry = os.lstat(os.path.join(path, name))
+                        try:
+                            entry = os.lstat(os.path.join(path, name))
+                        except FileNotFoundError:
+                            continue  # the host's /, changing under us
                         whiteout = stat.S_ISCHR(entry.st_mode) and entry.st_rdev == 0
                         found[name] = None if whiteout else stat.S_ISDIR(entry.st_mode)
             if _is_opaque(path):
@@ -356,6 +366,13 @@ def _top_most(paths: list[str]) -> list[str]:
         if parent in ("/", ""):
             kept.append(path)
     return kept
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
 
 
 def _device(path: str) -> int:

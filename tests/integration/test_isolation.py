@@ -155,3 +155,19 @@ def test_writes_land_in_the_throwaway_layer(nsbox: Box, overlay_root) -> None:
     assert "/etc/motd" in changes.modified
     assert "/etc/hostname" not in changes.added + changes.modified  # bind-mounted, not written
     assert overlay_root.lowers == ("/",)
+
+
+def test_a_deleted_directory_is_listed_as_an_added_one_is(nsbox: Box, nsbox_factory) -> None:
+    tree = "mkdir -p /srv/tree/a/b && echo 1 > /srv/tree/a/b/file && echo 2 > /srv/tree/top"
+    nsbox.run(tree, check=True)
+    paths = ["/srv/tree", "/srv/tree/a", "/srv/tree/a/b", "/srv/tree/a/b/file", "/srv/tree/top"]
+    assert (
+        nsbox.root is not None and [p for p in nsbox.root.diff().added if p.startswith("/srv/tree")] == paths
+    )
+
+    box = nsbox_factory(image=nsbox.snapshot())  # the tree is in its image now
+    box.run("rm -rf /srv/tree && mkdir -p /srv/again/sub && rm -rf /srv/again/sub", check=True)
+    assert box.root is not None
+    changes = box.root.diff()
+    assert changes.deleted == paths and changes.added == ["/srv/again"]
+    assert box.root.diff(collapse=True).deleted == ["/srv/tree"] == changes.collapsed().deleted
