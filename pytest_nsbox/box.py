@@ -97,6 +97,7 @@ class Box:
         publish: Mapping[int, int] | None = None,
         devices: Sequence[str] | None = None,
         no_new_privileges: bool = False,
+        logs: Sequence[str] | None = None,
         spec: BoxSpec | None = None,
     ) -> None:
         options: dict[str, Any] = {
@@ -113,6 +114,7 @@ class Box:
             "publish": publish,
             "devices": devices,
             "no_new_privileges": no_new_privileges,
+            "logs": logs,
         }
         if spec is None:
             self.spec = BoxSpec.create("Box()", **options)

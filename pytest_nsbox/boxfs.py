@@ -21,7 +21,9 @@ Copies go by descriptors on both sides, never by a path walk a box process can s
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
+import re
 import stat
 
 from . import syscalls
@@ -29,6 +31,7 @@ from .syscalls import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS
 
 _RESOLVE = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
 _CHUNK = 1 << 20
+_MAGIC = re.compile(r"[*?[]")  # what makes a path component a pattern (as glob.has_magic)
 
 
 class BoxFiles:
@@ -101,6 +104,69 @@ class BoxFiles:
         fd = self.open(path, os.O_RDONLY)
         with os.fdopen(fd, "rb") as handle:
             return handle.read()
+
+    def read_tail(self, path: str, limit: int) -> tuple[bytes, int]:
+        """The last ``limit`` bytes of a regular file (read from there: a log of gigabytes
+        costs what its end does) and its whole size. A fifo, a device or a directory is
+        refused without being opened for reading (``OSError``, EINVAL or EISDIR)."""
+        entry = self.open(path, os.O_PATH)
+        try:
+            mode = os.fstat(entry).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, "a directory (in the box)", path)
+            if not stat.S_ISREG(mode):  # opening a fifo would wait for a writer
+                raise OSError(errno.EINVAL, "not a regular file (in the box)", path)
+            fd = _reopened(entry)  # the inode checked above, whatever the name means by now
+        finally:
+            os.close(entry)
+        try:
+            size = os.fstat(fd).st_size
+            start = max(0, size - limit)
+            return os.pread(fd, size - start, start), size
+        finally:
+            os.close(fd)
+
+    def listdir(self, path: str) -> list[str]:
+        """The names in a box directory (resolved inside the box), sorted."""
+        fd = self.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+
+    def lstat(self, path: str) -> os.stat_result:
+        """``lstat`` of a box path: symlinks on the way are followed inside the box, the last
+        component is not."""
+        fd = self.open(path, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
+    def is_dir(self, path: str) -> bool:
+        """Whether ``path`` is a directory in the box (a symlink to one counts; False if absent)."""
+        return self._is_dir(path)
+
+    def glob(self, pattern: str) -> list[str]:
+        """The box paths matching ``pattern``, sorted: ``*``, ``?`` and ``[...]`` match within
+        one component, as ``glob.glob`` does (a leading ``.`` only where the pattern has one).
+        Directories are listed inside the box, never through a host path."""
+        found = ["/"]
+        for part in [part for part in pattern.split("/") if part]:
+            if not _MAGIC.search(part):
+                found = [os.path.join(path, part) for path in found]
+                continue
+            matched: list[str] = []
+            for directory in found:
+                try:
+                    names = self.listdir(directory)
+                except OSError:
+                    continue
+                for name in names:
+                    if fnmatch.fnmatchcase(name, part) and (part.startswith(".") or not name.startswith(".")):
+                        matched.append(os.path.join(directory, name))
+            found = matched
+        return sorted(path for path in found if path != "/" and self.exists(path))
 
     def write_bytes(self, path: str, data: bytes, mode: int = 0o644) -> None:
         """Write (create or truncate) a file, making missing parent directories.

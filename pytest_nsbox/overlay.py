@@ -121,11 +121,22 @@ class Changes:
         return bool(self.added or self.modified or self.deleted)
 
     def summary(self, limit: int = 20) -> str:
-        """A short text for failure reports: ``A /x``, ``M /y``, ``D /z`` lines."""
+        """A short text for messages: ``A /x``, ``M /y``, ``D /z`` lines, at most ``limit`` of
+        them; when there are more, a first line says how many (``57 changes, the first 20:``)
+        and a last one how many are left out."""
         lines = [f"A {p}" for p in self.added] + [f"M {p}" for p in self.modified]
         lines += [f"D {p}" for p in self.deleted]
-        more = len(lines) - limit
-        return "\n".join(lines[:limit] + ([f"... and {more} more"] if more > 0 else []))
+        limit = max(limit, 0)
+        if len(lines) <= limit:
+            return "\n".join(lines)
+        header = f"{len(lines)} changes, the first {limit}:"
+        return "\n".join([header, *lines[:limit], f"... and {len(lines) - limit} more"])
+
+    def collapsed(self) -> Changes:
+        """These changes with each added or deleted directory as one path: of the paths added
+        (deleted), only those whose parent was not added (deleted) too. ``diff(collapse=True)``
+        answers the same, without walking the image below deleted directories."""
+        return Changes(_top_most(self.added), self.modified, _top_most(self.deleted))
 
 
 class OverlayRoot:
@@ -182,13 +193,19 @@ class OverlayRoot:
     def _key(self) -> tuple[object, ...]:
         return (self.lowers, self.upper, self.merged, self.made_by_box, self.box_id)
 
-    def diff(self) -> Changes:
-        """What the box changed, read from the upper layer (whiteouts are deletions).
+    def diff(self, collapse: bool = False) -> Changes:
+        """What the box changed in its root, compared with its image, read from the upper layer.
 
-        A directory that exists below counts as changed only through its entries; a directory
-        made opaque (``rm -rf dir && mkdir dir``) reports every entry below it as deleted.
-        With the host's ``/`` as the image, existence below is checked against the host's
-        tree, which is exact everywhere but under the host's own mount points.
+        One rule for every path, files and directories alike: *added* if the box's root has it
+        and the image does not, *deleted* if the image has it and the box's root does not,
+        *modified* if both have it and the box wrote it (a file copied up, even by ``touch``; a
+        file that became a directory, or the reverse). So a directory added or deleted is listed
+        with every path below it. ``collapse=True`` lists only the top-most path of each added
+        or deleted tree instead (as ``Changes.collapsed()``), and skips walking the image below
+        deleted directories: ``rm -rf /usr`` is one path, not a hundred thousand.
+
+        With the host's ``/`` as the image, the image is read from the host's tree, which is
+        exact everywhere but under the host's own mount points.
 
         Raises ``BoxError`` once the box has stopped: its upper layer is gone, and an empty
         answer would make every "nothing changed" assertion pass by accident.
@@ -201,32 +218,69 @@ class OverlayRoot:
         added: list[str] = []
         modified: list[str] = []
         deleted: list[str] = []
-        for top, dirs, files in os.walk(self.upper):
-            rel_top = os.path.relpath(top, self.upper)
-            box_top = "/" if rel_top == "." else "/" + rel_top
-            for name in sorted(dirs + files):
-                box_path = os.path.join(box_top, name)
-                if box_path in self.made_by_box:
-                    continue  # a mount point the box had to create, not a change of the test's
-                info = os.lstat(os.path.join(top, name))
-                below = self._exists_below(box_path)
-                if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0:
-                    if below:
-                        deleted.append(box_path)
-                    continue
-                if stat.S_ISDIR(info.st_mode):
-                    if not below:
-                        added.append(box_path)
-                    elif _is_opaque(os.path.join(top, name)):
-                        deleted.extend(self._hidden_below(box_path, os.path.join(top, name)))
-                    continue
-                (modified if below else added).append(box_path)
-            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(top, d))]
-        return Changes(sorted(added), sorted(modified), sorted(deleted))
 
-    def _exists_below(self, box_path: str) -> bool:
-        """Whether the image has ``box_path``, reading its layers as overlayfs does."""
-        return self.stat_below(box_path) is not None
+        def gone(box_path: str, was_dir: bool) -> None:
+            """``box_path`` of the image is no longer in the box's root, nor what was below it."""
+            deleted.append(box_path)
+            if was_dir and not collapse:
+                deleted.extend(self._image_tree(box_path))
+
+        # (upper directory, its box path, how it relates to the image): _MERGED shows the
+        # image's entries it does not override; _REPLACED (an opaque directory, or one below
+        # it) hides all of them; _NEW has nothing of the image below it.
+        stack: list[tuple[str, str, int]] = [(self.upper, "/", _MERGED)]
+        while stack:
+            upper_dir, box_dir, mode = stack.pop()
+            image = self._image_entries(box_dir) if mode == _REPLACED else {}
+            present: set[str] = set()
+            try:
+                names = sorted(os.listdir(upper_dir))
+            except FileNotFoundError:
+                names = []  # removed by the running box meanwhile
+            for name in names:
+                box_path = os.path.join(box_dir, name)
+                upper_path = os.path.join(upper_dir, name)
+                try:
+                    info = os.lstat(upper_path)
+                except FileNotFoundError:
+                    continue  # removed by the running box meanwhile
+                is_dir = stat.S_ISDIR(info.st_mode)
+                if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0:  # a whiteout: deleted
+                    if mode == _MERGED and (below := self.stat_below(box_path)) is not None:
+                        gone(box_path, stat.S_ISDIR(below.st_mode))
+                    continue
+                present.add(name)
+                if mode == _NEW:
+                    below_is: bool | None = None
+                elif mode == _REPLACED:
+                    below_is = image.get(name)
+                else:
+                    below = self.stat_below(box_path)
+                    below_is = None if below is None else stat.S_ISDIR(below.st_mode)
+                if box_path in self.made_by_box:
+                    # A mount point the box had to create, not a change of the test's; what
+                    # the test put below it is.
+                    if is_dir:
+                        stack.append((upper_path, box_path, _NEW if below_is is None else _MERGED))
+                    continue
+                if below_is is None:
+                    added.append(box_path)
+                    if is_dir and not collapse:
+                        stack.append((upper_path, box_path, _NEW))
+                elif is_dir and below_is:
+                    replaced = mode == _REPLACED or _is_opaque(upper_path)
+                    stack.append((upper_path, box_path, _REPLACED if replaced else _MERGED))
+                else:
+                    modified.append(box_path)
+                    if is_dir:  # a file of the image became a directory: all below is new
+                        stack.append((upper_path, box_path, _NEW))
+                    elif below_is:  # a directory of the image became a file
+                        for child, child_is_dir in sorted(self._image_entries(box_path).items()):
+                            gone(os.path.join(box_path, child), child_is_dir)
+            for name, was_dir in sorted(image.items()):
+                if name not in present:
+                    gone(os.path.join(box_dir, name), was_dir)
+        return Changes(sorted(added), sorted(modified), sorted(deleted))
 
     def stat_below(self, box_path: str) -> os.stat_result | None:
         """``lstat`` of ``box_path`` in the image (the layers below the box's changes), read
@@ -243,28 +297,89 @@ class OverlayRoot:
         return None
 
     def _hides_below(self, lower: str, parts: list[str]) -> bool:
+        """Whether a layer hides the layers under it at ``parts``: a whiteout, an opaque
+        directory or a file on the way."""
         for depth in range(1, len(parts)):
             path = os.path.join(lower, *parts[:depth])
             try:
                 info = os.lstat(path)
             except OSError:
                 return False
-            if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0:
+            if not stat.S_ISDIR(info.st_mode):
                 return True
-            if stat.S_ISDIR(info.st_mode) and _is_opaque(path):
+            if _is_opaque(path):
                 return True
         return False
 
-    def _hidden_below(self, box_path: str, upper_dir: str) -> list[str]:
-        present = set(os.listdir(upper_dir))
-        hidden: set[str] = set()
-        for lower in self.lowers:
+    def _image_entries(self, box_path: str) -> dict[str, bool]:
+        """The image's entries in its directory ``box_path`` (name: is a directory), read
+        through its layers as overlayfs merges them; empty if it has no such directory."""
+        parts = [part for part in box_path.split("/") if part]
+        found: dict[str, bool | None] = {}  # None: a whiteout, hiding the name below
+        for lower in self.lowers:  # top first
+            path = os.path.join(lower, *parts)
             try:
-                names = os.listdir(os.path.join(lower, box_path.lstrip("/")))
+                info = os.lstat(path)
             except OSError:
+                if parts and self._hides_below(lower, parts):
+                    break
                 continue
-            hidden.update(os.path.join(box_path, n) for n in names if n not in present)
-        return sorted(hidden)
+            if not stat.S_ISDIR(info.st_mode):
+                break  # a file or a whiteout here hides the directories of the layers below
+            if info.st_dev == _device(lower):  # not a host mount point below the host's /
+                for name in _listdir(path):
+                    if name not in found:
+                        try:
+                            entry = os.lstat(os.path.join(path, name))
+                        except FileNotFoundError:
+                            continue  # the host's /, changing under us
+                        whiteout = stat.S_ISCHR(entry.st_mode) and entry.st_rdev == 0
+                        found[name] = None if whiteout else stat.S_ISDIR(entry.st_mode)
+            if _is_opaque(path):
+                break
+        return {name: is_dir for name, is_dir in found.items() if is_dir is not None}
+
+    def _image_tree(self, box_path: str) -> list[str]:
+        """Every path below the image's directory ``box_path``."""
+        paths: list[str] = []
+        stack = [box_path]
+        while stack:
+            directory = stack.pop()
+            for name, is_dir in self._image_entries(directory).items():
+                paths.append(os.path.join(directory, name))
+                if is_dir:
+                    stack.append(paths[-1])
+        return paths
+
+
+_MERGED, _REPLACED, _NEW = 0, 1, 2  # how an upper directory relates to the image (see diff)
+
+
+def _top_most(paths: list[str]) -> list[str]:
+    """``paths`` without those below another of them."""
+    given = set(paths)
+    kept = []
+    for path in paths:
+        parent = os.path.dirname(path)
+        while parent not in ("/", "") and parent not in given:
+            parent = os.path.dirname(parent)
+        if parent in ("/", ""):
+            kept.append(path)
+    return kept
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
+
+
+def _device(path: str) -> int:
+    try:
+        return os.lstat(path).st_dev
+    except OSError:
+        return -1
 
 
 def _is_opaque(path: str) -> bool:

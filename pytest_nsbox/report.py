@@ -8,12 +8,15 @@ It never raises: each part that cannot be read becomes one line saying why. No p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .boxfs import BoxFiles
 from .process import BoxProcess, box_pid_of
 
 if TYPE_CHECKING:
@@ -26,11 +29,17 @@ OUTPUT_LINES = 3  # the last lines of each command's stdout and stderr
 OUTPUT_TAIL = 8192  # bytes read from the end of an output, however long it is
 LINE_WIDTH = 160
 PROCESSES = 30
+CMDLINE_READ = 65536  # bytes of a process's command line read, however long it is
 PATHS = 10  # of each kind: added, modified, deleted
+LOG_FILES = 5  # logs whose tails are shown
+LOG_LINES = 20  # the last lines of each
+LOG_TAIL = 8192  # bytes read from the end of a log, however long it is
+LOG_DIRECTORY = "/var/log"  # where the box's logs are looked for by default (logs=None)
 
 
 def describe(box: Box) -> str:
-    """A few dozen lines on ``box``: identity, limits and use, processes, commands, changes."""
+    """A few dozen lines on ``box``: identity, limits and use, processes, commands, changes,
+    and the last lines of its logs."""
     lines: list[str] = []
     parts: list[tuple[str, Callable[[Box], Iterator[str]]]] = [
         ("box", _identity),
@@ -39,6 +48,7 @@ def describe(box: Box) -> str:
         ("processes", _processes),
         ("commands", _commands),
         ("root changes", _changes),
+        ("logs", _logs),
     ]
     for name, part in parts:
         produced: list[str] = []
@@ -132,14 +142,34 @@ def _processes(box: Box) -> Iterator[str]:
 def _process_line(process: psutil.Process) -> str:
     try:
         with process.oneshot():
-            argv = process.cmdline()
             name = process.name()
             status = process.status()
+        with open(f"/proc/{process.pid}/cmdline", "rb") as handle:
+            cmdline = handle.read(CMDLINE_READ)
     except Exception as exc:
         return f"? [{process.pid}] ({type(exc).__name__}: gone or unreadable)"
-    command = shlex.join(argv) if argv else f"[{name}]"
+    command = command_line(cmdline) or f"[{name}]"
     note = "" if status in ("running", "sleeping", "idle", "disk-sleep") else f" ({status})"
     return _clip(f"{_box_pid(process.pid)} [{process.pid}] {command}{note}")
+
+
+def command_line(cmdline: bytes) -> str:
+    """A process's ``/proc/PID/cmdline`` as the report shows it: its argv quoted as a shell
+    would need it (``sh -c 'sleep 300'``), or, for a process that rewrote its title in place
+    (postgres, redis, perl's ``$0``), that title as ``ps`` shows it.
+
+    Why not psutil's ``cmdline()``: it splits a title padded with NULs into the title and
+    hundreds of empty arguments (``'postgres: checkpointer ' '' '' ...``). A title is one
+    string, or one followed by NULs: ``ps`` turns the NULs into spaces and drops trailing ones.
+    """
+    text = os.fsdecode(cmdline)
+    body = text.rstrip("\0")
+    if not body:
+        return ""
+    argv = body.split("\0")
+    if len(argv) == 1 or len(text) - len(body) > 1:  # one string, or a title padded with NULs
+        return body.replace("\0", " ").rstrip()
+    return shlex.join(argv)
 
 
 def _box_pid(host_pid: int) -> str:
@@ -227,16 +257,133 @@ def _changes(box: Box) -> Iterator[str]:
     if not box.running or box.root is None:
         yield "root changes: not read (the box is not running)"
         return
-    changes = box.root.diff()
+    root = box.root
+    changes = root.diff(collapse=True)  # a tree added or deleted whole: one line
     kinds = [("added", "A", changes.added), ("modified", "M", changes.modified)]
     kinds.append(("deleted", "D", changes.deleted))
+    lines: list[str] = []
+    directories = False
+    with _box_files(box) as files:
+        for kind, letter, paths in kinds:
+            for path in paths[:PATHS]:
+                if letter == "A":
+                    whole = _is_directory(files.lstat, path)
+                else:
+                    whole = letter == "D" and _is_directory(root.stat_below, path)
+                directories = directories or whole
+                lines.append(_clip(f"  {letter} {path}{'/' if whole else ''}"))
+            if len(paths) > PATHS:
+                lines.append(f"  ... and {len(paths) - PATHS} more {kind}")
     counts = ", ".join(f"{len(paths)} {kind}" for kind, _, paths in kinds)
-    yield f"root changes: {counts}"
-    for kind, letter, paths in kinds:
-        for path in paths[:PATHS]:
-            yield _clip(f"  {letter} {path}")
-        if len(paths) > PATHS:
-            yield f"  ... and {len(paths) - PATHS} more {kind}"
+    note = " (a directory added or deleted whole is one line, ending in /)" if directories else ""
+    yield f"root changes: {counts}{note}"
+    yield from lines
+
+
+def _is_directory(lstat: Callable[[str], os.stat_result | None], path: str) -> bool:
+    try:
+        info = lstat(path)
+    except OSError:
+        return False
+    return info is not None and stat.S_ISDIR(info.st_mode)
+
+
+def _logs(box: Box) -> Iterator[str]:
+    """The last lines of the box's logs: those of ``logs=`` (paths and globs), or by default
+    the files it wrote (added or modified) under /var/log. Read inside the box, from their
+    end: a log of gigabytes costs what its last 8 KiB do."""
+    patterns = box.spec.logs
+    if patterns == ():
+        return  # logs=[]: none asked for
+    if not box.running or box.root is None:
+        if patterns:
+            yield "logs:      not read (the box is not running)"
+        return
+    with _box_files(box) as files:
+        # In the order asked for: a log's tail, or why a path or glob has none.
+        entries: list[tuple[str, str]] = []
+        if patterns is None:
+            entries = [("file", path) for path in _written_logs(box, files)]
+        for pattern in patterns or ():
+            matched = files.glob(pattern)
+            if not matched:
+                magic = any(char in pattern for char in "*?[")
+                entries.append(("none", f"log {pattern}: " + ("no file matches" if magic else "not there")))
+            entries.extend(("file", path) for path in matched if ("file", path) not in entries)
+        shown = 0
+        for kind, text in entries:
+            if kind == "none":
+                yield _clip(text)
+            elif shown < LOG_FILES:
+                shown += 1
+                yield from _log_tail(files, text)
+        rest = [text for kind, text in entries if kind == "file"][LOG_FILES:]
+        if rest:
+            yield _clip(f"logs: {len(rest)} more not shown: {', '.join(rest)}")
+
+
+def _written_logs(box: Box, files: BoxFiles) -> list[str]:
+    """The regular files the box added or modified under /var/log, sorted."""
+    assert box.root is not None
+    changes = box.root.diff(collapse=True)
+    below = LOG_DIRECTORY + "/"
+    found: list[str] = []
+    pending = [p for p in changes.added + changes.modified if p == LOG_DIRECTORY or p.startswith(below)]
+    while pending and len(found) < 100:
+        path = pending.pop()
+        try:
+            mode = files.lstat(path).st_mode
+        except OSError:
+            continue
+        if stat.S_ISREG(mode):
+            found.append(path)
+        elif stat.S_ISDIR(mode):  # added whole: everything in it is the box's
+            try:
+                pending.extend(os.path.join(path, name) for name in files.listdir(path))
+            except OSError:
+                continue
+    return sorted(found)
+
+
+def _log_tail(files: BoxFiles, path: str) -> Iterator[str]:
+    try:
+        data, size = files.read_tail(path, LOG_TAIL)
+    except IsADirectoryError:
+        yield _clip(f"log {path}: a directory; name its files ({path}/*.log)")
+        return
+    except OSError as exc:
+        yield _clip(f"log {path}: cannot be read: {exc.strerror or exc}")
+        return
+    if not size:
+        yield _clip(f"log {path}: empty")
+        return
+    if b"\0" in data:
+        yield _clip(f"log {path}: {_size(size)} of binary data, not shown")
+        return
+    cut = len(data) < size
+    lines = data.decode("utf-8", "replace").rstrip("\n").split("\n")
+    if cut and len(lines) > 1:
+        lines = lines[1:]  # the first one is cut
+    shown = lines[-LOG_LINES:]
+    if cut:
+        yield _clip(f"log {path} (last {len(shown)} line{'s' if len(shown) > 1 else ''} of {_size(size)}):")
+    elif len(shown) < len(lines):
+        yield _clip(f"log {path} (last {len(shown)} of {len(lines)} lines):")
+    else:
+        yield _clip(f"log {path}:")
+    for line in shown:
+        yield "  " + _clip(line)
+
+
+@contextlib.contextmanager
+def _box_files(box: Box) -> Iterator[BoxFiles]:
+    """The box's file helpers, on a root descriptor of the report's own: paths resolve inside
+    the box (``RESOLVE_IN_ROOT``), never on the host."""
+    fd = os.open(f"/proc/{box.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield BoxFiles(fd)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------- helpers

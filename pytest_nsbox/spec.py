@@ -83,6 +83,7 @@ class BoxSpec:
     publish: Mapping[int, int] = field(default_factory=lambda: MappingProxyType({}))
     devices: tuple[str, ...] = ()
     no_new_privileges: bool = False
+    logs: tuple[str, ...] | None = None
 
     @classmethod
     def create(cls, source: str = "Box()", **options: Any) -> BoxSpec:
@@ -109,6 +110,7 @@ class BoxSpec:
             publish=_publish(values.get("publish"), f"{source}: publish"),
             devices=_devices(values.get("devices"), f"{source}: devices"),
             no_new_privileges=_bool(values.get("no_new_privileges", False), f"{source}: no_new_privileges"),
+            logs=_logs(values.get("logs"), f"{source}: logs"),
         )
 
     def __hash__(self) -> int:
@@ -128,6 +130,7 @@ class BoxSpec:
                 tuple(sorted(self.publish.items())),
                 self.devices,
                 self.no_new_privileges,
+                self.logs,
             )
         )
 
@@ -147,6 +150,7 @@ class BoxSpec:
             "publish": dict(self.publish),
             "devices": list(self.devices),
             "no_new_privileges": self.no_new_privileges,
+            "logs": None if self.logs is None else list(self.logs),
         }
         current.update(options)
         return BoxSpec.create(source, **current)
@@ -341,6 +345,39 @@ def _devices(value: object, what: str) -> tuple[str, ...]:
                 f"{what}: {item!r} is not a character or block device on this host; "
                 "only device nodes can be given to a box"
             )
+        if clean not in result:
+            result.append(clean)
+    return tuple(result)
+
+
+def _logs(value: object, what: str) -> tuple[str, ...] | None:
+    """Box paths of logs whose last lines a failure report shows; ``*``, ``?`` and ``[...]``
+    match within one path component (``/srv/app/*.log``). None: the files the box wrote
+    under /var/log; an empty list: none.
+
+    Why only absolute box paths: they are resolved inside the box when the report is made,
+    long after this check, and a relative one would have nothing to be relative to.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, (list, tuple)):
+        raise ArgumentTypeError(
+            f"{what}: expected a list of box paths or globs like ['/var/log/app.log', '/srv/app/*.log'] "
+            f"(or [] for none), got {type(value).__name__} {value!r}"
+        )
+    result: list[str] = []
+    for item in value:
+        if not isinstance(item, (str, os.PathLike)):
+            raise ArgumentTypeError(f"{what}: expected box paths (str), got {type(item).__name__} {item!r}")
+        path = os.fspath(item)
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+            raise ConfigError(
+                f"{what}: {item!r} is not an absolute box path; give one like '/var/log/app.log' "
+                "or a glob like '/srv/app/*.log'"
+            )
+        clean = os.path.normpath("/" + path.lstrip("/"))
+        if clean == "/":
+            raise ConfigError(f"{what}: {item!r} is a directory; name its log files ('/var/log/*.log')")
         if clean not in result:
             result.append(clean)
     return tuple(result)

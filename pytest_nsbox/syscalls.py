@@ -417,9 +417,72 @@ def drop_from_bounding_set(caps: Iterable[int]) -> None:
 
 
 def set_process_name(name: str) -> None:
-    """Name this process in ``ps`` and ``/proc/PID/comm`` (15 bytes kept), for people debugging."""
+    """Name this process for ``ps``: its ``comm`` (``/proc/PID/comm``, 15 bytes kept) and its
+    command line (``/proc/PID/cmdline``, which ``ps -f``, ``ps -o args`` and ``pgrep -f`` show).
+
+    Why the command line too: the helper starts as the host's interpreter with its package
+    directory and a JSON plan of the host's cgroup paths, and every box it forks would show
+    that as its PID 1. Why by overwriting the argv strings, as ``setproctitle`` does:
+    ``prctl(PR_SET_MM_ARG_START)`` needs ``CAP_SYS_RESOURCE``. Never fails: a name is for
+    people reading ``ps``.
+    """
     buf = ctypes.create_string_buffer(name.encode()[:15])
     _libc.prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)
+    area = _memory_area("arg")
+    if area is None or area[1] - area[0] < 2:
+        return
+    start, end = area
+    title = name.encode()[: end - start - 2] + b"\0"
+    # The last byte not NUL: the kernel then reads the command line as a title, up to its first
+    # NUL (as after setproctitle), so that /proc/PID/cmdline is "name\0", not "name" and a page
+    # of NULs that ps shows as empty arguments.
+    _write_own_memory(start, title.ljust(end - start - 1, b"\0") + b" ")
+
+
+def hide_environment() -> None:
+    """Blank this process's environment strings as ``/proc/PID/environ`` shows them.
+
+    Why: that file shows the strings the process was started with, for its whole life, and
+    forked children show them too: each box's PID 1 would show the host's environment. Python
+    has copied them into ``os.environ`` already; C code calling ``getenv`` finds nothing
+    after this, which the helper and a box's init never need.
+    """
+    area = _memory_area("env")
+    if area is not None and area[1] > area[0]:
+        _write_own_memory(area[0], bytes(area[1] - area[0]))
+
+
+# /proc/PID/stat fields 48-51 (proc(5)): where the argv and environment strings are. They are
+# read once: a forked child has them at the same addresses.
+_AREAS: dict[str, tuple[int, int]] = {}
+
+
+def _memory_area(kind: str) -> tuple[int, int] | None:
+    if not _AREAS:
+        try:
+            with open("/proc/self/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()  # the name may hold spaces
+            # fields[0] is field 3 (state): field N is fields[N - 3]
+            _AREAS["arg"] = (int(fields[45]), int(fields[46]))
+            _AREAS["env"] = (int(fields[47]), int(fields[48]))
+        except (OSError, IndexError, ValueError):
+            return None
+    return _AREAS.get(kind)
+
+
+def _write_own_memory(address: int, data: bytes) -> None:
+    """Write ``data`` at ``address`` of this process, through ``/proc/self/mem``: a wrong
+    address is an error there, not a crash."""
+    try:
+        fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.pwrite(fd, data, address)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def release_free_heap() -> None:

@@ -77,6 +77,7 @@ class Zygote:
             stdout=subprocess.DEVNULL,
             stderr=self._log,
             start_new_session=True,  # Ctrl-C goes to pytest, which tears boxes down in order
+            env=_helper_environment(),
         )
         theirs.close()
         self._sock = ours
@@ -216,6 +217,19 @@ class Zygote:
         for warm in self._waiting.values():
             warm.control.close()
         self._waiting = {}
+
+
+def _helper_environment() -> dict[str, str]:
+    """What the helper is started with: only what the loader and the interpreter may need to
+    start at all. Why so little: each box's PID 1 is a fork of the helper, and the host's
+    environment (its paths, its tokens) has no business there; the helper blanks even these
+    once it runs (``syscalls.hide_environment``). A command's environment never came from it.
+    """
+    return {
+        name: os.environ[name]
+        for name in ("LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONHOME")
+        if name in os.environ
+    }
 
 
 class _Announced:

@@ -40,7 +40,11 @@ def main(argv: list[str]) -> None:
     fd, parent, pdeathsig = int(argv[1]), int(argv[2]), argv[3] == "1"
     global _plan
     _plan = Plan(json.loads(argv[4]) if len(argv) > 4 else {})
+    # Its command line names the host's interpreter and cgroup paths, its environment is what
+    # the host gave it: every box it forks would show both as its PID 1's. Each box renames
+    # itself again (nsbox-waiting, then nsbox-init) in its own copy of these pages.
     syscalls.set_process_name("nsbox-zygote")
+    syscalls.hide_environment()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Why SIGTERM, not SIGKILL: when pytest dies, the zygote still kills and reaps its boxes and
     # removes their cgroups, which nobody else would.

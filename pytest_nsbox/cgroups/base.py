@@ -85,6 +85,35 @@ def write(path: Path, value: str, limit: str | None = None) -> None:
         raise CgroupError(f"writing {value!r} to {path}{what} failed: {exc.strerror} ({hint})") from exc
 
 
+def errno_of(error: CgroupError) -> int | None:
+    """The errno behind a ``CgroupError`` that ``write`` raised, if any."""
+    cause = error.__cause__
+    return cause.errno if isinstance(cause, OSError) else None
+
+
+def cannot_lower_memory(value: int, usage: int, usage_file: str) -> CgroupError:
+    """The error for a memory cap below what the box holds and cannot give back.
+
+    Why a message of its own: the kernel says only EBUSY (v1), or reclaims and then OOM-kills
+    whatever it must (v2), the box's init included; what helps is how much the box holds.
+    """
+    return CgroupError(
+        f"limit 'memory': cannot lower to {size_text(value)}: the box uses {size_text(usage)} that "
+        f"cannot be reclaimed ({usage_file}); free memory in the box first (end the processes that "
+        "hold it, remove its files in a tmpfs or /dev/shm) or set the limit before starting what uses it"
+    )
+
+
+def size_text(count: int) -> str:
+    """``24.3 MiB``: bytes for people."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
 def wait_until(done: Callable[[], bool], timeout: float = 10.0) -> None:
     """Poll ``done`` (a cgroup state file's answer) until it holds; ``CgroupError`` after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ from .base import (
     PARENT_NAME,
     CgroupStats,
     box_dirs,
+    cannot_lower_memory,
+    errno_of,
     keyed,
     own_cgroup,
     pids_peak,
@@ -109,13 +112,7 @@ class V1Driver:
             if key == "pids":
                 write(directory / "pids.max", "max" if value is None else str(value), key)
             elif key == "memory":
-                swap_file = directory / "memory.memsw.limit_in_bytes"
-                if swap_file.exists():
-                    write(swap_file, _UNLIMITED, key)  # memsw may never be below memory: lift it first
-                write(directory / "memory.limit_in_bytes", _UNLIMITED if value is None else str(value), key)
-                if value is not None and swap_file.exists() and limits.get("memory_swap", 0) is not None:
-                    swap = limits.get("memory_swap") or 0  # swap off by default: an OOM is an OOM
-                    write(swap_file, str(value + swap), "memory_swap")
+                self._set_memory(directory, value, limits)
             elif key == "memory_swap" and "memory" not in limits:
                 swap_file = directory / "memory.memsw.limit_in_bytes"
                 if not swap_file.exists():
@@ -142,6 +139,34 @@ class V1Driver:
                     raise CgroupError(
                         f"limit 'io_weight' needs blkio.weight or the BFQ I/O scheduler ({directory})"
                     )
+
+    def _set_memory(self, directory: Path, value: int | None, limits: dict[str, Any]) -> None:
+        swap_file = directory / "memory.memsw.limit_in_bytes"
+        swap_before = read(swap_file).strip() if swap_file.exists() else ""
+        if swap_before:
+            write(swap_file, _UNLIMITED, "memory")  # memsw may never be below memory: lift it first
+        try:
+            write(directory / "memory.limit_in_bytes", _UNLIMITED if value is None else str(value), "memory")
+        except CgroupError as exc:
+            if swap_before:
+                try:  # a change refused changes nothing: the swap cap as it was
+                    write(swap_file, swap_before, "memory_swap")
+                except CgroupError:
+                    pass
+            if value is not None and errno_of(exc) == errno.EBUSY:
+                # The kernel reclaimed what it could and the rest is still above the cap.
+                usage = read_int(directory / "memory.usage_in_bytes")
+                raise cannot_lower_memory(value, usage, "memory.usage_in_bytes") from exc
+            raise
+        if value is not None and swap_before and limits.get("memory_swap", 0) is not None:
+            swap = limits.get("memory_swap") or 0  # swap off by default: an OOM is an OOM
+            try:
+                write(swap_file, str(value + swap), "memory_swap")
+            except CgroupError as exc:
+                if errno_of(exc) == errno.EBUSY:  # memory and swap together above the new cap
+                    usage = read_int(directory / "memory.memsw.usage_in_bytes")
+                    raise cannot_lower_memory(value + swap, usage, "memory.memsw.usage_in_bytes") from exc
+                raise
 
     def stats(self, dirs: list[Path], seen_pids_peak: int) -> CgroupStats:
         pids = self._find(dirs, "pids")

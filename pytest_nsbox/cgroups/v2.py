@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from .base import (
     PARENT_NAME,
     CgroupStats,
     box_dirs,
+    cannot_lower_memory,
+    errno_of,
     keyed,
     own_cgroup,
     pids_peak,
@@ -24,6 +27,28 @@ from .base import (
 WANTED = ("memory", "cpu", "io", "pids", "cpuset")  # domain controllers before threaded pids
 _PERIOD_US = 100_000
 _LEAF = "nsbox-leaf"  # where our own processes go when the root of our view must delegate
+
+
+def _reclaim_below(path: Path, value: int) -> None:
+    """Before a memory cap goes below what the box holds: have the kernel reclaim the
+    difference (``memory.reclaim``, Linux 5.19), and refuse the cap if the box still holds more.
+
+    Why: a ``memory.max`` below the usage reclaims too, but then OOM-kills until the box fits,
+    its init included, where cgroup v1 refuses the change (EBUSY): both refuse it now, saying
+    how much the box holds. Without ``memory.reclaim`` the kernel's own way stands.
+    """
+    usage = read_int(path / "memory.current")
+    reclaim = path / "memory.reclaim"
+    if usage <= value or not reclaim.exists():
+        return
+    try:
+        write(reclaim, str(usage - value), "memory")
+    except CgroupError as exc:
+        if errno_of(exc) not in (errno.EAGAIN, errno.EBUSY):  # EAGAIN: less was reclaimed
+            raise
+    usage = read_int(path / "memory.current")
+    if usage > value:
+        raise cannot_lower_memory(value, usage, "memory.current")
 
 
 class V2Driver:
@@ -95,6 +120,8 @@ class V2Driver:
             if key == "pids":
                 write(path / "pids.max", "max" if value is None else str(value), key)
             elif key == "memory":
+                if value is not None:
+                    _reclaim_below(path, value)
                 write(path / "memory.max", "max" if value is None else str(value), key)
                 if value is not None and "memory_swap" not in limits and (path / "memory.swap.max").exists():
                     write(path / "memory.swap.max", "0", key)  # swap off by default: an OOM is an OOM

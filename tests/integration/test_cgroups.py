@@ -83,6 +83,35 @@ def test_a_process_that_fits_is_not_oom_killed(nsbox_factory) -> None:
 
 
 @needs_cgroups
+@pytest.mark.nsbox(limits={"memory": "64M"})  # and no swap: nothing the holder has can be reclaimed
+def test_a_memory_cap_below_what_the_box_holds_is_refused_with_its_usage(nsbox: Box) -> None:
+    holder = nsbox.spawn(
+        [
+            "python3",
+            "-c",
+            "x = bytearray(24 << 20); print('holding', flush=True); import time; time.sleep(300)",
+        ]
+    )
+    holder.wait_for_output("holding", timeout=30)
+    with pytest.raises(CgroupError) as refused:
+        nsbox.cgroup.set(memory="1M")
+    message = str(refused.value)
+    assert message.startswith("limit 'memory': cannot lower to 1.0 MiB: the box uses "), message
+    used = float(message.split("the box uses ", 1)[1].split(" MiB", 1)[0])
+    assert 24 <= used <= 64, message
+    assert "free memory in the box first" in message
+    # Nothing changed: the holder lives, and the old cap still holds (swap still off with it).
+    assert holder.poll() is None and nsbox.cgroup.stats().oom_kills == 0
+    for directory in nsbox.cgroup.dirs:  # v1: the swap cap, lifted for the attempt, is back
+        memsw = directory / "memory.memsw.limit_in_bytes"
+        if memsw.exists():
+            assert int(memsw.read_text()) == 64 << 20
+    assert nsbox.run(["python3", "-c", "x = bytearray(100 << 20)"], timeout=60).oom_killed
+    assert holder.poll() is None
+    nsbox.cgroup.set(memory="48M")  # above what it holds: fine
+
+
+@needs_cgroups
 @pytest.mark.nsbox(limits={"cpus": 0.2})
 def test_cpu_quota_throttles(nsbox: Box) -> None:
     before = nsbox.cgroup.stats()

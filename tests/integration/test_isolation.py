@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,6 +20,43 @@ def test_the_shell_is_a_small_pid_and_init_is_pid_1(nsbox: Box) -> None:
     pid, init_name = result.stdout.split()
     assert int(pid) < 10
     assert init_name == "nsbox-init"
+
+
+def test_init_shows_as_nsbox_init_and_nothing_of_the_host(nsbox_factory) -> None:
+    # Its command line was the host's interpreter, the package's directory and a JSON plan of
+    # the host's cgroup paths; its environment, pytest's.
+    for box in (nsbox_factory(), nsbox_factory(privileged=True)):  # privileged: environ is readable
+        assert box.run(["ps", "-o", "args=", "-p", "1"]).stdout == "nsbox-init\n"
+        assert box.run(["cat", "/proc/1/cmdline"]).stdout == "nsbox-init\0"
+        assert box.run(["cat", "/proc/1/comm"]).stdout == "nsbox-init\n"
+    environ = box.run(["cat", "/proc/1/environ"])
+    assert environ.returncode == 0 and environ.stdout == "", environ
+
+
+def test_the_helper_and_its_boxes_show_their_names_on_the_host(nsbox: Box) -> None:
+    from pytest_nsbox import zygote
+
+    helper = zygote.current()
+    assert helper is not None
+
+    def children(pid: int) -> list[int]:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(child) for child in handle.read().split()]
+
+    def shown(pid: int) -> tuple[bytes, bytes]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline, open(f"/proc/{pid}/environ", "rb") as env:
+                return cmdline.read(), env.read()
+        except OSError:
+            return b"", b""  # a waiting box that exited unused meanwhile
+
+    assert shown(helper.pid) == (b"nsbox-zygote\0", b"")
+    assert shown(nsbox.pid) == (b"nsbox-init\0", b"")
+    # The next box, cloned while this test runs, renames itself as it starts waiting.
+    deadline = time.monotonic() + 10
+    while b"nsbox-waiting\0" not in {shown(pid)[0] for pid in children(helper.pid)}:
+        assert time.monotonic() < deadline, [shown(pid) for pid in children(helper.pid)]
+        time.sleep(0.01)
 
 
 def test_proc_lists_only_the_box_processes(nsbox: Box) -> None:
@@ -117,3 +155,19 @@ def test_writes_land_in_the_throwaway_layer(nsbox: Box, overlay_root) -> None:
     assert "/etc/motd" in changes.modified
     assert "/etc/hostname" not in changes.added + changes.modified  # bind-mounted, not written
     assert overlay_root.lowers == ("/",)
+
+
+def test_a_deleted_directory_is_listed_as_an_added_one_is(nsbox: Box, nsbox_factory) -> None:
+    tree = "mkdir -p /srv/tree/a/b && echo 1 > /srv/tree/a/b/file && echo 2 > /srv/tree/top"
+    nsbox.run(tree, check=True)
+    paths = ["/srv/tree", "/srv/tree/a", "/srv/tree/a/b", "/srv/tree/a/b/file", "/srv/tree/top"]
+    assert (
+        nsbox.root is not None and [p for p in nsbox.root.diff().added if p.startswith("/srv/tree")] == paths
+    )
+
+    box = nsbox_factory(image=nsbox.snapshot())  # the tree is in its image now
+    box.run("rm -rf /srv/tree && mkdir -p /srv/again/sub && rm -rf /srv/again/sub", check=True)
+    assert box.root is not None
+    changes = box.root.diff()
+    assert changes.deleted == paths and changes.added == ["/srv/again"]
+    assert box.root.diff(collapse=True).deleted == ["/srv/tree"] == changes.collapsed().deleted

@@ -25,13 +25,15 @@ pytestmark = pytest.mark.requires("boxes")
 
 @dataclass(frozen=True)
 class Breakage:
-    """``example`` fails with ``message`` once ``old`` is replaced by ``new`` in ``program``."""
+    """``example`` fails with ``message`` once ``old`` is replaced by ``new`` in ``program``
+    (and its failure report has the ``report`` lines, fnmatch patterns, in that order)."""
 
     example: str
     program: str
     old: str
     new: str
     message: str
+    report: tuple[str, ...] = ()
 
 
 BREAKAGES = {
@@ -126,6 +128,15 @@ BREAKAGES = {
         "except KeyError as exc:",
         "AssertionError: a bad config was not reported as such: box * exited with status 1*",
     ),
+    "a daemon that cannot start without an optional setting": Breakage(
+        "test_logs_in_report.py",
+        "apps/greeterd.py",
+        'config.get("greeterd", "greeting", fallback="Hello")',
+        'config.get("greeterd", "greeting")',
+        "WaitTimeoutError: box * nothing listens on tcp port 8000 after 5s",
+        # Why, only its log says: the failure report shows its last lines.
+        ("log /var/log/greeterd.log:", "  greeterd*: cannot start: No option 'greeting' in section*"),
+    ),
     "a conftest whose default environment replaces the marker's": Breakage(
         "test_hooks.py",
         "conftest.py",
@@ -163,7 +174,7 @@ def test_an_example_fails_for_the_right_reason(
     broken = run_inner(breakage.example, timeout=120)
 
     assert broken.parseoutcomes().get("failed", 0) >= 1, broken.stdout.str()
-    broken.stdout.fnmatch_lines([f"E   *{breakage.message}*"])
+    broken.stdout.fnmatch_lines([f"E   *{breakage.message}*", *breakage.report])
 
 
 def test_the_latency_example_names_the_missing_netem_or_catches_a_chatty_client(

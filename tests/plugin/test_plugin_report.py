@@ -85,8 +85,9 @@ def test_a_failed_test_shows_its_box(pytester: pytest.Pytester, run_inner: RunIn
     assert "-> exit 3 after" in text
     assert "stdout:\n      loading config\n    stderr:\n      error: disk full" in text
     # What the box changed in its root.
-    assert "root changes: 2 added, 1 modified, 0 deleted" in text
-    assert "  A /var/tmp/nsbox-report\n  A /var/tmp/nsbox-report/file\n  M /etc/passwd" in text
+    # What the box changed in its root: a new directory is one line.
+    assert "root changes: 1 added, 1 modified, 0 deleted (a directory added or deleted whole is one" in text
+    assert "  A /var/tmp/nsbox-report/\n  M /etc/passwd" in text
 
 
 def test_a_passing_test_has_no_section(pytester: pytest.Pytester, run_inner: RunInner) -> None:
@@ -102,6 +103,42 @@ def test_a_passing_test_has_no_section(pytester: pytest.Pytester, run_inner: Run
     result.assert_outcomes(passed=1)
     assert "captured output of a passing test" in result.stdout.str()
     assert "nsbox box" not in result.stdout.str()
+
+
+def test_a_failed_test_shows_the_last_lines_of_its_box_s_logs(
+    pytester: pytest.Pytester, run_inner: RunInner
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        DAEMON = (
+            "for i in $(seq 1 30); do echo \\"app: request $i served\\"; done >> /var/log/app.log;"
+            "echo 'app: fatal: cannot open /srv/data/db: No such file or directory' >> /var/log/app.log"
+        )
+
+        def test_default_logs(nsbox):
+            nsbox.run(DAEMON, check=True)  # its output goes to its log only
+            assert nsbox.exists("/srv/data/db"), "the app did not create its database"
+
+        @pytest.mark.nsbox(logs=["/srv/app/*.log"])
+        def test_logs_of_the_marker(nsbox):
+            nsbox.run("mkdir -p /srv/app && echo 'worker: lost the lock' > /srv/app/worker.log", check=True)
+            nsbox.run("echo 'not asked for' > /var/log/other.log", check=True)
+            assert False
+
+        def test_passes(nsbox):
+            nsbox.run(DAEMON, check=True)
+        """
+    )
+    result = run_inner("-rA")  # -rA shows the sections of passed tests too
+    result.assert_outcomes(failed=2, passed=1)
+    default, marker = sections(result).values()  # none for the test that passed
+    tail = "\n".join(f"  app: request {i} served" for i in range(12, 31))
+    assert f"log /var/log/app.log (last 20 of 31 lines):\n{tail}\n" in default
+    assert "  app: fatal: cannot open /srv/data/db: No such file or directory" in default
+    assert "log /srv/app/worker.log:\n  worker: lost the lock" in marker
+    assert "log /var/log/other.log" not in marker
 
 
 def test_a_failed_setup_shows_the_boxes_started_so_far(

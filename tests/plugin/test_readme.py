@@ -376,6 +376,8 @@ import pytest
 @pytest.mark.nsbox(hostname="web", limits={"pids": 20, "memory": "64M"})
 def test_fails(nsbox):
     nsbox.run("mkdir -p /srv/app && echo 'port = 8080' > /srv/app/app.conf")
+    nsbox.run("echo 'app: starting on port 8080' > /var/log/app.log")
+    nsbox.run("echo 'app: bind: address already in use' >> /var/log/app.log")
     nsbox.run("echo 'maintenance tonight' >> /etc/motd && rm /etc/issue.net")
     nsbox.spawn("sleep 300")
     nsbox.spawn("sh -c 'sleep 200 & sleep 100'")

@@ -180,3 +180,36 @@ def test_copy_out_a_tree_keeps_symlinks_as_links(
     assert (out / "os-release").read_text() == "ID=box\n"
     assert (out / "sub" / "f").read_text() == "f"
     assert os.readlink(out / "abs") == "/etc/shadow"
+
+
+# ------------------------------------------------------------------- logs: glob, read_tail
+
+
+def test_glob_matches_within_the_box_and_never_on_the_host(
+    files: BoxFiles, box_root: pathlib.Path, host_file: pathlib.Path
+) -> None:
+    (box_root / "srv" / "app").mkdir(parents=True)
+    for name in ("a.log", "b.log", ".hidden.log", "notes.txt"):
+        (box_root / "srv" / "app" / name).write_text(name)
+    (box_root / "srv" / "app" / "escape.log").symlink_to(host_file)  # absolute: the box's own /tmp/...
+    (box_root / "srv" / "out").symlink_to(host_file.parent)
+    assert files.glob("/srv/app/*.log") == ["/srv/app/a.log", "/srv/app/b.log"]
+    assert files.glob("/srv/*/.*.log") == ["/srv/app/.hidden.log"]
+    assert files.glob("/srv/app/[ab].log") == ["/srv/app/a.log", "/srv/app/b.log"]
+    assert files.glob("/srv/app/notes.txt") == ["/srv/app/notes.txt"]
+    assert files.glob("/srv/app/missing.log") == [] and files.glob("/nowhere/*.log") == []
+    assert files.glob("/srv/out/*") == []  # the host directory the link names is not the box's
+
+
+def test_read_tail_reads_the_end_of_a_file_and_says_its_size(files: BoxFiles, box_root: pathlib.Path) -> None:
+    (box_root / "big.log").write_bytes(b"x" * 100_000 + b"\nlast\n")
+    assert files.read_tail("/big.log", 10) == (b"\nlast\n"[-10:].rjust(10, b"x"), 100_006)
+    assert files.read_tail("/etc/os-release", 1000) == (b"ID=box\n", 7)
+
+
+def test_read_tail_refuses_what_is_not_a_regular_file(files: BoxFiles, box_root: pathlib.Path) -> None:
+    os.mkfifo(box_root / "fifo")
+    with pytest.raises(OSError, match="not a regular file"):
+        files.read_tail("/fifo", 10)  # refused without waiting for a writer
+    with pytest.raises(IsADirectoryError):
+        files.read_tail("/etc", 10)

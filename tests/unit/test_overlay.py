@@ -30,14 +30,28 @@ def test_summary_lists_added_then_modified_then_deleted() -> None:
     assert changes.summary() == "A /a1\nA /a2\nM /m\nD /d"
 
 
-def test_summary_is_cut_at_the_limit_and_says_how_many_more() -> None:
+def test_summary_is_cut_at_the_limit_and_says_so_first_and_last() -> None:
     changes = Changes(added=["/a1", "/a2", "/a3"], modified=["/m"], deleted=["/d"])
-    assert changes.summary(limit=2) == "A /a1\nA /a2\n... and 3 more"
+    assert changes.summary(limit=2) == "5 changes, the first 2:\nA /a1\nA /a2\n... and 3 more"
+    assert changes.summary().startswith("A /a1")  # 5 of at most 20: no header
 
 
 def test_summary_at_exactly_the_limit_has_no_more_line() -> None:
     changes = Changes(added=["/a"], deleted=["/d"])
     assert changes.summary(limit=2) == "A /a\nD /d"
+
+
+def test_collapsed_keeps_only_the_top_of_each_added_or_deleted_tree() -> None:
+    changes = Changes(
+        added=["/a", "/a-b", "/a/b", "/a/b/c", "/x/y", "/x/y/z"],
+        modified=["/etc/passwd"],
+        deleted=["/srv", "/srv/data", "/var/cache/a", "/var/cache/b"],
+    )
+    assert changes.collapsed() == Changes(
+        added=["/a", "/a-b", "/x/y"],
+        modified=["/etc/passwd"],
+        deleted=["/srv", "/var/cache/a", "/var/cache/b"],
+    )
 
 
 def test_changes_are_frozen() -> None:
@@ -206,9 +220,10 @@ def test_diff_opaque_directory_reports_lower_entries_deleted(
     make_opaque(upper / "var" / "cache")
     write(upper / "var" / "cache" / "new")
     changes = root.diff()
-    assert changes.deleted == ["/var/cache/a", "/var/cache/b", "/var/cache/sub"]
+    assert changes.deleted == ["/var/cache/a", "/var/cache/b", "/var/cache/sub", "/var/cache/sub/deep"]
     assert changes.added == ["/var/cache/new"]
     assert changes.modified == []
+    assert root.diff(collapse=True).deleted == ["/var/cache/a", "/var/cache/b", "/var/cache/sub"]
 
 
 @pytest.mark.requires("root")
@@ -219,7 +234,7 @@ def test_diff_opaque_directory_does_not_delete_entries_written_again(
     make_opaque(upper / "var" / "cache")
     write(upper / "var" / "cache" / "b", "new b")
     changes = root.diff()
-    assert changes.deleted == ["/var/cache/a", "/var/cache/sub"]
+    assert changes.deleted == ["/var/cache/a", "/var/cache/sub", "/var/cache/sub/deep"]
     assert changes.modified == ["/var/cache/b"]
 
 
@@ -232,3 +247,86 @@ def test_diff_directory_without_opaque_xattr_deletes_nothing(
     cache.mkdir(parents=True)
     os.setxattr(cache, "trusted.overlay.opaque", b"x", follow_symlinks=False)  # "x" is not opaque
     assert root.diff().deleted == []
+
+
+# A directory deleted and a directory added follow one rule: every path that one tree has and
+# the other has not is listed; collapse=True lists the top of each such tree only.
+
+
+def test_diff_reports_a_new_directory_as_one_path_when_collapsed(
+    layers: tuple[pathlib.Path, pathlib.Path, OverlayRoot],
+) -> None:
+    _lower, upper, root = layers
+    write(upper / "srv" / "data" / "file")
+    write(upper / "etc" / "new.conf")
+    assert root.diff(collapse=True) == Changes(added=["/etc/new.conf", "/srv"])
+    assert root.diff(collapse=True) == root.diff().collapsed()
+
+
+@pytest.mark.requires("root")
+def test_diff_reports_a_deleted_directory_with_everything_below_it(
+    layers: tuple[pathlib.Path, pathlib.Path, OverlayRoot],
+) -> None:
+    _lower, upper, root = layers
+    whiteout(upper / "var" / "cache")  # rm -rf /var/cache
+    changes = root.diff()
+    assert changes.deleted == [
+        "/var/cache",
+        "/var/cache/a",
+        "/var/cache/b",
+        "/var/cache/sub",
+        "/var/cache/sub/deep",
+    ]
+    assert root.diff(collapse=True) == Changes(deleted=["/var/cache"]) == changes.collapsed()
+
+
+@pytest.mark.requires("root")
+def test_diff_below_a_deleted_directory_sees_what_each_layer_hides(tmp_path: pathlib.Path) -> None:
+    top, bottom, upper = tmp_path / "top", tmp_path / "bottom", tmp_path / "upper"
+    write(bottom / "opt" / "app" / "old", "old")
+    write(bottom / "opt" / "app" / "gone", "gone")
+    write(top / "opt" / "app" / "new", "new")
+    whiteout(top / "opt" / "app" / "gone")  # deleted by the image's own top layer
+    make_opaque(top / "opt" / "fresh")
+    write(top / "opt" / "fresh" / "x")
+    write(bottom / "opt" / "fresh" / "hidden")  # under the top layer's opaque directory
+    whiteout(upper / "opt")
+    root = OverlayRoot(lowers=(str(top), str(bottom)), upper=str(upper), merged=str(tmp_path / "m"))
+    assert root.diff().deleted == [
+        "/opt",
+        "/opt/app",
+        "/opt/app/new",
+        "/opt/app/old",
+        "/opt/fresh",
+        "/opt/fresh/x",
+    ]
+
+
+@pytest.mark.requires("root")
+def test_diff_below_an_opaque_directory_compares_with_the_image_at_every_depth(
+    layers: tuple[pathlib.Path, pathlib.Path, OverlayRoot],
+) -> None:
+    _lower, upper, root = layers
+    # rm -rf /var/cache && mkdir -p /var/cache/sub && echo > /var/cache/sub/other: the new
+    # /var/cache/sub is a directory of both trees, but /var/cache/sub/deep is gone.
+    make_opaque(upper / "var" / "cache")
+    write(upper / "var" / "cache" / "sub" / "other")
+    changes = root.diff()
+    assert changes.added == ["/var/cache/sub/other"]
+    assert changes.deleted == ["/var/cache/a", "/var/cache/b", "/var/cache/sub/deep"]
+    assert changes.modified == []
+
+
+@pytest.mark.requires("root")
+def test_diff_a_file_and_a_directory_that_swapped_places(
+    layers: tuple[pathlib.Path, pathlib.Path, OverlayRoot],
+) -> None:
+    _lower, upper, root = layers
+    make_opaque(upper / "etc" / "passwd")  # a file of the image, now a directory
+    write(upper / "etc" / "passwd" / "inside")
+    write(upper / "var" / "cache", "now a file")  # a directory of the image, now a file
+    changes = root.diff()
+    assert changes.modified == ["/etc/passwd", "/var/cache"]
+    assert changes.added == ["/etc/passwd/inside"]
+    assert changes.deleted == ["/var/cache/a", "/var/cache/b", "/var/cache/sub", "/var/cache/sub/deep"]
+    assert root.diff(collapse=True) == changes.collapsed()

@@ -90,7 +90,7 @@ def test_unknown_options_are_all_listed_sorted_with_the_known_ones() -> None:
     message = config_error(hostnam="web", colour="red")
     assert message.startswith(f"{MARKER}: unknown option(s) colour, hostnam;")
     known = (
-        "cache, devices, env, hostname, image, limits, nat, network, no_new_privileges, privileged, "
+        "cache, devices, env, hostname, image, limits, logs, nat, network, no_new_privileges, privileged, "
         "publish, subnet, tmpfs"
     )
     assert f"known options are {known}" in message
@@ -440,3 +440,49 @@ def test_merged_keeps_devices_and_no_new_privileges() -> None:
     base = BoxSpec.create(devices=["/dev/zero"], no_new_privileges=True)
     merged = base.merged(MARKER, hostname="web")
     assert (merged.devices, merged.no_new_privileges, merged.hostname) == (("/dev/zero",), True, "web")
+
+
+# ---------------------------------------------------------------------------------- logs
+
+
+def test_logs_default_to_none_meaning_what_the_box_wrote_under_var_log() -> None:
+    assert BoxSpec.create().logs is None
+    assert BoxSpec.create(logs=[]).logs == ()  # none at all
+
+
+def test_logs_keep_absolute_box_paths_and_globs_once_each_in_order() -> None:
+    spec = BoxSpec.create(MARKER, logs=["/srv/app/*.log", pathlib.Path("/var/log/x.log"), "/srv/app/./*.log"])
+    assert spec.logs == ("/srv/app/*.log", "/var/log/x.log")
+    assert hash(spec) == hash(BoxSpec.create(logs=("/srv/app/*.log", "/var/log/x.log")))
+    assert hash(spec) != hash(BoxSpec.create()) and spec != BoxSpec.create()
+    merged = spec.merged(MARKER, hostname="web")
+    assert (merged.logs, merged.hostname) == (spec.logs, "web")
+    assert BoxSpec.create(logs=[]).merged(MARKER).logs == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (
+            "/var/log/app.log",
+            ArgumentTypeError,
+            r"expected a list of box paths or globs like \['/var/log/app.log'",
+        ),
+        ({"/var/log/app.log": 1}, ArgumentTypeError, r"expected a list of box paths or globs"),
+        ([7], ArgumentTypeError, r"expected box paths \(str\), got int 7"),
+        (
+            ["app.log"],
+            ConfigError,
+            r"'app.log' is not an absolute box path; give one like '/var/log/app.log'",
+        ),
+        ([""], ConfigError, r"'' is not an absolute box path"),
+        (["/var/log/a\0b"], ConfigError, r"is not an absolute box path"),
+        (["/"], ConfigError, r"'/' is a directory; name its log files"),
+    ],
+)
+def test_logs_refuse_anything_but_a_list_of_absolute_box_paths(
+    value: object, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message) as info:
+        BoxSpec.create(MARKER, logs=value)
+    assert str(info.value).startswith(f"{MARKER}: logs: ")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -319,3 +321,31 @@ def test_a_failing_clone_call_still_releases_the_import_lock(monkeypatch: pytest
     with pytest.raises(RuntimeError, match="the call itself failed"):
         syscalls.fork_into_namespaces(0)
     assert not _imp.lock_held()
+
+
+# ------------------------------------------------------------------- names in ps and /proc
+
+_RENAME = """
+import os, sys
+from pytest_nsbox import syscalls
+syscalls.set_process_name("nsbox-test-name")
+syscalls.hide_environment()
+sys.stdout.buffer.write(open("/proc/self/cmdline", "rb").read() + b"|" + open("/proc/self/comm", "rb").read())
+environ = open("/proc/self/environ", "rb").read()
+sys.stdout.buffer.write(b"|" + environ.strip(b"\\0"))
+sys.stdout.buffer.write(b"|" + os.environ["NSBOX_TEST_SECRET"].encode())  # Python's copy stays
+"""
+
+
+def test_a_process_renames_its_command_line_and_blanks_its_environment() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _RENAME, "an argument naming a host path /srv/secret"],
+        env={**os.environ, "NSBOX_TEST_SECRET": "/home/someone/.token"},
+        capture_output=True,
+        check=True,
+    )
+    cmdline, comm, environ, kept = result.stdout.split(b"|")
+    assert cmdline == b"nsbox-test-name\0"  # what ps -o args and pgrep -f read
+    assert comm == b"nsbox-test-name\n"
+    assert environ == b""
+    assert kept == b"/home/someone/.token"
