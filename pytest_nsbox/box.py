@@ -18,12 +18,13 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import psutil
 
-from . import cgroups, channel, kept, probe, state, teardown, waits, zygote
+from . import cgroups, channel, kept, power, probe, state, teardown, waits, zygote
 from . import network as networking
 from .boxfs import BoxFiles
 from .devices import box_devices
@@ -134,6 +135,7 @@ class Box:
         self._files: BoxFiles | None = None
         self._processes: set[BoxProcess] = set()
         self._state = "created"
+        self._paused = False
         self._lock = threading.Lock()
         self._scratch_fd: int | None = None
         self.network: networking.Attachment | None = None
@@ -275,6 +277,48 @@ class Box:
         assert self.root is not None
         return take_snapshot(self.id, self.root, self.image, self.cgroup, self.spec.cache)
 
+    # ----------------------------------------------------------------- pause and restart
+
+    @property
+    def is_paused(self) -> bool:
+        """Whether ``pause()`` froze the box (a snapshot's brief freeze does not count)."""
+        return self._paused and self._state == "running"
+
+    def pause(self) -> None:
+        """Freeze every process of the box where it stands (the cgroup freezer); ``resume()``
+        lets them go on. Pausing a paused box does nothing. See ``power``."""
+        with self._lock:
+            self._require_running("pause()")
+            if not self._paused:
+                power.freeze(self.cgroup, self.id)
+                self._paused = True
+
+    def resume(self) -> None:
+        """Let a paused box run again, from where it stood; a box not paused is left as it is."""
+        with self._lock:
+            self._require_running("resume()")
+            if self._paused:
+                power.thaw(self.cgroup, self.id)
+                self._paused = False
+
+    @contextmanager
+    def paused(self) -> Iterator[Box]:
+        """``with box.paused():`` the box is paused inside the block and resumed on leaving it,
+        on an error too (unless the block stopped the box)."""
+        self.pause()
+        try:
+            yield self
+        finally:
+            if self._state == "running":
+                self.resume()
+
+    def _require_awake(self, what: str) -> InitLink:
+        """``_require_running``, and not paused: init is frozen too, a request would hang."""
+        link = self._require_running(what)
+        if self._paused:
+            raise power.paused_error(self.id, what)
+        return link
+
     def _require_pid(self) -> int:
         if self.pid is None or self._state != "running":
             raise BoxError(f"box {self.id} is not running")
@@ -292,6 +336,8 @@ class Box:
         with self._lock:
             if self._state != "running" or self._link is None or self.pid is None:
                 raise BoxError(f"box {self.id} is not running, so it cannot be kept")
+            if self._paused:
+                raise BoxError(f"box {self.id} is paused: resume() it before keep(), or it stays frozen")
             reply = self._link.request({"op": "keep"})
             if "error" in reply:
                 raise BoxError(f"box {self.id}: init refused to be kept: {reply['error']}")
@@ -374,6 +420,9 @@ class Box:
                 self._state = "stopped"
                 return
             self._state = "stopping"
+            if self._paused and self._pidfd is not None and not self.cgroup.closed:
+                power.kill_frozen(self.cgroup)  # paused, or frozen for a snapshot: see power
+            self._paused = False
             dead = self._kill_init()
             if self._link is not None:
                 self._link.drain()  # exits reported before the kill keep their real status
@@ -480,7 +529,7 @@ class Box:
     ) -> BoxProcess:
         """Ask init to start a command whose arguments ``command_request`` checked; ``record``
         False keeps it out of ``history`` (``wait_until``'s attempts, but the last)."""
-        link = self._require_running()
+        link = self._require_awake("a command (run(), spawn(), wait_until())")
         argv, env, cwd = request.argv, request.env, request.cwd
         # Before the request: the command's time and its cgroup's OOM kills count from here.
         started = time.monotonic()
@@ -539,7 +588,7 @@ class Box:
     ) -> re.Match[str]:
         """Wait until ``pattern`` appears in the output of ``process`` (default: the last spawned);
         ``ProcessExitedError`` at once if it exits without printing it."""
-        self._require_running("wait_for_output()")
+        self._require_awake("wait_for_output()")
         process = self._watched(process, "wait_for_output()")
         if process is None:
             raise BoxError(f"box {self.id}: nothing was spawned whose output could be watched")
@@ -555,7 +604,7 @@ class Box:
         ``TimeoutError``), or with ``ProcessExitedError`` (one too) as soon as ``process``
         (default: the last spawned, if any) has exited.
         """
-        self._require_running("wait_for_port()")
+        self._require_awake("wait_for_port()")
         port = port_number(port, "wait_for_port(): port")
         seconds = timeout_seconds(timeout, "wait_for_port(): timeout", optional=False) or 0.0
         if protocol not in ("tcp", "udp"):
@@ -585,7 +634,7 @@ class Box:
         soon as ``process`` (default: the last spawned, if any) has exited. Only the last
         attempt goes into ``history`` (the failure report's commands).
         """
-        self._require_running("wait_until()")
+        self._require_awake("wait_until()")
         request = command_request(cmd, source="wait_until()")
         seconds = timeout_seconds(timeout, "wait_until(): timeout", optional=False) or 0.0
         pause = interval_seconds(interval, "wait_until(): interval")
@@ -645,7 +694,7 @@ class Box:
         ``WaitTimeoutError`` naming the last answer (or the connection error), or with
         ``ProcessExitedError`` as soon as ``process`` (default: the last spawned) has exited.
         """
-        self._require_running("wait_for_http()")
+        self._require_awake("wait_for_http()")
         target = http_target(url_or_port, "wait_for_http(): url_or_port")
         expected = http_status(status, "wait_for_http(): status")
         seconds = timeout_seconds(timeout, "wait_for_http(): timeout", optional=False) or 0.0
@@ -684,6 +733,7 @@ class Box:
         Gives up with ``WaitTimeoutError``, or with ``ProcessExitedError`` as soon as
         ``process`` (default: the last spawned, if any) has exited without making it.
         """
+        self._require_awake("wait_for_file()")
         files = self._fs("wait_for_file()")
         path = box_path(path, "wait_for_file(): path")
         seconds = timeout_seconds(timeout, "wait_for_file(): timeout", optional=False) or 0.0
@@ -716,6 +766,7 @@ class Box:
         ``ProcessExitedError`` as soon as ``process`` (default: the last spawned, if any) has
         exited without writing it.
         """
+        self._require_awake("wait_for_log()")
         files = self._fs("wait_for_log()")
         path = box_path(path, "wait_for_log(): path")
         regex = regular_expression(pattern, "wait_for_log(): pattern", "the file")
