@@ -138,6 +138,7 @@ class Box:
         self._paused = False
         self._lock = threading.Lock()
         self._scratch_fd: int | None = None
+        self._config: dict[str, Any] = {}
         self.network: networking.Attachment | None = None
         self._published: dict[int, networking.Forwarder] = {}
 
@@ -214,40 +215,10 @@ class Box:
                 "no_new_privileges": self.spec.no_new_privileges,
                 "resolv_conf": NO_NAME_SERVER if self.spec.network == "bridge" and not self.spec.nat else "",
             }
-            asked = time.monotonic()
-            ours, theirs = channel.socketpair()
-            try:
-                zygote.get().spawn_box(config, theirs)
-            finally:
-                theirs.close()
-            ready = self._await_ready(ours)
-            self.pid = int(ready["host_pid"])
-            self._pidfd = os.pidfd_open(self.pid)
-            self._link = InitLink(ours, self.id)
-            self._files = BoxFiles(
-                os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            )
-            self.root = OverlayRoot(
-                lowers=tuple(config["lowers"]),
-                upper=f"/proc/{self.pid}/fd/{ready['scratch_fd']}/upper",
-                merged=f"/proc/{self.pid}/root",
-                made_by_box=frozenset(ready.get("made", ())),
-                box_id=self.id,
-                is_running=lambda: self.running,
-            )
-            self._state = "running"
-            _live.add(self)
-            # The zygote made the box's cgroup and the box joined it while it waited: name it
-            # after the box, and set the limits before anything runs in it.
-            self.cgroup = cgroups.adopt(ready.get("cgroup", []))
-            cgroup_error = ready.get("cgroup_error", "")
-            self._scratch_fd = int(ready["scratch_fd"])
-            self.timings = _start_timings(asked, ready, time.monotonic())
+            self._config = config
+            cgroup_error = self._boot()
         try:
-            if self.spec.limits:
-                if cgroup_error:
-                    raise CgroupError(f"box {self.id}: no cgroup could be made, so no limits: {cgroup_error}")
-                self.cgroup.set(**self.spec.limits)
+            self._apply_limits(cgroup_error)
             if self.spec.network == "bridge":
                 began = time.monotonic()
                 self._join_network(networking.parse_subnet(self.spec.subnet or networking.DEFAULT_SUBNET))
@@ -263,6 +234,45 @@ class Box:
             self.stop()
             raise
         return self
+
+    def _boot(self) -> str:
+        """Have the zygote fork an init for ``self._config`` and take hold of it; returns why
+        the box has no cgroup, if it has none. Used by ``start()`` and ``restart()``."""
+        config = self._config
+        asked = time.monotonic()
+        ours, theirs = channel.socketpair()
+        try:
+            zygote.get().spawn_box(config, theirs)
+        finally:
+            theirs.close()
+        ready = self._await_ready(ours)
+        self.pid = int(ready["host_pid"])
+        self._pidfd = os.pidfd_open(self.pid)
+        self._link = InitLink(ours, self.id)
+        self._files = BoxFiles(os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        self.root = OverlayRoot(
+            lowers=tuple(config["lowers"]),
+            upper=f"/proc/{self.pid}/fd/{ready['scratch_fd']}/upper",
+            merged=f"/proc/{self.pid}/root",
+            made_by_box=frozenset(ready.get("made", ())),
+            box_id=self.id,
+            is_running=lambda: self.running,
+        )
+        self._state = "running"
+        _live.add(self)
+        # The zygote made the box's cgroup and the box joined it while it waited: name it
+        # after the box, and set the limits before anything runs in it.
+        self.cgroup = cgroups.adopt(ready.get("cgroup", []))
+        self._cgroup_released = False
+        self._scratch_fd = int(ready["scratch_fd"])
+        self.timings = _start_timings(asked, ready, time.monotonic())
+        return str(ready.get("cgroup_error", ""))
+
+    def _apply_limits(self, cgroup_error: str) -> None:
+        if self.spec.limits:
+            if cgroup_error:
+                raise CgroupError(f"box {self.id}: no cgroup could be made, so no limits: {cgroup_error}")
+            self.cgroup.set(**self.spec.limits)
 
     def snapshot(self) -> Image:
         """The box's root as it is now, as an ``Image``: its image's layers plus one layer of
@@ -311,6 +321,69 @@ class Box:
         finally:
             if self._state == "running":
                 self.resume()
+
+    def restart(self) -> Box:
+        """Cut the box's power and boot it again: every process is killed at once (SIGKILL, no
+        chance to clean up), and a new init starts on the same root, changes kept, with the
+        same ``id``, hostname, address, limits and env. What is lost is what a power cut loses:
+        processes, their memory and connections, and ``tmpfs=`` mounts (RAM). Returns the box.
+
+        The root's changes become a snapshot layer under the new incarnation (see
+        ``snapshot()``): ``root.diff()`` shows the changes made since the last restart.
+        """
+        with self._lock:
+            self._require_running("restart()")
+            assert self.root is not None
+            if self.cgroup.driver is not None and not self.cgroup.is_frozen():
+                power.freeze(self.cgroup, self.id)  # the moment of the cut: nothing runs past it
+            attachment = self.network
+            mac = None
+            if attachment is not None:
+                mac = networking.box_mac(self._require_pid())
+                networking.unplug(attachment)  # nothing the dying box sends gets out
+            image = take_snapshot(self.id, self.root, self.image, self.cgroup, self.spec.cache)
+            self._state = "stopping"
+            self._paused = False
+            self._cut_power()
+            self.image = image
+            self._config = {**self._config, "lowers": list(image.lowers)}
+            try:
+                cgroup_error = self._boot()
+            except BaseException:
+                self._state = "stopping"  # stop() gives back the lease and ports
+                raise
+        try:
+            self._apply_limits(cgroup_error)
+            if attachment is not None:
+                pid = self._require_pid()
+                networking.replug(attachment, pid, f"/proc/{pid}/fd/{self._scratch_fd}/etc/hosts", mac)
+            for forwarder in self._published.values():
+                forwarder.repoint(self._require_pid())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _cut_power(self) -> None:
+        """Kill the box's processes (frozen: see ``power.kill_frozen``), end their
+        ``BoxProcess`` views as killed, and let go of the old init's link and cgroup."""
+        if not self.cgroup.closed and self.cgroup.driver is not None:
+            power.kill_frozen(self.cgroup)
+        dead = self._kill_init()
+        if self._link is not None:
+            self._link.drain()
+        for process in list(self._processes):
+            process._finish(self._link.exit_status(process.pid) if self._link else None)
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        self._last_spawned = None  # the next waits watch what the new incarnation runs
+        self._cgroup_released = True
+        cgroups.release(self.cgroup)
+        if not dead:
+            raise BoxError(
+                f"box {self.id}: init (pid {self.pid}) did not die within {STOP_TIMEOUT}s of SIGKILL"
+            )
 
     def _require_awake(self, what: str) -> InitLink:
         """``_require_running``, and not paused: init is frozen too, a request would hang."""

@@ -11,7 +11,7 @@ import time
 
 from ..state import STATE_DIR
 from . import bridge, nat, pool, reclaim
-from .attach import Attachment, plug
+from .attach import Attachment, box_mac, plug, replug, unplug
 from .pool import DEFAULT_SUBNET, parse_subnet
 from .publish import Forwarder
 from .shaping import Link
@@ -21,13 +21,16 @@ __all__ = [
     "Attachment",
     "Forwarder",
     "Link",
+    "box_mac",
     "bridge",
     "nat",
     "parse_subnet",
     "plug",
     "pool",
     "reclaim",
+    "replug",
     "shutdown",
+    "unplug",
 ]
 
 

@@ -111,8 +111,17 @@ def plug(
         with pool.locked(subnet) as entry:
             entry.give_back(address)
         raise
-    # Shaping acts on the egress of both ends (one per direction); down() on the host end, so
-    # the box sees its carrier drop.
+    link = _link(box_id, init_pid, host_interface, host_index, box_index)
+    attachment = Attachment(
+        box_id, hostname, subnet, address, bridge_name, host_interface, host_index, gateway, link
+    )
+    hosts.join(bridge_name, hosts.Entry(box_id, hostname, address, hosts_path))
+    return attachment
+
+
+def _link(box_id: str, init_pid: int, host_interface: str, host_index: int, box_index: int) -> Link:
+    """Shaping acts on the egress of both ends (one per direction); down() on the host end, so
+    the box sees its carrier drop."""
     ends = [
         End(host_index, host_interface),
         End(
@@ -123,12 +132,60 @@ def plug(
             netns_start=state.process_start(init_pid),
         ),
     ]
-    link = Link(f"{box_id}:{BOX_INTERFACE}", ends)
-    attachment = Attachment(
-        box_id, hostname, subnet, address, bridge_name, host_interface, host_index, gateway, link
+    return Link(f"{box_id}:{BOX_INTERFACE}", ends)
+
+
+def box_mac(init_pid: int) -> str | None:
+    """The hardware address of the box's ``eth0`` (None if it has none any more)."""
+    try:
+        with netns.inside(init_pid) as ipr:
+            found = ipr.link_lookup(ifname=BOX_INTERFACE)
+            return str(ipr.get_links(found[0])[0].get_attr("IFLA_ADDRESS")) if found else None
+    except Exception:
+        return None
+
+
+def unplug(attachment: Attachment) -> None:
+    """Pull the box's cable for a power cut: its veth goes at once (not with its network
+    namespace, a moment later), so that nothing the dying box sends reaches its peers and its
+    address and hardware address are free for the restarted box. Its lease stays."""
+    attachment.link.close()
+    with netns.host() as ipr:
+        try:
+            ipr.link("del", index=attachment.host_index)
+        except Exception as exc:
+            if netns.netlink_errno(exc) != errno.ENODEV:
+                what = f"{attachment.host_interface} of box {attachment.box_id}"
+                raise NetworkError(f"cannot remove {what}: {netns.describe(exc)}") from exc
+
+
+def replug(attachment: Attachment, init_pid: int, hosts_path: str, mac: str | None) -> None:
+    """Connect a restarted box (init ``init_pid``) to its bridge again, with the address it
+    holds the lease of and its old hardware address (so that its peers' ARP caches stay right)."""
+    with netns.host() as ipr:
+        found = ipr.link_lookup(ifname=attachment.bridge)
+    if not found:
+        raise NetworkError(f"box {attachment.box_id}: its bridge {attachment.bridge} is gone")
+    for _attempt in range(_NAME_ATTEMPTS):
+        host_interface = VETH_PREFIX + os.urandom(6).hex()[:11]
+        with pool.locked(attachment.subnet) as entry:
+            entry.note_interface(attachment.address, host_interface)
+        try:
+            host_index = _make_veth(init_pid, host_interface, int(found[0]))
+            break
+        except NameTaken:
+            continue
+    else:
+        raise NetworkError(
+            f"veth names keep clashing: something on this host makes {VETH_PREFIX}* interfaces"
+        )
+    box_index = _configure_inside(init_pid, attachment.address, attachment.prefixlen, attachment.gateway, mac)
+    attachment.host_interface, attachment.host_index = host_interface, host_index
+    attachment.link = _link(attachment.box_id, init_pid, host_interface, host_index, box_index)
+    hosts.leave(attachment.bridge, attachment.box_id)
+    hosts.join(
+        attachment.bridge, hosts.Entry(attachment.box_id, attachment.hostname, attachment.address, hosts_path)
     )
-    hosts.join(bridge_name, hosts.Entry(box_id, hostname, address, hosts_path))
-    return attachment
 
 
 def _make_veth(init_pid: int, host_interface: str, bridge_index: int) -> int:
@@ -154,10 +211,14 @@ def _make_veth(init_pid: int, host_interface: str, bridge_index: int) -> int:
         return int(found[0])
 
 
-def _configure_inside(init_pid: int, address: str, prefixlen: int, gateway: str | None) -> int:
+def _configure_inside(
+    init_pid: int, address: str, prefixlen: int, gateway: str | None, mac: str | None = None
+) -> int:
     with netns.inside(init_pid) as ipr:
         try:
             index = ipr.link_lookup(ifname=BOX_INTERFACE)[0]
+            if mac is not None:
+                ipr.link("set", index=index, address=mac)
             ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
             ipr.link("set", index=index, state="up")
             if gateway is not None:

@@ -45,6 +45,18 @@ class Forwarder:
     def __repr__(self) -> str:
         return f"<Forwarder 127.0.0.1:{self.port} -> box {self.box_id}:{self.box_port}>"
 
+    def repoint(self, box_pid: int) -> None:
+        """The box restarted (``Box.restart()``): cut its connections, keep the host port, and
+        forward new ones to the init ``box_pid``."""
+        with self._lock:
+            sockets = list(self._open)
+            self._open.clear()
+            self.box_pid = box_pid
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
     def close(self) -> None:
         """Stop listening and cut every open connection."""
         with self._lock:

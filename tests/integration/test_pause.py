@@ -7,6 +7,7 @@ The boxes' root is the host's /, so the small Python programs below run inside t
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 
@@ -187,3 +188,78 @@ def test_a_host_without_cgroups_names_the_doctor_freezer_line() -> None:
             assert not box.is_paused
         finally:
             box.cgroup = real
+
+
+# ----------------------------------------------------------------------------- restart
+
+
+def test_restart_kills_processes_and_keeps_root_name_and_limits() -> None:
+    with Box(hostname="node", limits={"pids": 50}, tmpfs={"/scratch": "1M"}, env={"ROLE": "db"}) as box:
+        box_id, old_pid = box.id, box.pid
+        sleeper = box.spawn(["sleep", "300"])
+        box.write_text("/var/data.txt", "kept")
+        box.write_text("/scratch/ram.txt", "lost")
+        host_pids = [process.pid for process in box.processes()]
+        assert len(host_pids) == 2
+        assert box.restart() is box
+        assert not psutil.pid_exists(host_pids[1])  # the old init may linger as a zombie a moment
+        assert sleeper.poll() == -9
+        assert box.id == box_id and box.pid != old_pid
+        assert [process.pid for process in box.processes()] == [box.pid]
+        assert box.read_text("/var/data.txt") == "kept"
+        assert not box.exists("/scratch/ram.txt") and box.exists("/scratch")
+        assert box.run(["hostname"]).stdout == "node\n"
+        assert box.run(["sh", "-c", "echo $ROLE"]).stdout == "db\n"
+        if box.cgroup.driver is not None:
+            assert _pids_max(box) == 50
+        # Changes after a restart are kept by the next one.
+        box.write_text("/var/second.txt", "too")
+        box.restart()
+        assert box.read_text("/var/data.txt") == "kept"
+        assert box.read_text("/var/second.txt") == "too"
+        assert box.run(["cat", "/var/second.txt"]).stdout == "too"
+        assert box.root is not None and box.root.merged == f"/proc/{box.pid}/root"
+    with pytest.raises(BoxError, match="stopped"):
+        box.restart()
+
+
+def _pids_max(box: Box) -> int:
+    for procs in box.cgroup.procs_files():
+        path = os.path.join(os.path.dirname(procs), "pids.max")
+        if os.path.exists(path):
+            with open(path) as handle:
+                return int(handle.read())
+    raise AssertionError(f"no pids.max next to {box.cgroup.procs_files()}")
+
+
+def test_a_restarted_bridged_box_keeps_its_address_and_is_reached_there(
+    nsbox_factory: Callable[..., Box],
+) -> None:
+    server = nsbox_factory(network="bridge", hostname="server")
+    client = nsbox_factory(network="bridge", hostname="client")
+    _serve(server)
+    address = server.ip
+    assert address is not None
+    assert _connect(client, address, 5.0) == {"ok": True, "reply": "server"}
+    server.restart()
+    assert server.ip == address
+    # Nothing listens until the service is started again: a refusal, not a timeout.
+    answer = _connect(client, address, 5.0)
+    assert answer["ok"] is False and "refused" in str(answer["error"]), answer
+    _serve(server)
+    assert _connect(client, address, 5.0) == {"ok": True, "reply": "server"}
+    assert _connect(client, "server", 5.0) == {"ok": True, "reply": "server"}
+    server.restart()
+    assert server.ip == address
+    _serve(server)
+    assert _connect(client, "server", 5.0) == {"ok": True, "reply": "server"}
+
+
+def test_a_paused_box_can_be_restarted() -> None:
+    with Box() as box:
+        _start_counter(box)
+        box.pause()
+        box.restart()
+        assert not box.is_paused
+        assert [process.pid for process in box.processes()] == [box.pid]
+        assert box.run(["true"]).returncode == 0
