@@ -11,6 +11,7 @@ Use the ``nsbox`` fixture in pytest, or ``Box`` directly::
 from __future__ import annotations
 
 from .box import Box, live_boxes
+from .cluster import Cluster
 from .errors import (
     ArgumentTypeError,
     BoxError,
@@ -46,6 +47,7 @@ __all__ = [
     "BoxSpec",
     "CgroupError",
     "Changes",
+    "Cluster",
     "CommandFailedError",
     "CommandNotFoundError",
     "CommandTimeoutError",

@@ -19,6 +19,8 @@ import pytest
 from . import hookspecs, interrupts, network, probe, reaper, report, templates
 from .box import Box, before_next_box, forget_hook, stop_all
 from .cgroups import Cgroup
+from .cluster import RESERVED as CLUSTER_RESERVED
+from .cluster import Cluster
 from .errors import ArgumentTypeError, ConfigError, HostUnsupportedError, ImageError, NsboxError
 from .image import load_image, set_progress, split_reference
 from .netpair import NetPair
@@ -29,6 +31,7 @@ STRICT = pytest.StashKey[bool]()
 DEFAULTS = pytest.StashKey[dict[str, Any]]()  # box options from the command line and ini
 BOXES = pytest.StashKey[list[Box]]()  # on a test item: the boxes its fixtures started
 CALL_REPORT = pytest.StashKey[pytest.TestReport]()  # on a test item: its call phase's report
+CLUSTERS = pytest.StashKey[list[Cluster]]()  # on a test item: the clusters its fixtures started
 KEEP = pytest.StashKey[str]()  # --nsbox-keep: never, failed or always
 KEPT = pytest.StashKey[list[tuple[str, Box]]]()  # (test or scope node id, box) kept by this session
 IMPORT_SINK = pytest.StashKey[Callable[[str], None] | None]()  # the image import sink before ours
@@ -45,7 +48,7 @@ SCOPED_FACTORIES = (
     "nsbox_factory_session",
 )
 _BOX_FIXTURES = frozenset(
-    {"nsbox", "nsbox_factory", "netpair", "overlay_root", "cgroup_limit", *SCOPED_FACTORIES}
+    {"nsbox", "nsbox_factory", "netpair", "nsbox_cluster", "overlay_root", "cgroup_limit", *SCOPED_FACTORIES}
 )
 
 _MARKER_HELP = (
@@ -367,6 +370,8 @@ def pytest_runtest_makereport(
             boxes.extend(box for box in registry.boxes if box.running)
         for box in {id(box): box for box in boxes}.values():
             test_report.sections.append(_box_section(box))
+        for cluster in item.stash.get(CLUSTERS, ()):
+            test_report.sections.append(_cluster_section(cluster))
     return test_report
 
 
@@ -413,6 +418,14 @@ def _box_section(box: Box) -> tuple[str, str]:
     except Exception as exc:  # describe() does not raise; this is for what it cannot foresee
         text = f"could not describe this box: {type(exc).__name__}: {exc}"
     return f"nsbox box {getattr(box, 'id', '?')}", text
+
+
+def _cluster_section(cluster: Cluster) -> tuple[str, str]:
+    try:
+        text = cluster.describe()
+    except Exception as exc:  # as _box_section: a report must not fail for its section
+        text = f"could not describe this cluster: {type(exc).__name__}: {exc}"
+    return f"nsbox cluster {', '.join(cluster.names)}", text
 
 
 def require_boxes(config: pytest.Config) -> None:
@@ -775,6 +788,67 @@ def _configure_pair(request: pytest.FixtureRequest, pair: NetPair) -> None:
             )
         setattr(pair, f"spec_{name}", configured)
         setattr(pair, name, Box(spec=configured))
+
+
+@pytest.fixture
+def nsbox_cluster(request: pytest.FixtureRequest) -> Iterator[Callable[..., Cluster]]:
+    """``nsbox_cluster(3)`` or ``nsbox_cluster(["db1", "db2"], **options) -> Cluster``: started
+    boxes alone on a network of their own, resolving each other by name, with the faults of
+    ``Cluster`` (``partition``, ``block``, ``heal``, ``link(a, b)``). Options are ``Box``'s,
+    the ``nsbox`` marker's are the defaults; every cluster stops after the test.
+    """
+    marker = request.node.get_closest_marker("nsbox")
+    configured: dict[str, Any] = request.config.stash.get(DEFAULTS, {})
+    defaults = {**configured, **(dict(marker.kwargs) if marker else {})}
+    for set_by_the_cluster in CLUSTER_RESERVED:
+        defaults.pop(set_by_the_cluster, None)
+    clusters: list[Cluster] = []
+
+    def make(nodes: int | Sequence[str] = 3, **options: Any) -> Cluster:
+        # A ConfigError, not pytest.fail: the test may expect it (pytest.raises).
+        cluster = Cluster(nodes, **{**defaults, **options})
+        require_boxes(request.config)
+        _configure_nodes(request, cluster)
+        clusters.append(cluster)
+        request.node.stash.setdefault(CLUSTERS, []).append(cluster)
+        cluster.start()
+        for box in cluster:
+            _track(request, box)
+        for box in cluster:
+            request.node.ihook.pytest_nsbox_started(box=box, request=request)
+        return cluster
+
+    yield make
+    call_report = request.node.stash.get(CALL_REPORT, None)
+    failures: list[BaseException] = []
+    for cluster in reversed(clusters):
+        failures += _stopping(request.node.ihook, request, list(reversed(list(cluster))), call_report)
+        try:
+            cluster.stop()
+        except BaseException as exc:  # the other clusters stop all the same
+            failures.append(exc)
+    if failures:
+        raise failures[0]
+
+
+def _configure_nodes(request: pytest.FixtureRequest, cluster: Cluster) -> None:
+    """Run ``pytest_nsbox_configure`` on every node of a cluster that has not started yet."""
+    for name, spec in list(cluster.specs.items()):
+        configured = configure_spec(request, spec)
+        if configured is spec:
+            continue
+        changed = [
+            field
+            for field in ("hostname", "network", "nat", "subnet", "publish")
+            if getattr(configured, field) != getattr(spec, field)
+        ]
+        if changed:
+            pytest.fail(
+                f"pytest_nsbox_configure: cluster node {name}: the cluster sets hostname, network, nat, "
+                f"subnet and publish itself; the hook changed {', '.join(changed)}",
+                pytrace=False,
+            )
+        cluster._respec(name, configured)
 
 
 @pytest.fixture

@@ -688,3 +688,57 @@ def http_status(value: object, what: str) -> int:
     if not 100 <= value <= 599:
         raise ConfigError(f"{what}: {value} is not an HTTP status code; expected 100-599")
     return value
+
+
+CLUSTER_MAX = 64  # nodes of one cluster: more would be a load test, not a cluster
+
+
+def cluster_names(value: object, what: str) -> tuple[str, ...]:
+    """A cluster's node names: ``3`` gives ``n1, n2, n3``; a list gives its own names, each a
+    hostname, each once (they are the names the nodes resolve each other by)."""
+    if isinstance(value, bool) or not isinstance(value, int | list | tuple):
+        raise ArgumentTypeError(
+            f"{what}: expected a number of nodes (3) or a list of names (['db1', 'db2']), got {value!r}"
+        )
+    if isinstance(value, int):
+        if not 1 <= value <= CLUSTER_MAX:
+            raise ConfigError(f"{what}: a cluster has 1 to {CLUSTER_MAX} nodes, got {value}")
+        return tuple(f"n{i}" for i in range(1, value + 1))
+    if not 1 <= len(value) <= CLUSTER_MAX:
+        raise ConfigError(f"{what}: a cluster has 1 to {CLUSTER_MAX} nodes, got {len(value)} names")
+    names = tuple(_hostname(name, f"{what}: node name") for name in value)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"{what}: node names must differ; {', '.join(repeated)} is given more than once")
+    return names
+
+
+def cluster_node(value: object, names: Sequence[str], what: str) -> str:
+    """One node of a cluster, by name."""
+    if not isinstance(value, str):
+        raise ArgumentTypeError(f"{what}: expected a node name (one of {', '.join(names)}), got {value!r}")
+    if value not in names:
+        raise ConfigError(f"{what}: no node {value!r} in this cluster; its nodes are {', '.join(names)}")
+    return value
+
+
+def cluster_groups(groups: Sequence[object], names: Sequence[str], what: str) -> list[list[str]]:
+    """Groups of a partition: lists of node names, no node in two groups (a node in none is
+    cut off from all)."""
+    if not groups:
+        raise ConfigError(f"{what}: give the groups, e.g. partition(['{names[0]}'], [...]); heal() ends cuts")
+    parsed: list[list[str]] = []
+    seen: dict[str, int] = {}
+    for number, group in enumerate(groups, 1):
+        if isinstance(group, str) or not isinstance(group, list | tuple | set | frozenset):
+            raise ArgumentTypeError(f"{what}: group {number}: expected a list of node names, got {group!r}")
+        members = [cluster_node(name, names, f"{what}: group {number}") for name in group]
+        for name in members:
+            if name in seen and seen[name] != number:
+                raise ConfigError(
+                    f"{what}: node {name!r} is in group {seen[name]} and group {number}; a node is in one "
+                    "group at most (use block(a, b) for cuts that overlap)"
+                )
+            seen[name] = number
+        parsed.append(list(dict.fromkeys(members)))
+    return parsed

@@ -1,0 +1,297 @@
+"""``Cluster``: N named boxes alone on a network of their own, and the faults between them.
+
+The nodes hang on a private bridge (as a ``NetPair``'s two boxes do): no address on the host,
+nothing else on it, so two clusters never see each other, and every node's ``/etc/hosts``
+lists all nodes by name. Faults are cuts at layer 3 (``partition``, ``block``, ``ring``,
+``link(a, b).down()``), made of nftables rules inside the nodes' own network namespaces (see
+network/faults.py): they go with the nodes, and nothing of them is ever left on the host.
+Each fault is written down with its time, for the failure report's nemesis timeline.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from . import spec as specs
+from . import state
+from .box import Box
+from .errors import ConfigError, NetworkError, NsboxError
+from .network import bridge, faults, pool
+from .spec import BoxSpec, ImageSource
+
+RESERVED = ("hostname", "network", "nat", "publish")
+
+
+class NodeLink:
+    """The link between two nodes of a cluster: ``down()`` cuts both directions, ``up()``
+    restores them (cuts of ``partition``/``block`` stay as they are)."""
+
+    def __init__(self, cluster: Cluster, a: str, b: str) -> None:
+        self.cluster = cluster
+        self.pair = (a, b)
+
+    def __repr__(self) -> str:
+        state = "up" if self.is_up else "down"
+        return f"<NodeLink {self.pair[0]} <-> {self.pair[1]} {state}>"
+
+    @property
+    def is_up(self) -> bool:
+        return frozenset(self.pair) not in self.cluster._down
+
+    def down(self) -> NodeLink:
+        self.cluster._set_link(self.pair, up=False)
+        return self
+
+    def up(self) -> NodeLink:
+        self.cluster._set_link(self.pair, up=True)
+        return self
+
+
+class Cluster:
+    """Started boxes named ``n1..nN`` (or as given), each resolving the others by name.
+
+    ``Cluster(3)`` or ``Cluster(["db1", "db2", "db3"], image=..., limits=...)``; the options
+    are ``Box``'s and apply to every node (hostname, network, nat and publish are the
+    cluster's own). A context manager: ``with Cluster(3) as cluster: ...``.
+    """
+
+    def __init__(
+        self,
+        nodes: int | Sequence[str] = 3,
+        image: str | os.PathLike[str] | ImageSource | None = None,
+        **options: Any,
+    ) -> None:
+        names = specs.cluster_names(nodes, "Cluster()")
+        for reserved in RESERVED:
+            if reserved in options:
+                raise ConfigError(
+                    f"Cluster(): {reserved}= is set by the cluster itself (hostnames are the node names, "
+                    "the network a private one of the cluster's, no NAT, no published ports)"
+                )
+        first = BoxSpec.create("Cluster()", image=image, hostname=names[0], **options)
+        self.specs: dict[str, BoxSpec] = {
+            name: first if name == names[0] else first.merged("Cluster()", hostname=name) for name in names
+        }
+        self.subnet = pool.parse_subnet(first.subnet or pool.DEFAULT_SUBNET, "Cluster(): subnet")
+        self.nodes: dict[str, Box] = {name: Box(spec=self.specs[name]) for name in names}
+        self.timeline: list[tuple[float, str]] = []  # (seconds since start, what was done)
+        self._bridge: tuple[int, str] | None = None
+        self._began: float | None = None
+        self._cuts: set[tuple[str, str]] = set()  # (from, to): from's packets to `to` are dropped
+        self._down: set[frozenset[str]] = set()  # pairs whose link is down
+        self._applied: dict[str, frozenset[str]] = {}  # node -> addresses its rules drop now
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------- the nodes
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.nodes)
+
+    def __getitem__(self, name: str) -> Box:
+        return self.nodes[specs.cluster_node(name, self.names, "cluster[...]")]
+
+    def __iter__(self) -> Iterator[Box]:
+        return iter(self.nodes.values())
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.nodes
+
+    @property
+    def bridge(self) -> str | None:
+        """The host-side name of the cluster's private bridge (None unless started)."""
+        return self._bridge[1] if self._bridge is not None else None
+
+    def __repr__(self) -> str:
+        nodes = " ".join(f"{name}={box.ip}" for name, box in self.nodes.items())
+        return f"<Cluster {nodes}>"
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _respec(self, name: str, spec: BoxSpec) -> None:
+        """Replace a node's spec before the start (the plugin's configure hook)."""
+        self.specs[name] = spec
+        self.nodes[name] = Box(spec=spec)
+
+    def start(self) -> Cluster:
+        """Start every node (one after the other: each start is a few milliseconds)."""
+        if self._began is not None:
+            raise NsboxError("this cluster was already started; make a new Cluster")
+        self._began = time.monotonic()
+        self._bridge = bridge.take_private(self.subnet)
+        try:
+            for box in self.nodes.values():
+                box.start()
+                box._join_network(self.subnet, private=self._bridge)
+        except BaseException:
+            self.stop()
+            raise
+        self._note("started " + ", ".join(f"{name} {box.ip}" for name, box in self.nodes.items()))
+        return self
+
+    def stop(self) -> None:
+        """Stop every node (the cuts go with their namespaces); the bridge is kept for this
+        process's next cluster or pair."""
+        failures: list[NsboxError] = []
+        for box in reversed(list(self.nodes.values())):
+            try:
+                box.stop()
+            except NsboxError as exc:
+                failures.append(exc)
+        if self._bridge is not None:
+            bridge.give_back_private(self.subnet, self._bridge[1])
+            self._bridge = None
+        if failures:
+            raise failures[0]
+
+    # ------------------------------------------------------------------------- faults
+
+    def partition(self, *groups: Sequence[str]) -> list[list[str]]:
+        """Split the network: each group reaches only its own members; a node in no group
+        reaches no one. Replaces the cuts in place (of earlier partitions and blocks).
+        Returns the groups."""
+        parsed = specs.cluster_groups(groups, self.names, "cluster.partition(...)")
+        group_of = {name: number for number, group in enumerate(parsed) for name in group}
+        cuts = {
+            (a, b)
+            for a in self.names
+            for b in self.names
+            if a != b and (a not in group_of or b not in group_of or group_of[a] != group_of[b])
+        }
+        loners = [name for name in self.names if name not in group_of]
+        text = "partition " + " | ".join(f"[{', '.join(group)}]" for group in parsed)
+        if loners:
+            text += f" (isolated: {', '.join(loners)})"
+        self._change(cuts, text)
+        return parsed
+
+    def partition_random_halves(self, rng: random.Random | None = None) -> list[list[str]]:
+        """A random majority/minority split (Jepsen's usual one); returns [majority, minority]."""
+        if len(self.names) < 2:
+            raise ConfigError("cluster.partition_random_halves(): a cluster of one node has no halves")
+        shuffled = list(self.names)
+        (rng or random.Random()).shuffle(shuffled)
+        minority = len(shuffled) // 2
+        majority_part, minority_part = shuffled[minority:], shuffled[:minority]
+        order = {name: index for index, name in enumerate(self.names)}
+        groups = [sorted(majority_part, key=order.__getitem__), sorted(minority_part, key=order.__getitem__)]
+        return self.partition(*groups)
+
+    def ring(self) -> None:
+        """Each node reaches only its two neighbours, in the cluster's order (a ring of nodes
+        that all see a majority, none the same one). Replaces the cuts in place."""
+        names = self.names
+        count = len(names)
+        neighbours = {
+            frozenset((names[i], names[(i + step) % count])) for i in range(count) for step in (1, -1)
+        }
+        cuts = {(a, b) for a in names for b in names if a != b and frozenset((a, b)) not in neighbours}
+        self._change(cuts, "ring " + " - ".join([*names, names[0]]))
+
+    def block(self, source: str, destination: str) -> None:
+        """Cut one direction: ``source``'s packets to ``destination`` are dropped, those of
+        ``destination`` to ``source`` still arrive. Adds to the cuts in place."""
+        a = specs.cluster_node(source, self.names, "cluster.block(source, ...)")
+        b = specs.cluster_node(destination, self.names, "cluster.block(..., destination)")
+        if a == b:
+            raise ConfigError(f"cluster.block({a!r}, {b!r}): a node cannot be cut from itself")
+        self._change(self._cuts | {(a, b)}, f"block {a} -> {b}")
+
+    def heal(self) -> None:
+        """End every cut: those of ``partition``, ``ring``, ``block`` and downed links."""
+        with self._lock:
+            self._down.clear()
+        self._change(set(), "heal")
+
+    def link(self, a: str, b: str) -> NodeLink:
+        """The link between nodes ``a`` and ``b``: ``down()`` / ``up()``."""
+        first = specs.cluster_node(a, self.names, "cluster.link(a, ...)")
+        second = specs.cluster_node(b, self.names, "cluster.link(..., b)")
+        if first == second:
+            raise ConfigError(f"cluster.link({a!r}, {b!r}): give two different nodes")
+        return NodeLink(self, first, second)
+
+    @property
+    def cuts(self) -> list[tuple[str, str]]:
+        """The directions cut now, (from, to), in the nodes' order."""
+        with self._lock:
+            cut = self._cuts | {(a, b) for pair in self._down for a in pair for b in pair if a != b}
+        order = {name: index for index, name in enumerate(self.names)}
+        return sorted(cut, key=lambda pair: (order[pair[0]], order[pair[1]]))
+
+    def _set_link(self, pair: tuple[str, str], up: bool) -> None:
+        with self._lock:
+            (self._down.discard if up else self._down.add)(frozenset(pair))
+            cuts = set(self._cuts)
+        self._change(cuts, f"link {pair[0]} <-> {pair[1]} {'up' if up else 'down'}")
+
+    def _change(self, cuts: set[tuple[str, str]], text: str) -> None:
+        with self._lock:
+            if self._began is None or self._bridge is None:
+                raise NetworkError(f"cluster: {text}: the cluster is not running; start it first")
+            wanted: dict[str, set[str]] = {name: set() for name in self.names}
+            for source, destination in cuts:
+                wanted[destination].add(self._address(source))
+            for pair in self._down:
+                a, b = sorted(pair)
+                wanted[a].add(self._address(b))
+                wanted[b].add(self._address(a))
+            changed = {
+                name: frozenset(addresses)
+                for name, addresses in wanted.items()
+                if self._applied.get(name, frozenset()) != frozenset(addresses)
+            }
+            if changed:
+                boxes = {name: self._init_of(name) for name in changed}
+                try:
+                    faults.apply(boxes, changed)
+                except BaseException:
+                    for name in changed:  # unknown now: loaded again whole on the next change
+                        self._applied[name] = frozenset({"?"})
+                    raise
+                self._applied.update(changed)
+            self._cuts = set(cuts)
+            self._note(text)
+
+    def _address(self, name: str) -> str:
+        address = self.nodes[name].ip
+        if address is None:
+            raise NetworkError(f"cluster: node {name} has no address (it has stopped)")
+        return address
+
+    def _init_of(self, name: str) -> tuple[int, int | None]:
+        pid = self.nodes[name].pid
+        if pid is None or not self.nodes[name].running:
+            raise NetworkError(f"cluster: node {name} has stopped: its network cannot be cut")
+        return pid, state.process_start(pid)
+
+    # ------------------------------------------------------------------------- report
+
+    def _note(self, text: str) -> None:
+        began = self._began if self._began is not None else time.monotonic()
+        self.timeline.append((time.monotonic() - began, text))
+
+    def describe(self) -> str:
+        """The nodes, the faults applied in order (times from the cluster's start) and the
+        cuts in force: the failure report's section."""
+        lines = ["nodes:"]
+        for name, box in self.nodes.items():
+            stopped = "" if box.running else " (stopped)"
+            lines.append(f"  {name:<12} {box.ip or '-':<15} box {box.id}{stopped}")
+        lines.append("faults (nemesis timeline):")
+        lines += [f"  +{seconds:.3f}s {text}" for seconds, text in self.timeline] or ["  (none)"]
+        cuts = self.cuts
+        lines.append("cut now: " + (", ".join(f"{a} -> {b}" for a, b in cuts) if cuts else "nothing"))
+        return "\n".join(lines)
