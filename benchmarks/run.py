@@ -7,7 +7,7 @@ Run from the repository root, as root, after ``benchmarks/setup.sh``::
     python benchmarks/run.py --only lifecycle scale --json out.json
 
 Sections (``--only`` takes these names), in the order they run: lifecycle, run, server, costs,
-scale, image, workload, prepared.
+cluster, scale, image, workload, prepared.
 Each prints a table of medians, p95s and ratios measured in the same run, interleaved; the
 targets the project set itself are printed last. See benchmarks/README.md for how to read it.
 Exit status: 0, or 1 if a section failed (a peer that cannot run is a note, not a failure) or
@@ -27,6 +27,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import cluster
 import features
 import images
 import lifecycle
@@ -46,6 +47,7 @@ SECTIONS: dict[str, SectionRun] = {
     "run": features.run_round_trip,
     "server": features.server,
     "costs": features.costs,
+    "cluster": cluster.run,
     # Before image and workload: a row of boxes measures drift, and those two leave the kernel
     # freeing and writing back a gigabyte or so for a while after they end.
     "scale": scale.run,
@@ -170,7 +172,25 @@ def targets(sections: dict[str, Section]) -> list[Target]:
                 False,
             )
         )
-    return found + scale_targets(sections.get("scale")) + prepared_targets(sections.get("prepared"))
+    return (
+        found
+        + cluster_targets(sections.get("cluster"))
+        + scale_targets(sections.get("scale"))
+        + prepared_targets(sections.get("prepared"))
+    )
+
+
+def cluster_targets(section: Section | None) -> list[Target]:
+    """A 5-node cluster's start + stop against 5 plain boxes' (the issue's "<= 5x one box")."""
+    return [
+        ratio_target(
+            f"{cluster.CLUSTER_ROW} / {cluster.NODES} x one plain box's",
+            median_of(section, cluster.CLUSTER_ROW),
+            None if section is None else (median_of(section, cluster.PLAIN_ROW) or 0) * cluster.NODES,
+            1.0,
+            True,
+        )
+    ]
 
 
 def prepared_targets(section: Section | None) -> list[Target]:
