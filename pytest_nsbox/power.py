@@ -67,4 +67,10 @@ def kill_frozen(cgroup: Cgroup) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    cgroup.thaw()
+    try:
+        cgroup.thaw()
+    except CgroupError:
+        # Thawed, they die at once; the box helper removes the emptied cgroup as it reaps the
+        # init, possibly before the thaw is seen. A cgroup that is gone holds nothing.
+        if any(os.path.isdir(path) for path in map(str, cgroup.dirs)):
+            raise

@@ -215,7 +215,9 @@ class V1Driver:
             )
         write(directory / "freezer.state", "FROZEN" if frozen else "THAWED", "freeze")
         # FREEZING until every task has stopped at a safe point.
-        wait_until(lambda: read(directory / "freezer.state").strip() == ("FROZEN" if frozen else "THAWED"))
+        wanted = "FROZEN" if frozen else "THAWED"
+        # A cgroup removed meanwhile (its last process died: the helper removes it) is done.
+        wait_until(lambda: not directory.exists() or read(directory / "freezer.state").strip() == wanted)
 
     def is_frozen(self, dirs: list[Path]) -> bool:
         directory = self._find(dirs, "freezer")

@@ -191,7 +191,8 @@ class V2Driver:
             raise CgroupError("freezing a box needs cgroup.freeze (Linux 5.2 or later)")
         write(path / "cgroup.freeze", "1" if frozen else "0", "freeze")
         # cgroup.events says "frozen 1" once every task has stopped.
-        wait_until(lambda: keyed(path / "cgroup.events").get("frozen", 0) == int(frozen))
+        # A cgroup removed meanwhile (its last process died: the helper removes it) is done.
+        wait_until(lambda: not path.exists() or keyed(path / "cgroup.events").get("frozen", 0) == int(frozen))
 
     def is_frozen(self, dirs: list[Path]) -> bool:
         return read(dirs[0] / "cgroup.freeze").strip() == "1"
