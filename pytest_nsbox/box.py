@@ -283,9 +283,12 @@ class Box:
         save it with ``Image.save``. Mounts of the box (``tmpfs=``, ``/proc``) are not part
         of its root and are not in the snapshot.
         """
-        self._require_running("snapshot()")
-        assert self.root is not None
-        return take_snapshot(self.id, self.root, self.image, self.cgroup, self.spec.cache)
+        # Under the box's lock: two snapshots at once would thaw each other's copy, and a
+        # stop() from another thread would take the upper layer away mid-copy.
+        with self._lock:
+            self._require_running("snapshot()")
+            assert self.root is not None
+            return take_snapshot(self.id, self.root, self.image, self.cgroup, self.spec.cache)
 
     # ----------------------------------------------------------------- pause and restart
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from containertools import PrivateTools, need
 from imagebuilder import Dir, Entry, File, ImageSpec, Whiteout, write_docker_save_legacy
 
 from pytest_nsbox import Box
@@ -37,57 +37,6 @@ ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "GRE
 UPPER: list[Entry] = [Dir("srv"), File("srv/upper", b"upper\n"), Whiteout("srv/doomed")]
 # What a box shows of the image: both layers' files, not the deleted one, the config applied.
 LOOK = "cat /srv/lower /srv/upper; ls -a /srv; pwd; id -u; echo $GREETING; test -e /srv/doomed || echo gone"
-
-_PRIVATE = 'mount -t tmpfs nsbox-tools /run && mount -t tmpfs nsbox-tools /var/lib && exec "$@"'
-
-
-class Tools:
-    """A private podman store in ``root`` and the commands that read archives into it."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.storage = [
-            "--root",
-            str(root / "storage"),
-            "--runroot",
-            str(root / "run"),
-            "--storage-driver",
-            "vfs",
-        ]
-
-    def run(self, *argv: str) -> str:
-        result = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", _PRIVATE, "sh", *argv],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if result.returncode != 0:
-            raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stderr}")
-        return result.stdout.strip()
-
-    def podman(self, *args: str) -> str:
-        return self.run(
-            "podman",
-            *self.storage,
-            "--tmpdir",
-            str(self.root / "podman-tmp"),
-            "--events-backend",
-            "none",
-            "--cgroup-manager",
-            "cgroupfs",
-            *args,
-        )
-
-    def skopeo(self, *args: str) -> str:
-        return self.run("skopeo", *args)
-
-
-def _need(*programs: str) -> None:
-    for program in programs:
-        if shutil.which(program) is None:
-            package = {"unshare": "util-linux"}.get(program, program)
-            pytest.skip(f"{program} is not installed (Debian: apt-get install {package})")
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +67,10 @@ def saved(original: Image, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 @pytest.fixture(scope="module")
-def tools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tools]:
-    _need("unshare")
+def tools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateTools]:
+    need("unshare")
     root = tmp_path_factory.mktemp("tools")
-    made = Tools(root)
+    made = PrivateTools(root)
     try:
         yield made
     finally:
@@ -134,9 +83,9 @@ def _diff_ids(path: Path, cache: str) -> list[str]:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_podman_loads_the_saved_archive_with_its_config_and_tag(
-    fmt: str, saved: dict[str, Path], tools: Tools, cache: str
+    fmt: str, saved: dict[str, Path], tools: PrivateTools, cache: str
 ) -> None:
-    _need("podman")
+    need("podman")
     output = tools.podman("load", "-i", str(saved[fmt]))
     assert f"Loaded image: {SAVED_TAG}" in output, output
     (inspected,) = json.loads(tools.podman("image", "inspect", SAVED_TAG))
@@ -148,8 +97,10 @@ def test_podman_loads_the_saved_archive_with_its_config_and_tag(
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_podman_loads_an_untagged_archive(fmt: str, original: Image, tools: Tools, tmp_path: Path) -> None:
-    _need("podman")
+def test_podman_loads_an_untagged_archive(
+    fmt: str, original: Image, tools: PrivateTools, tmp_path: Path
+) -> None:
+    need("podman")
     untagged = Image(original.reference, original.lowers, original.config, original.diff_ids)
     path = untagged.save(tmp_path / f"untagged-{fmt}.tar", fmt)
     output = tools.podman("load", "-i", path)
@@ -161,8 +112,10 @@ def test_podman_loads_an_untagged_archive(fmt: str, original: Image, tools: Tool
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_skopeo_reads_the_saved_archive(fmt: str, saved: dict[str, Path], tools: Tools, cache: str) -> None:
-    _need("skopeo")
+def test_skopeo_reads_the_saved_archive(
+    fmt: str, saved: dict[str, Path], tools: PrivateTools, cache: str
+) -> None:
+    need("skopeo")
     transport = {"docker": "docker-archive", "oci": "oci-archive"}[fmt]
     inspected = json.loads(tools.skopeo("inspect", f"{transport}:{saved[fmt]}"))
     assert inspected["Env"] == ENV and inspected["Os"] == "linux"
@@ -212,14 +165,14 @@ SNAPSHOT_LOOK = (
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_saved_snapshot_boots_the_same_files(
-    fmt: str, snapshot: tuple[Image, str], tools: Tools, cache: str, tmp_path: Path
+    fmt: str, snapshot: tuple[Image, str], tools: PrivateTools, cache: str, tmp_path: Path
 ) -> None:
     """Snapshot -> save -> podman load and skopeo inspect take it -> a box of the archive
     (read through the same path --nsbox-image takes) sees what the snapshot's box saw."""
     image, seen = snapshot
     assert image.snapshots == 1 and len(image.lowers) == 3
     path = Path(image.save(tmp_path / f"snapshot-{fmt}.tar", fmt, tag="localhost/nsbox-snap:1"))
-    _need("podman", "skopeo")
+    need("podman", "skopeo")
     assert "Loaded image: localhost/nsbox-snap:1" in tools.podman("load", "-i", str(path))
     (inspected,) = json.loads(tools.podman("image", "inspect", "localhost/nsbox-snap:1"))
     assert len(inspected["RootFS"]["Layers"]) == 3 and inspected["Config"]["Env"] == ENV

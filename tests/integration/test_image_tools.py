@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from containertools import PrivateTools, need
 from imagebuilder import Dir, Entry, File, write_rootfs_tar
 
 from pytest_nsbox import Box, ImageError
@@ -33,57 +34,14 @@ LOWER: list[Entry] = [Dir("srv"), File("srv/lower", b"lower\n"), File("srv/doome
 IMAGE = "localhost/nsbox-two:latest"
 BASE = "localhost/nsbox-base:latest"
 
-# Run a tool where /run and /var/lib are private tmpfs: podman's runtime state, netavark's
-# network dir and the blob-info cache land there and vanish with the namespace.
-_PRIVATE = 'mount -t tmpfs nsbox-tools /run && mount -t tmpfs nsbox-tools /var/lib && exec "$@"'
 
-
-class Tools:
+class Tools(PrivateTools):
     """The module's image store and the commands that write archives from it."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.storage = [
-            "--root",
-            str(root / "storage"),
-            "--runroot",
-            str(root / "run"),
-            "--storage-driver",
-            "vfs",
-        ]
+        super().__init__(root)
         self.store_ref = f"containers-storage:[vfs@{root / 'storage'}+{root / 'run'}]"
         self.made: dict[str, Path] = {}
-
-    def run(self, *argv: str) -> str:
-        result = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", _PRIVATE, "sh", *argv],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if result.returncode != 0:
-            raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stderr}")
-        return result.stdout.strip()
-
-    def buildah(self, *args: str) -> str:
-        return self.run("buildah", *self.storage, *args)
-
-    def podman(self, *args: str) -> str:
-        tmp = str(self.root / "podman-tmp")
-        return self.run(
-            "podman",
-            *self.storage,
-            "--tmpdir",
-            tmp,
-            "--events-backend",
-            "none",
-            "--cgroup-manager",
-            "cgroupfs",
-            *args,
-        )
-
-    def skopeo(self, *args: str) -> str:
-        return self.run("skopeo", *args)
 
     def out(self, name: str) -> Path:
         return self.root / "out" / name
@@ -96,17 +54,10 @@ class Tools:
         return layout
 
 
-def _need(*programs: str) -> None:
-    for program in programs:
-        if shutil.which(program) is None:
-            package = {"podman": "podman", "buildah": "buildah", "skopeo": "skopeo"}.get(program, program)
-            pytest.skip(f"{program} is not installed (Debian: apt-get install {package})")
-
-
 @pytest.fixture(scope="module")
 def tools(tmp_path_factory: pytest.TempPathFactory, shell_entries_once: list[Entry]) -> Iterator[Tools]:
     """A private store holding the two-layer image (buildah), removed with everything after."""
-    _need("buildah", "unshare")
+    need("buildah", "unshare")
     root = tmp_path_factory.mktemp("tools")
     (root / "out").mkdir()
     made = Tools(root)
@@ -131,7 +82,7 @@ def tools(tmp_path_factory: pytest.TempPathFactory, shell_entries_once: list[Ent
 
 def _podman_save(fmt: str, *options: str) -> Callable[[Tools], Path]:
     def write(tools: Tools) -> Path:
-        _need("podman")
+        need("podman")
         target = tools.out(f"podman-{fmt}{''.join(options)}")
         tools.podman("save", *options, "--format", fmt, "-o", str(target), IMAGE)
         return target
@@ -141,7 +92,7 @@ def _podman_save(fmt: str, *options: str) -> Callable[[Tools], Path]:
 
 def _skopeo(dest: str, name: str, *options: str) -> Callable[[Tools], Path]:
     def write(tools: Tools) -> Path:
-        _need("skopeo")
+        need("skopeo")
         target = tools.out(name)
         tools.skopeo("copy", *options, f"oci:{tools.oci_dir()}:two", f"{dest}:{target}")
         return target
@@ -159,7 +110,7 @@ def _buildah_push(dest: str, name: str, suffix: str = "") -> Callable[[Tools], P
 
 
 def _skopeo_oci_layout(tools: Tools) -> Path:
-    _need("skopeo")
+    need("skopeo")
     return tools.oci_dir()
 
 
@@ -220,7 +171,7 @@ def test_each_tool_output_boots_with_both_layers(writer: str, tools: Tools, tmp_
 
 def test_podman_save_m_needs_a_tag_and_boots_the_one_named(tools: Tools, tmp_path: Path) -> None:
     """`podman save -m` puts several images in one archive: the box asks which, as `PATH#TAG`."""
-    _need("podman")
+    need("podman")
     target = tools.out("podman-multi.tar")
     tools.podman("save", "-m", "--format", "docker-archive", "-o", str(target), IMAGE, BASE)
     cache = str(tmp_path / "cache")
@@ -236,7 +187,7 @@ def test_podman_save_m_needs_a_tag_and_boots_the_one_named(tools: Tools, tmp_pat
 
 def test_an_untagged_image_of_several_is_picked_by_its_digest(tools: Tools, tmp_path: Path) -> None:
     """skopeo writes ``RepoTags: []`` without a tag; in a two-image archive the digest names it."""
-    _need("skopeo")
+    need("skopeo")
     target = tools.out("sk-two-images.tar")
     tools.skopeo("copy", f"oci:{tools.oci_dir()}:two", f"docker-archive:{target}")
     # A second, tagged image beside it: rewrite the manifest with the same image listed again.
@@ -277,7 +228,7 @@ def _relabel_layers(layout: Path, media_type: str, drop_blob: bool = False) -> N
 
 def test_non_distributable_layers_unpack_when_the_archive_holds_them(tools: Tools, tmp_path: Path) -> None:
     """Foreign layers are plain tars a registry does not serve: held in the layout, they boot."""
-    _need("skopeo")
+    need("skopeo")
     layout = tmp_path / "foreign"
     shutil.copytree(tools.oci_dir(), layout)
     _relabel_layers(layout, "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip")
@@ -285,7 +236,7 @@ def test_non_distributable_layers_unpack_when_the_archive_holds_them(tools: Tool
 
 
 def test_a_foreign_layer_missing_from_the_archive_is_refused_saying_why(tools: Tools, tmp_path: Path) -> None:
-    _need("skopeo")
+    need("skopeo")
     layout = tmp_path / "foreign"
     shutil.copytree(tools.oci_dir(), layout)
     _relabel_layers(layout, "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", drop_blob=True)

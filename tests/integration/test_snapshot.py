@@ -7,6 +7,7 @@ target, extended attributes, content, and which paths are hard links of one anot
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -267,3 +268,15 @@ def test_mount_points_a_box_made_are_not_its_changes(
     with Box(image=images[0], cache=image_cache) as copy:
         assert copy.read_text("/etc/app.conf") == "same\n"
         assert copy.read_text("/etc/hostname") == "box\n"  # its own, made as it started
+
+
+def test_snapshots_from_two_threads_each_copy_a_whole_box(image_cache: str) -> None:
+    """One at a time (the box's lock): neither thaws the box under the other's copy."""
+    with Box(cache=image_cache) as box:
+        box.write_text("/srv/threads", "x" * 100_000)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            images = list(pool.map(lambda _: box.snapshot(), range(4)))
+        assert not box.cgroup.is_frozen() and box.run("true").returncode == 0
+    assert len({image.lowers for image in images}) == 1
+    with Box(image=images[0], cache=image_cache) as copy:
+        assert copy.read_text("/srv/threads") == "x" * 100_000
