@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import time
 
 from . import channel, devices, init, syscalls
 from .errors import permission_hint
@@ -205,8 +206,12 @@ def _remove_box_cgroup(pid: int) -> None:
     the first one wins. This covers the boxes that never started, and every box of a host
     that died."""
     name = _unclaimed_cgroups.pop(pid, "") or _handed_out_cgroups.pop(pid, "")
-    if name:
-        _plan.remove_cgroup(name)
+    if name and not _plan.remove_cgroup(name):
+        # Busy for a moment (a v1 cgroup can refuse rmdir just after its last task left):
+        # the host retries, but a host that died will not, so it is tried again at our end.
+        _busy_cgroups.add(name)
+        if len(_busy_cgroups) > 64:  # keep the record short: forget those removed since
+            _busy_cgroups.difference_update([n for n in list(_busy_cgroups) if _plan.remove_cgroup(n)])
 
 
 def _forget(pid: int) -> None:
@@ -235,6 +240,11 @@ def _shutdown() -> None:
         except ChildProcessError:
             pass
         _remove_box_cgroup(pid)
+    deadline = time.monotonic() + 2.0
+    while _busy_cgroups and time.monotonic() < deadline:
+        _busy_cgroups.difference_update([n for n in list(_busy_cgroups) if _plan.remove_cgroup(n)])
+        if _busy_cgroups:
+            time.sleep(0.01)
     _plan.remove_parents()
     os._exit(0)
 
@@ -243,6 +253,7 @@ def _shutdown() -> None:
 # out) and handed-out ones (the host's from then on; should it die, ours again at the end).
 _unclaimed_cgroups: dict[int, str] = {}
 _handed_out_cgroups: dict[int, str] = {}
+_busy_cgroups: set[str] = set()  # whose removal failed: tried again at the end
 
 
 def _taken(pid: int) -> None:
