@@ -136,6 +136,9 @@ class Box:
         self._processes: set[BoxProcess] = set()
         self._state = "created"
         self._paused = False
+        # Told "pause", "resume" and "restart" after each is done: a cluster writes them into
+        # its nemesis timeline, next to the network faults.
+        self._power_watchers: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
         self._scratch_fd: int | None = None
         self._config: dict[str, Any] = {}
@@ -302,17 +305,21 @@ class Box:
         lets them go on. Pausing a paused box does nothing. See ``power``."""
         with self._lock:
             self._require_running("pause()")
-            if not self._paused:
-                power.freeze(self.cgroup, self.id)
-                self._paused = True
+            if self._paused:
+                return
+            power.freeze(self.cgroup, self.id)
+            self._paused = True
+        self._tell("pause")
 
     def resume(self) -> None:
         """Let a paused box run again, from where it stood; a box not paused is left as it is."""
         with self._lock:
             self._require_running("resume()")
-            if self._paused:
-                power.thaw(self.cgroup, self.id)
-                self._paused = False
+            if not self._paused:
+                return
+            power.thaw(self.cgroup, self.id)
+            self._paused = False
+        self._tell("resume")
 
     @contextmanager
     def paused(self) -> Iterator[Box]:
@@ -365,7 +372,12 @@ class Box:
         except BaseException:
             self.stop()
             raise
+        self._tell("restart")
         return self
+
+    def _tell(self, event: str) -> None:
+        for watcher in list(self._power_watchers):
+            watcher(event)
 
     def _cut_power(self) -> None:
         """Kill the box's processes (frozen: see ``power.kill_frozen``), end their

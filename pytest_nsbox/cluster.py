@@ -14,7 +14,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import spec as specs
@@ -79,7 +79,11 @@ class Cluster:
         }
         self.subnet = pool.parse_subnet(first.subnet or pool.DEFAULT_SUBNET, "Cluster(): subnet")
         self.nodes: dict[str, Box] = {name: Box(spec=self.specs[name]) for name in names}
-        self.timeline: list[tuple[float, str]] = []  # (seconds since start, what was done)
+        self.timeline: list[tuple[float, str]] = []  # (seconds since `epoch`, what was done)
+        # Where the timeline's clock starts (time.monotonic()): the test's start when the
+        # nsbox_cluster fixture made the cluster, else the cluster's own start.
+        self.epoch: float | None = None
+        self.epoch_name = "the cluster's start"
         self._bridge: tuple[int, str] | None = None
         self._began: float | None = None
         self._cuts: set[tuple[str, str]] = set()  # (from, to): from's packets to `to` are dropped
@@ -130,6 +134,10 @@ class Cluster:
         if self._began is not None:
             raise NsboxError("this cluster was already started; make a new Cluster")
         self._began = time.monotonic()
+        if self.epoch is None:
+            self.epoch = self._began
+        for name, box in self.nodes.items():
+            box._power_watchers.append(self._watcher(name))
         self._bridge = bridge.take_private(self.subnet)
         try:
             for box in self.nodes.values():
@@ -279,18 +287,23 @@ class Cluster:
 
     # ------------------------------------------------------------------------- report
 
+    def _watcher(self, name: str) -> Callable[[str], None]:
+        """What a node tells of its pauses, resumes and restarts goes into the timeline."""
+        return lambda event: self._note(f"{event} {name}")
+
     def _note(self, text: str) -> None:
-        began = self._began if self._began is not None else time.monotonic()
-        self.timeline.append((time.monotonic() - began, text))
+        epoch = self.epoch if self.epoch is not None else time.monotonic()
+        self.timeline.append((time.monotonic() - epoch, text))
 
     def describe(self) -> str:
-        """The nodes, the faults applied in order (times from the cluster's start) and the
-        cuts in force: the failure report's section."""
+        """The nodes, the faults applied in order (node pauses, resumes and restarts among
+        them; times from ``epoch``: the test's start under the fixture) and the cuts in force:
+        the failure report's section."""
         lines = ["nodes:"]
         for name, box in self.nodes.items():
             stopped = "" if box.running else " (stopped)"
             lines.append(f"  {name:<12} {box.ip or '-':<15} box {box.id}{stopped}")
-        lines.append("faults (nemesis timeline):")
+        lines.append(f"faults (nemesis timeline; times from {self.epoch_name}):")
         lines += [f"  +{seconds:.3f}s {text}" for seconds, text in self.timeline] or ["  (none)"]
         cuts = self.cuts
         lines.append("cut now: " + (", ".join(f"{a} -> {b}" for a, b in cuts) if cuts else "nothing"))

@@ -10,6 +10,7 @@ import inspect
 import itertools
 import os
 import shlex
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ BOXES_BEGUN = pytest.StashKey[bool]()
 SCOPED = pytest.StashKey[list["ScopedBoxRegistry"]]()  # the wider-scoped factories' boxes, until stopped
 RUNNING = pytest.StashKey[pytest.Item]()  # the test being run (set up, called, torn down)
 SETTING_UP = pytest.StashKey[list[pytest.FixtureRequest]]()  # fixtures being set up, innermost last
+TEST_START = pytest.StashKey[float]()  # on a test item: time.monotonic() as its setup began
 # The factories whose boxes outlive a test, one per pytest scope wider than a function.
 SCOPED_FACTORIES = (
     "nsbox_factory_class",
@@ -392,6 +394,7 @@ def pytest_runtest_protocol(
 ) -> Generator[None, object, object]:
     """Remember the test being run: ``nsbox_factory_package`` needs its package."""
     item.config.stash[RUNNING] = item
+    item.stash[TEST_START] = time.monotonic()  # a cluster's timeline counts from here
     try:
         return (yield)
     finally:
@@ -807,6 +810,8 @@ def nsbox_cluster(request: pytest.FixtureRequest) -> Iterator[Callable[..., Clus
     def make(nodes: int | Sequence[str] = 3, **options: Any) -> Cluster:
         # A ConfigError, not pytest.fail: the test may expect it (pytest.raises).
         cluster = Cluster(nodes, **{**defaults, **options})
+        if TEST_START in request.node.stash:
+            cluster.epoch, cluster.epoch_name = request.node.stash[TEST_START], "the test's start"
         require_boxes(request.config)
         _configure_nodes(request, cluster)
         clusters.append(cluster)

@@ -83,10 +83,21 @@ def test_nodes_go_through_the_hooks(pytester: pytest.Pytester, run_inner: RunInn
 def test_a_failure_report_shows_the_nemesis_timeline(pytester: pytest.Pytester, run_inner: RunInner) -> None:
     pytester.makepyfile(
         """
-        def test_split(nsbox_cluster):
+        import time
+
+        import pytest
+
+        @pytest.fixture
+        def slow_setup():
+            time.sleep(0.4)
+
+        def test_split(slow_setup, nsbox_cluster):
             cluster = nsbox_cluster(["db1", "db2", "db3"])
             cluster.partition(["db1"], ["db2", "db3"])
             cluster.heal()
+            with cluster["db3"].paused():
+                pass
+            cluster["db2"].restart()
             cluster.block("db2", "db1")
             print("NODES", *(box.id for box in cluster))
             assert False
@@ -100,8 +111,18 @@ def test_a_failure_report_shows_the_nemesis_timeline(pytester: pytest.Pytester, 
         assert f"nsbox box {box_id}" in output
     section = output.split("nsbox cluster db1, db2, db3", 1)[1]
     timeline = re.findall(r"^\s+\+(\d+\.\d{3})s (.*)$", section, re.MULTILINE)
-    assert [text for _, text in timeline][1:] == ["partition [db1] | [db2, db3]", "heal", "block db2 -> db1"]
+    assert [text for _, text in timeline][1:] == [
+        "partition [db1] | [db2, db3]",
+        "heal",
+        "pause db3",
+        "resume db3",
+        "restart db2",
+        "block db2 -> db1",
+    ]
     assert timeline[0][1].startswith("started db1 ")
     times = [float(seconds) for seconds, _ in timeline]
     assert times == sorted(times)
+    # Counted from the test's start, not the cluster's: the fixture before it slept 0.4 s.
+    assert times[0] >= 0.4
+    assert "times from the test's start" in section
     assert "cut now: db2 -> db1" in section
