@@ -143,6 +143,12 @@ class Box:
         self._scratch_fd: int | None = None
         self._config: dict[str, Any] = {}
         self.network: networking.Attachment | None = None
+        # Where the box is plugged in at its start (subnet, private bridge or None for the
+        # shared one, whether to list it in its peers' hosts files then): from its spec, or
+        # set by a NetPair or Cluster before the start.
+        self._network_plan: tuple[Any, tuple[int, str] | None, bool] | None = None
+        self._network_ms = 0.0  # the host's part of the attach, for timings["network"]
+        self._eth0: tuple[int, float] | None = None  # (index, ms its init spent) of the last boot
         self._published: dict[int, networking.Forwarder] = {}
 
     @property
@@ -218,14 +224,24 @@ class Box:
                 "no_new_privileges": self.spec.no_new_privileges,
                 "resolv_conf": NO_NAME_SERVER if self.spec.network == "bridge" and not self.spec.nat else "",
             }
+            if self._network_plan is None and self.spec.network == "bridge":
+                subnet = networking.parse_subnet(self.spec.subnet or networking.DEFAULT_SUBNET)
+                self._network_plan = (subnet, None, True)
+            # A bridged box is claimed from the waiting boxes whose veth is made already.
+            config["veth"] = self._network_plan is not None
             self._config = config
-            cgroup_error = self._boot()
+            try:
+                cgroup_error = self._boot(self._lease_network if self._network_plan is not None else None)
+            except BaseException:
+                if self.network is not None:
+                    self.network.release()  # leased, but the box never came up
+                if self._state == "created":
+                    self._state = "stopped"  # as a box whose start failed later is
+                raise
         try:
             self._apply_limits(cgroup_error)
-            if self.spec.network == "bridge":
-                began = time.monotonic()
-                self._join_network(networking.parse_subnet(self.spec.subnet or networking.DEFAULT_SUBNET))
-                self.timings["network"] = (time.monotonic() - began) * 1000
+            if self._network_plan is not None:
+                self._finish_network()
             if self.spec.nat:
                 assert self.network is not None
                 networking.nat.enable(self.network)
@@ -238,17 +254,20 @@ class Box:
             raise
         return self
 
-    def _boot(self) -> str:
+    def _boot(self, network: Callable[[list[Any]], dict[str, Any]] | None = None) -> str:
         """Have the zygote fork an init for ``self._config`` and take hold of it; returns why
-        the box has no cgroup, if it has none. Used by ``start()`` and ``restart()``."""
+        the box has no cgroup, if it has none. Used by ``start()`` and ``restart()``. With
+        ``network`` (see ``zygote.spawn_box``): the box comes with its ``eth0`` configured."""
         config = self._config
         asked = time.monotonic()
         ours, theirs = channel.socketpair()
         try:
-            zygote.get().spawn_box(config, theirs)
+            zygote.get().spawn_box(config, theirs, network)
         finally:
             theirs.close()
         ready = self._await_ready(ours)
+        if network is not None:
+            self._eth0 = (int(ready["eth0_index"]), float(ready.get("network_ms", 0.0)))
         self.pid = int(ready["host_pid"])
         self._pidfd = os.pidfd_open(self.pid)
         self._link = InitLink(ours, self.id)
@@ -358,15 +377,18 @@ class Box:
             self.image = image
             self._config = {**self._config, "lowers": list(image.lowers)}
             try:
-                cgroup_error = self._boot()
+                if attachment is None:
+                    cgroup_error = self._boot()
+                else:
+                    cgroup_error = self._boot(lambda veth: networking.move(attachment, veth, mac))
             except BaseException:
                 self._state = "stopping"  # stop() gives back the lease and ports
                 raise
         try:
             self._apply_limits(cgroup_error)
             if attachment is not None:
-                pid = self._require_pid()
-                networking.replug(attachment, pid, f"/proc/{pid}/fd/{self._scratch_fd}/etc/hosts", mac)
+                assert self._eth0 is not None
+                networking.rejoin(attachment, self._require_pid(), self._eth0[0], self._hosts_path())
             for forwarder in self._published.values():
                 forwarder.repoint(self._require_pid())
         except BaseException:
@@ -412,11 +434,34 @@ class Box:
             raise BoxError(f"box {self.id} is not running")
         return self.pid
 
-    def _join_network(self, subnet: Any, private: tuple[int, str] | None = None) -> None:
-        """Plug the running box into the shared bridge of ``subnet`` or a ``private`` one."""
+    def _plan_network(self, subnet: Any, private: tuple[int, str], join_hosts: bool = True) -> None:
+        """Before the start: plug the box into ``private`` (a NetPair's or Cluster's bridge)
+        rather than as its spec says; ``join_hosts=False``: the caller lists it in its peers'
+        hosts files itself (with ``hosts.join``), all nodes at once."""
+        self._network_plan = (subnet, private, join_hosts)
+
+    def _lease_network(self, veth: list[Any]) -> dict[str, Any]:
+        """At the claim of a waiting box (its veth's host end is ``veth``): lease an address,
+        put the host end on the bridge; returns what the box configures its ``eth0`` with."""
+        assert self._network_plan is not None
+        subnet, private, _join_hosts = self._network_plan
+        began = time.monotonic()
+        self.network = networking.lease(self.id, self.hostname, subnet, private, veth)
+        self._network_ms = (time.monotonic() - began) * 1000
+        return networking.inside(self.network)
+
+    def _finish_network(self) -> None:
+        """The box is up with its ``eth0``: its link, and its name in its peers' hosts files."""
+        assert self.network is not None and self._eth0 is not None and self._network_plan is not None
+        began = time.monotonic()
         pid = self._require_pid()
-        hosts_path = f"/proc/{pid}/fd/{self._scratch_fd}/etc/hosts"
-        self.network = networking.plug(pid, self.id, self.hostname, hosts_path, subnet, private)
+        networking.finish(self.network, pid, self._eth0[0], self._hosts_path(), self._network_plan[2])
+        # The host's parts (lease, the bridge, the link, hosts files) and the box's own.
+        self._network_ms += (time.monotonic() - began) * 1000
+        self.timings["network"] = self._network_ms + self._eth0[1]
+
+    def _hosts_path(self) -> str:
+        return f"/proc/{self._require_pid()}/fd/{self._scratch_fd}/etc/hosts"
 
     def keep(self, test: str = "") -> None:
         """Leave the box running after this process ends, for ``nsbox shell`` (``nsbox gc``

@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import spec as specs
-from . import state
+from . import state, zygote
 from .box import Box
 from .errors import ConfigError, NetworkError, NsboxError
-from .network import bridge, faults, pool
+from .network import bridge, faults, hosts, pool
 from .spec import BoxSpec, ImageSource
 
 RESERVED = ("hostname", "network", "nat", "publish")
@@ -130,7 +130,10 @@ class Cluster:
         self.nodes[name] = Box(spec=spec)
 
     def start(self) -> Cluster:
-        """Start every node (one after the other: each start is a few milliseconds)."""
+        """Start every node, one after the other: each is a box waiting with its veth made
+        (the box helper is asked for as many as there are nodes as the first one starts, and
+        keeps that many waiting for the next cluster), and each start is a few milliseconds.
+        The hosts files are written once all nodes have their addresses."""
         if self._began is not None:
             raise NsboxError("this cluster was already started; make a new Cluster")
         self._began = time.monotonic()
@@ -140,9 +143,14 @@ class Cluster:
             box._power_watchers.append(self._watcher(name))
         self._bridge = bridge.take_private(self.subnet)
         try:
-            for box in self.nodes.values():
+            boxes = list(self.nodes.values())
+            for number, box in enumerate(boxes):
+                box._plan_network(self.subnet, self._bridge, join_hosts=False)
                 box.start()
-                box._join_network(self.subnet, private=self._bridge)
+                if number == 0 and len(boxes) > 1:
+                    zygote.get().prepare(box._config, len(boxes))
+            entries = [box.network.hosts_entry for box in boxes if box.network is not None]
+            hosts.join(self._bridge[1], *[entry for entry in entries if entry is not None])
         except BaseException:
             self.stop()
             raise
@@ -153,6 +161,8 @@ class Cluster:
         """Stop every node (the cuts go with their namespaces); the bridge is kept for this
         process's next cluster or pair."""
         failures: list[NsboxError] = []
+        if self._bridge is not None:
+            hosts.forget(self._bridge[1])  # every node goes: no file to rewrite as each leaves
         for box in reversed(list(self.nodes.values())):
             try:
                 box.stop()

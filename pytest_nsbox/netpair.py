@@ -53,8 +53,8 @@ class NetPair:
         self._bridge = bridge.take_private(self.subnet)
         try:
             for box in (self.a, self.b):
+                box._plan_network(self.subnet, self._bridge)
                 box.start()
-                box._join_network(self.subnet, private=self._bridge)
         except BaseException:
             self.stop()
             raise

@@ -143,13 +143,15 @@ def join_cgroup(cgroup_dirs: list[str]) -> None:
 def root_hint(config: dict[str, Any]) -> dict[str, Any]:
     """What of a box's options its root is built from before it is asked for: its image's
     layers, its privilege, whether it gets a resolv.conf of its own (bound over the
-    image's; a bind needs its source in this mount namespace, which the pivot leaves), and the
-    host devices it may use (its zygote writes them into its device cgroup as it makes it)."""
+    image's; a bind needs its source in this mount namespace, which the pivot leaves), the
+    host devices it may use (its zygote writes them into its device cgroup as it makes it),
+    and whether it is bridged (its zygote makes its veth; plain boxes never pay for one)."""
     return {
         "lowers": list(config["lowers"]),
         "privileged": bool(config.get("privileged")),
         "resolv_conf": bool(config.get("resolv_conf")),
         "devices": [list(device) for device in config.get("devices") or ()],
+        "veth": bool(config.get("veth")),
     }
 
 

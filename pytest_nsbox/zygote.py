@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ START_TIMEOUT = 30.0
 # Waiting boxes kept, one per root (image and privilege) recently asked for: a suite that
 # alternates among four images, templates or snapshots finds a box ready for each.
 MAX_WAITING = 4
+# Boxes kept waiting for one root at most: a cluster asks for as many as it has nodes
+# (``prepare``), and each box taken is replaced by one like it, so the next cluster of that
+# size finds them all waiting.
+MAX_WAITING_PER_ROOT = 8
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 # The helper needs only the standard library and this package's low-level modules. Why not
@@ -87,7 +92,7 @@ class Zygote:
         # Requests whose box is on its way (sequence -> root key, mount generation), and the
         # boxes announced, one per root recently asked for.
         self._pending: dict[int, tuple[str, int]] = {}
-        self._waiting: dict[str, _Announced] = {}
+        self._waiting: dict[str, list[_Announced]] = {}  # least recently asked-for root first
         self._generation = 0  # how many changes of the host's mounts we have seen
         self._mountinfo = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
         self._mount_poller = select.poll()
@@ -101,9 +106,16 @@ class Zygote:
     def alive(self) -> bool:
         return self.owner_pid == os.getpid() and self.process.poll() is None
 
-    def spawn_box(self, config: dict[str, Any], box_end: socket.socket) -> None:
+    def spawn_box(
+        self,
+        config: dict[str, Any],
+        box_end: socket.socket,
+        network: Callable[[list[Any]], dict[str, Any]] | None = None,
+    ) -> None:
         """Hand ``config`` to a waiting box; its init reports on ``box_end``'s peer (ready, or
-        what failed).
+        what failed). With ``network``: the box is one with a prebuilt veth (``config["veth"]``),
+        and ``network([host_name, host_index])`` returns what the box configures its ``eth0``
+        with (``config["network"]``); if it raises, the box is dropped unused.
 
         Why the host talks to the box itself: the zygote announces each waiting box as it
         makes it, with the box's control socket, and that message waits in our socket until
@@ -112,24 +124,47 @@ class Zygote:
         as it should make the next one like it.
         """
         hint = rootfs.root_hint(config)
-        with self._lock:
-            try:
+        try:
+            with self._lock:
                 warm = self._waiting_box(hint)
+            try:
+                # Without the zygote's lock: the network's part waits for the host-wide pool.
+                if network is not None:
+                    if warm.veth is None:
+                        raise BoxError(f"the nsbox zygote (pid {self.pid}) made a box without its veth")
+                    config["network"] = network(warm.veth)
                 config["t_handoff"] = time.monotonic()  # the box reports its phases to us
-                try:
-                    channel.send(warm.control, {"config": config}, [box_end.fileno()])
-                finally:
-                    warm.control.close()
+                channel.send(warm.control, {"config": config}, [box_end.fileno()])
+            finally:
+                warm.control.close()  # unsent: EOF, the box exits unused (its veth with it)
+            with self._lock:
                 self._ask({"op": "taken", "pid": warm.pid, "hint": hint})
-            except OSError as exc:
-                raise BoxError(f"the nsbox zygote (pid {self.pid}) is gone: {self.log() or exc}") from exc
+        except OSError as exc:
+            raise BoxError(f"the nsbox zygote (pid {self.pid}) is gone: {self.log() or exc}") from exc
+
+    def prepare(self, config: dict[str, Any], count: int) -> None:
+        """Have ``count`` boxes for ``config``'s root waiting (at most ``MAX_WAITING_PER_ROOT``):
+        asks for those missing and returns at once; they are made while the caller goes on
+        (a cluster, starting its nodes one after another)."""
+        hint = rootfs.root_hint(config)
+        key = _key(hint)
+        try:
+            with self._lock:
+                self._collect(block=False)
+                have = len(self._waiting.get(key, [])) + sum(
+                    1 for pending in self._pending.values() if pending == (key, self._generation)
+                )
+                for _ in range(min(count, MAX_WAITING_PER_ROOT) - have):
+                    self._ask({"op": "want", "hint": hint})
+        except OSError as exc:
+            raise BoxError(f"the nsbox zygote (pid {self.pid}) is gone: {self.log() or exc}") from exc
 
     def waiting_boxes(self) -> int:
         """How many waiting boxes this handle holds (a descriptor each), once announcements
         that arrived are filed: for leak checks, which must not count them as leaks."""
         with self._lock:
             self._collect(block=False)
-            return len(self._waiting)
+            return sum(len(boxes) for boxes in self._waiting.values())
 
     def _waiting_box(self, hint: dict[str, Any]) -> _Announced:
         """A waiting box built for ``hint``, made before the host's mounts last changed;
@@ -141,12 +176,16 @@ class Zygote:
             if self._mounts_changed():
                 self._generation += 1  # every box asked for before now sees stale mounts
                 self._note_mounts()
-            warm = self._waiting.pop(key, None)
+            boxes = self._waiting.pop(key, [])
+            warm = boxes.pop(0) if boxes else None
+            if boxes:
+                self._waiting[key] = boxes  # the root most recently asked for, now
             # A host whose mounts change all the time gets the freshest box there is.
             if warm is not None and (warm.generation == self._generation or attempt >= 3):
                 return warm
             if warm is not None:
                 warm.control.close()  # EOF: it exits unused
+                continue  # the next one of this root may be fresh
             if (key, self._generation) not in self._pending.values():  # none fit is on its way
                 self._ask({"op": "want", "hint": hint})
             self._collect(block=True)
@@ -173,11 +212,14 @@ class Zygote:
                     continue  # an answer to nothing we asked: the box exits unused
                 error = message.get("error", {}).get("message", "no box in its answer")
                 raise BoxError(f"the nsbox zygote (pid {self.pid}) could not make a box: {error}")
-            if key in self._waiting:
-                self._waiting.pop(key).control.close()
-            self._waiting[key] = _Announced(message, socket.socket(fileno=fds[0]), generation)
+            boxes = self._waiting.pop(key, [])
+            boxes.append(_Announced(message, socket.socket(fileno=fds[0]), generation))
+            while len(boxes) > MAX_WAITING_PER_ROOT:
+                boxes.pop(0).control.close()
+            self._waiting[key] = boxes
             while len(self._waiting) > MAX_WAITING:  # the root least recently asked for goes
-                self._waiting.pop(next(iter(self._waiting))).control.close()
+                for warm in self._waiting.pop(next(iter(self._waiting))):
+                    warm.control.close()
         if block:
             raise BoxError(f"the nsbox zygote (pid {self.pid}) made no box within {START_TIMEOUT}s")
 
@@ -214,8 +256,9 @@ class Zygote:
             self.process.wait()
         os.close(self._log)
         os.close(self._mountinfo)
-        for warm in self._waiting.values():
-            warm.control.close()
+        for boxes in self._waiting.values():
+            for warm in boxes:
+                warm.control.close()
         self._waiting = {}
 
 
@@ -233,11 +276,13 @@ def _helper_environment() -> dict[str, str]:
 
 
 class _Announced:
-    """A waiting box as the zygote announced it: its pid, the socket its options go to, and
-    the host's mount generation when it was asked for."""
+    """A waiting box as the zygote announced it: its pid, the socket its options go to, the
+    host's mount generation when it was asked for, and its veth's host end (name, index) if
+    it was made for a bridged box."""
 
     def __init__(self, message: dict[str, Any], control: socket.socket, generation: int) -> None:
         self.pid = int(message["warm"])
+        self.veth: list[Any] | None = message.get("veth")
         self.control = control
         self.generation = generation
 

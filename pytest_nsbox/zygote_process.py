@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 
-from . import channel, devices, init, syscalls
+from . import channel, devices, init, rtnl, syscalls
 from .errors import permission_hint
 from .syscalls import (
     CLONE_NEWIPC,
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 # makes its cgroup namespace, so that inside it /proc/self/cgroup shows "/".
 BOX_NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID
 NAME_PREFIX = "nsb-"  # cgroups.NAME_PREFIX, which this process does not import
+VETH_PREFIX = "nsbv"  # network.names.VETH_PREFIX, which this process does not import
+BOX_INTERFACE = "eth0"
+_VETH_ATTEMPTS = 3
 
 
 def main(argv: list[str]) -> None:
@@ -309,7 +312,35 @@ def _clone_warm(zygote_sock: socket.socket, hint: dict[str, Any], seq: int) -> N
     _boxes.add(pid)  # the zygote reaps it in _reap() when it dies
     if cgroup:
         _unclaimed_cgroups[pid] = name
-    _announce(zygote_sock, {"warm": pid, "hint": hint, "seq": seq}, ours)
+    announcement: dict[str, Any] = {"warm": pid, "hint": hint, "seq": seq}
+    if hint.get("veth"):
+        try:
+            announcement["veth"] = _make_veth(pid)
+        except OSError as exc:
+            # The box is of no use without it: it exits on EOF as we close our end below.
+            ours.close()
+            _announce(zygote_sock, {"error": {"message": f"cannot create the box's veth: {exc}"}, "seq": seq})
+            return
+    _announce(zygote_sock, announcement, ours)
+
+
+def _make_veth(pid: int) -> list[Any]:
+    """The veth of a waiting box that will be bridged: its ``eth0`` in the box's network
+    namespace, the host end (a random name, down, on no bridge) here; [name, index].
+
+    Why now: the host only enslaves it and the box configures its end when the box is
+    claimed (a few tenths of a millisecond instead of several). Nothing of it needs tearing
+    down: both ends go with the box's network namespace, whenever and however the box ends
+    (claimed and stopped, dropped unused, or killed with this helper).
+    """
+    for attempt in range(_VETH_ATTEMPTS):
+        name = VETH_PREFIX + os.urandom(6).hex()[:11]
+        try:
+            return [name, rtnl.make_veth(name, BOX_INTERFACE, pid)]
+        except FileExistsError:
+            if attempt == _VETH_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _become_box(

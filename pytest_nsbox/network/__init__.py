@@ -11,7 +11,7 @@ import time
 
 from ..state import STATE_DIR
 from . import bridge, nat, pool, reclaim
-from .attach import Attachment, box_mac, plug, replug, unplug
+from .attach import Attachment, box_mac, finish, inside, lease, move, rejoin, unplug
 from .pool import DEFAULT_SUBNET, parse_subnet
 from .publish import Forwarder
 from .shaping import Link
@@ -23,12 +23,15 @@ __all__ = [
     "Link",
     "box_mac",
     "bridge",
+    "finish",
+    "inside",
+    "lease",
+    "move",
     "nat",
     "parse_subnet",
-    "plug",
     "pool",
     "reclaim",
-    "replug",
+    "rejoin",
     "shutdown",
     "unplug",
 ]

@@ -1,30 +1,32 @@
-"""Give a running box an ``eth0`` on a bridge: a veth, a leased address, a route, hosts entries.
+"""Give a box an ``eth0`` on a bridge: a veth, a leased address, a route, hosts entries.
+
+Most of it happens before anyone asks: a waiting box made for a bridged box has its veth
+already (the box helper makes it, ``zygote_process._make_veth``: its ``eth0`` inside, the host
+end down and on no bridge). Claiming it costs a lease under the pool's lock, one netlink
+request that puts the host end on the bridge, and the box's own configuration of its ``eth0``
+(address, up, route: ``rtnl.configure``, run by its init as it finishes its start).
 
 Teardown is the kernel's: when the box's network namespace goes, so does its veth, host end
-included. That costs the stop nothing (deleting a veth explicitly takes 16-20 ms) but happens
-a moment later, so host-side names are random (never reused while a dying one lingers) and
-the address cools down in the pool until the old interface is gone.
+included, whether the box was claimed or never was. That costs the stop nothing (deleting a
+veth explicitly takes 16-20 ms) but happens a moment later, so host-side names are random
+(never reused while a dying one lingers) and the address cools down in the pool until the
+old interface is gone.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
-import os
+import socket
 from dataclasses import dataclass, field
+from typing import Any
 
-from .. import state
+from .. import rtnl, state
 from ..errors import NetworkError
 from . import bridge, hosts, netns, pool
-from .names import VETH_PREFIX
 from .shaping import End, Link
 
 BOX_INTERFACE = "eth0"
-_NAME_ATTEMPTS = 3
-
-
-class NameTaken(Exception):
-    """The random host-side name exists already (another host tool, or astronomically bad luck)."""
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Attachment:
     gateway: str | None
     link: Link
     released: bool = field(default=False)
+    hosts_entry: hosts.Entry | None = field(default=None)
 
     @property
     def prefixlen(self) -> int:
@@ -67,56 +70,88 @@ class Attachment:
         self.released = True
 
 
-def plug(
-    init_pid: int,
+def lease(
     box_id: str,
     hostname: str,
-    hosts_path: str,
     subnet: ipaddress.IPv4Network,
-    private: tuple[int, str] | None = None,
+    private: tuple[int, str] | None,
+    veth: list[Any],
 ) -> Attachment:
-    """Connect the box whose init is ``init_pid`` to the shared bridge of ``subnet`` (with a
-    default route through the host), or to ``private`` (index, name): a pair's own bridge."""
+    """Lease an address for the box being claimed and put its prebuilt veth's host end
+    (``veth``: [name, index], made by the box helper while the box waited) on the shared
+    bridge of ``subnet`` (with a default route through the host) or on ``private`` (index,
+    name): a pair's or a cluster's own bridge. The box configures its ``eth0`` itself with
+    ``inside()``; ``finish()`` once it is ready. On an error nothing is held."""
     owner = state.Owner.current()
-    host_interface = VETH_PREFIX + os.urandom(6).hex()[:11]
-    with pool.locked(subnet) as entry, netns.host() as ipr:
-        bridge.delete_dead(entry, ipr)
+    host_interface, host_index = str(veth[0]), int(veth[1])
+    with pool.locked(subnet) as entry:
+        if entry.dead_private:
+            with netns.host() as ipr:
+                bridge.delete_dead(entry, ipr)
         if private is None:
             bridge_index, bridge_name, gateway = (
-                bridge.join_shared(entry, ipr),
+                bridge.join_shared(entry),
                 bridge.shared_name(subnet),
                 entry.gateway,
             )
         else:
             (bridge_index, bridge_name), gateway = private, None
         address = entry.take(owner, box_id, shared=private is None)
-        entry.note_interface(address, host_interface)  # before it exists: a crash leaves a trace
-    try:
-        for _attempt in range(_NAME_ATTEMPTS):
-            try:
-                host_index = _make_veth(init_pid, host_interface, bridge_index)
-                break
-            except NameTaken:
-                taken = host_interface
-                host_interface = VETH_PREFIX + os.urandom(6).hex()[:11]
-                with pool.locked(subnet) as entry:
-                    entry.note_interface(address, host_interface)
-        else:
-            raise NetworkError(
-                f"veth names keep clashing ({taken} and {_NAME_ATTEMPTS - 1} more exist): something on "
-                f"this host makes {VETH_PREFIX}* interfaces; remove them (`ip link del`)"
-            )
-        box_index = _configure_inside(init_pid, address, subnet.prefixlen, gateway)
-    except BaseException:
-        with pool.locked(subnet) as entry:
-            entry.give_back(address)
-        raise
-    link = _link(box_id, init_pid, host_interface, host_index, box_index)
+        entry.note_interface(address, host_interface)  # a crash leaves a trace
     attachment = Attachment(
-        box_id, hostname, subnet, address, bridge_name, host_interface, host_index, gateway, link
+        box_id,
+        hostname,
+        subnet,
+        address,
+        bridge_name,
+        host_interface,
+        host_index,
+        gateway,
+        Link(f"{box_id}:{BOX_INTERFACE}", []),
     )
-    hosts.join(bridge_name, hosts.Entry(box_id, hostname, address, hosts_path))
+    try:
+        _enslave(attachment, bridge_index)
+    except BaseException:
+        attachment.release()
+        raise
     return attachment
+
+
+def inside(attachment: Attachment, mac: str | None = None) -> dict[str, Any]:
+    """What the box's init configures its ``eth0`` with (``rtnl.configure``)."""
+    return {
+        "address": attachment.address,
+        "prefixlen": attachment.prefixlen,
+        "gateway": attachment.gateway,
+        "mac": mac,
+    }
+
+
+def finish(
+    attachment: Attachment, init_pid: int, box_index: int, hosts_path: str, join_hosts: bool = True
+) -> None:
+    """The box is ready with its ``eth0`` configured: its link (for faults and shaping), and
+    its name in the hosts files of its bridge's boxes (``join_hosts=False``: the caller lists
+    many boxes at once, with ``hosts.join``)."""
+    attachment.link = _link(
+        attachment.box_id, init_pid, attachment.host_interface, attachment.host_index, box_index
+    )
+    entry = hosts.Entry(attachment.box_id, attachment.hostname, attachment.address, hosts_path)
+    attachment.hosts_entry = entry
+    if join_hosts:
+        hosts.join(attachment.bridge, entry)
+
+
+def _enslave(attachment: Attachment, bridge_index: int) -> None:
+    """Put the host end on the bridge and bring it up: one netlink request."""
+    try:
+        with rtnl.Socket() as nl:
+            nl.set_link(attachment.host_index, up=True, master=bridge_index)
+    except OSError as exc:
+        raise NetworkError(
+            f"cannot put {attachment.host_interface} of box {attachment.box_id} on bridge "
+            f"{attachment.bridge}: {exc.strerror} (did the bridge or the box go?)"
+        ) from exc
 
 
 def _link(box_id: str, init_pid: int, host_interface: str, host_index: int, box_index: int) -> Link:
@@ -159,73 +194,23 @@ def unplug(attachment: Attachment) -> None:
                 raise NetworkError(f"cannot remove {what}: {netns.describe(exc)}") from exc
 
 
-def replug(attachment: Attachment, init_pid: int, hosts_path: str, mac: str | None) -> None:
-    """Connect a restarted box (init ``init_pid``) to its bridge again, with the address it
-    holds the lease of and its old hardware address (so that its peers' ARP caches stay right)."""
-    with netns.host() as ipr:
-        found = ipr.link_lookup(ifname=attachment.bridge)
-    if not found:
-        raise NetworkError(f"box {attachment.box_id}: its bridge {attachment.bridge} is gone")
-    for _attempt in range(_NAME_ATTEMPTS):
-        host_interface = VETH_PREFIX + os.urandom(6).hex()[:11]
-        with pool.locked(attachment.subnet) as entry:
-            entry.note_interface(attachment.address, host_interface)
-        try:
-            host_index = _make_veth(init_pid, host_interface, int(found[0]))
-            break
-        except NameTaken:
-            continue
-    else:
-        raise NetworkError(
-            f"veth names keep clashing: something on this host makes {VETH_PREFIX}* interfaces"
-        )
-    box_index = _configure_inside(init_pid, attachment.address, attachment.prefixlen, attachment.gateway, mac)
-    attachment.host_interface, attachment.host_index = host_interface, host_index
-    attachment.link = _link(attachment.box_id, init_pid, host_interface, host_index, box_index)
+def move(attachment: Attachment, veth: list[Any], mac: str | None) -> dict[str, Any]:
+    """Connect a restarted box (a new waiting box, with a new prebuilt ``veth``) to its bridge
+    again, with the address it holds the lease of and its old hardware address (so that its
+    peers' ARP caches stay right); returns what its init configures ``eth0`` with. ``rejoin()``
+    once the box is ready."""
+    try:
+        bridge_index = socket.if_nametoindex(attachment.bridge)
+    except OSError:
+        raise NetworkError(f"box {attachment.box_id}: its bridge {attachment.bridge} is gone") from None
+    with pool.locked(attachment.subnet) as entry:
+        entry.note_interface(attachment.address, str(veth[0]))
+    attachment.host_interface, attachment.host_index = str(veth[0]), int(veth[1])
+    _enslave(attachment, bridge_index)
+    return inside(attachment, mac)
+
+
+def rejoin(attachment: Attachment, init_pid: int, box_index: int, hosts_path: str) -> None:
+    """The restarted box is ready: a new link, and its hosts entry (its file is a new one)."""
     hosts.leave(attachment.bridge, attachment.box_id)
-    hosts.join(
-        attachment.bridge, hosts.Entry(attachment.box_id, attachment.hostname, attachment.address, hosts_path)
-    )
-
-
-def _make_veth(init_pid: int, host_interface: str, bridge_index: int) -> int:
-    with netns.host() as ipr:
-        try:
-            ipr.link(
-                "add",
-                ifname=host_interface,
-                kind="veth",
-                master=bridge_index,
-                state="up",
-                peer={"ifname": BOX_INTERFACE, "net_ns_pid": init_pid},
-            )
-        except Exception as exc:
-            if netns.netlink_errno(exc) == errno.EEXIST:
-                raise NameTaken(host_interface) from exc
-            raise NetworkError(
-                f"cannot create veth {host_interface} into the box of pid {init_pid}: {netns.describe(exc)}"
-            ) from exc
-        found = ipr.link_lookup(ifname=host_interface)
-        if not found:
-            raise NetworkError(f"veth {host_interface} vanished right after it was made (did the box stop?)")
-        return int(found[0])
-
-
-def _configure_inside(
-    init_pid: int, address: str, prefixlen: int, gateway: str | None, mac: str | None = None
-) -> int:
-    with netns.inside(init_pid) as ipr:
-        try:
-            index = ipr.link_lookup(ifname=BOX_INTERFACE)[0]
-            if mac is not None:
-                ipr.link("set", index=index, address=mac)
-            ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
-            ipr.link("set", index=index, state="up")
-            if gateway is not None:
-                ipr.route("add", dst="0.0.0.0/0", gateway=gateway)
-            return int(index)
-        except Exception as exc:
-            raise NetworkError(
-                f"cannot configure {BOX_INTERFACE} ({address}/{prefixlen}) in the box of pid {init_pid}: "
-                f"{netns.describe(exc)}"
-            ) from exc
+    finish(attachment, init_pid, box_index, hosts_path)

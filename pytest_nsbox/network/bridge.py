@@ -132,9 +132,10 @@ _used = False  # whether this process ever took a bridge (shared or private)
 _registered_lock = threading.Lock()
 
 
-def join_shared(entry: pool.Pool, ipr: IPRoute) -> int:
+def join_shared(entry: pool.Pool, ipr: IPRoute | None = None) -> int:
     """The index of the shared bridge of ``entry``'s subnet, made if needed, with this
-    process counted among its users. Called with the pool locked."""
+    process counted among its users. Called with the pool locked. Without ``ipr``, a netlink
+    socket is opened only if the bridge is not the one this process joined already."""
     global _used
     _used = True
     subnet = entry.subnet
@@ -143,6 +144,9 @@ def join_shared(entry: pool.Pool, ipr: IPRoute) -> int:
         cached = _registered.get(str(subnet))
     if cached is not None and netns_index_alive(name, cached):
         return cached
+    if ipr is None:
+        with netns.host() as opened:
+            return join_shared(entry, opened)
     index = lookup(ipr, name)
     if index is not None and not ours(ipr, index):
         raise NetworkError(

@@ -33,12 +33,21 @@ _members: dict[str, list[Entry]] = {}  # bridge name -> entries, in joining orde
 _lock = threading.Lock()
 
 
-def join(bridge: str, entry: Entry) -> None:
-    """List ``entry`` in the files of its bridge's boxes, and them in its own."""
+def join(bridge: str, *entries: Entry) -> None:
+    """List ``entries`` in the files of their bridge's boxes, and them in their own: each
+    file is written once, however many join (a cluster lists all its nodes at once)."""
+    if not entries:
+        return
     with _lock:
         members = _members.setdefault(bridge, [])
-        members.append(entry)
+        members.extend(entries)
         _rewrite(members)
+
+
+def forget(bridge: str) -> None:
+    """Every box of ``bridge`` is stopping (a cluster's): no file is rewritten any more."""
+    with _lock:
+        _members.pop(bridge, None)
 
 
 def leave(bridge: str, box_id: str) -> None:

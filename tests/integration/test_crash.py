@@ -36,7 +36,15 @@ import pytest
 @pytest.mark.nsbox(network="bridge", limits={"pids": 64}, subnet="SUBNET")
 def test_holds_a_box(nsbox):
     sleeper = nsbox.spawn(["sleep", "1000"])
+    from pytest_nsbox import zygote
+    helper = zygote.current()
+    deadline = time.monotonic() + 30
+    while not [w for boxes in helper._waiting.values() for w in boxes if w.veth]:
+        assert time.monotonic() < deadline, "no bridged box waits"
+        helper.waiting_boxes()  # files the announcements that arrived
+        time.sleep(0.02)
     info = {
+        "waiting_veths": [w.veth[0] for boxes in helper._waiting.values() for w in boxes if w.veth],
         "init": nsbox.pid,
         "sleeper": sleeper.host_pid,
         "ip": nsbox.ip,
@@ -134,6 +142,9 @@ def _nothing_left(info: dict[str, object]) -> list[str]:
         problems.append(f"cgroups {left}")
     if os.path.exists(f"/sys/class/net/{info['interface']}"):
         problems.append(f"veth {info['interface']}")
+    for name in info["waiting_veths"]:  # type: ignore[attr-defined]
+        if os.path.exists(f"/sys/class/net/{name}"):
+            problems.append(f"veth {name} of a waiting box")
     if info["ip"] in _leases():
         problems.append(f"lease {info['ip']}")
     if _shared_bridge_exists():

@@ -102,23 +102,32 @@ def test_a_killed_owners_lease_and_shared_bridge_are_reclaimed(tmp_path: Path) -
 
 
 def test_a_host_interface_name_that_exists_is_not_taken_over(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_nsbox import Box
-    from pytest_nsbox.network import attach
+    """The box helper draws the host end's name of a waiting box's veth: a name that exists
+    is drawn again, and the interface that has it is left alone."""
+    from pytest_nsbox import Box, zygote_process
 
     fixed = bytes(6)
-    squatter = attach.VETH_PREFIX + fixed.hex()[:11]
+    squatter = zygote_process.VETH_PREFIX + fixed.hex()[:11]
     draws = iter([fixed])
     real_urandom = os.urandom
-    monkeypatch.setattr(attach.os, "urandom", lambda n: next(draws, None) or real_urandom(n))
+    monkeypatch.setattr(zygote_process.os, "urandom", lambda n: next(draws, None) or real_urandom(n))
     with netns.host() as ipr:
         ipr.link("add", ifname=squatter, kind="bridge")  # any kind will do; this kernel has no dummy
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "60"])
     try:
-        with Box(network="bridge") as box:
-            assert box.network is not None
-            assert box.network.host_interface != squatter
-            assert box.run(["cat", "/sys/class/net/eth0/operstate"]).stdout.strip() == "up"
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{holder.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+            assert time.monotonic() < deadline, "unshare --net did not take effect"
+            time.sleep(0.01)
+        name, index = zygote_process._make_veth(holder.pid)
+        assert name != squatter and name.startswith(zygote_process.VETH_PREFIX)
+        assert _exists(name) and index > 0
         assert _exists(squatter), "the other interface was touched"
+        with Box(network="bridge") as box:  # and boxes still come up with theirs
+            assert box.run(["cat", "/sys/class/net/eth0/operstate"]).stdout.strip() == "up"
     finally:
+        holder.kill()
+        holder.wait()
         _delete_if_there(squatter)
 
 
