@@ -5,8 +5,8 @@ Three measurements, each interleaved with what it is compared with where there i
 - a 5-node ``Cluster(5)`` start + stop against 5 bridged boxes (``Box(network="bridge")``)
   started and stopped one after another, and against one plain box's start + stop (the
   target: a 5-node cluster start costs at most 5 plain boxes);
-- a ``partition`` + ``heal`` round trip on a running 3-node cluster (the nft rules loaded in
-  the nodes' namespaces and removed again);
+- a ``partition`` + ``heal`` round trip on a running 3-node cluster (the tc filters made on
+  the nodes' host-side veth ends and removed again);
 - the network attach of a bridged box, ``box.timings["network"]`` as ``Box.start`` measures it.
 """
 

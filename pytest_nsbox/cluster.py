@@ -3,8 +3,8 @@
 The nodes hang on a private bridge (as a ``NetPair``'s two boxes do): no address on the host,
 nothing else on it, so two clusters never see each other, and every node's ``/etc/hosts``
 lists all nodes by name. Faults are cuts at layer 3 (``partition``, ``block``, ``ring``,
-``link(a, b).down()``), made of nftables rules inside the nodes' own network namespaces (see
-network/faults.py): they go with the nodes, and nothing of them is ever left on the host.
+``link(a, b).down()``), made of tc filters on the host end of each receiving node's veth (see
+network/faults.py): they go with the nodes' veths, and nothing of them outlives a node.
 Each fault is written down with its time, for the failure report's nemesis timeline.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import spec as specs
-from . import state, zygote
+from . import zygote
 from .box import Box
 from .errors import ConfigError, NetworkError, NsboxError
 from .network import bridge, faults, hosts, pool
@@ -272,9 +272,9 @@ class Cluster:
                 if self._applied.get(name, frozenset()) != frozenset(addresses)
             }
             if changed:
-                boxes = {name: self._init_of(name) for name in changed}
+                ends = {name: self._host_end(name) for name in changed}
                 try:
-                    faults.apply(boxes, changed)
+                    faults.apply(ends, changed)
                 except BaseException:
                     for name in changed:  # unknown now: loaded again whole on the next change
                         self._applied[name] = frozenset({"?"})
@@ -289,11 +289,12 @@ class Cluster:
             raise NetworkError(f"cluster: node {name} has no address (it has stopped)")
         return address
 
-    def _init_of(self, name: str) -> tuple[int, int | None]:
-        pid = self.nodes[name].pid
-        if pid is None or not self.nodes[name].running:
+    def _host_end(self, name: str) -> tuple[int, str]:
+        """The node's veth end on the host (index, name), where its incoming cuts are."""
+        box = self.nodes[name]
+        if not box.running or box.network is None:
             raise NetworkError(f"cluster: node {name} has stopped: its network cannot be cut")
-        return pid, state.process_start(pid)
+        return box.network.host_index, box.network.host_interface
 
     # ------------------------------------------------------------------------- report
 

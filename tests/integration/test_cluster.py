@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import random
-import shutil
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -16,12 +17,6 @@ from pytest_nsbox.network import bridge, faults, pool
 from pytest_nsbox.plugin import DEFAULTS
 
 pytestmark = pytest.mark.requires("boxes")
-
-# The cuts are nftables rules, loaded with the nft program (Debian: nftables); a host without
-# it gets a NetworkError naming the package (tested below), and these tests skip.
-needs_nft = pytest.mark.skipif(
-    shutil.which("nft") is None, reason="network cuts need the nft program (nftables)"
-)
 
 UDP_PORT = 7100
 TCP_PORT = 7101
@@ -170,7 +165,6 @@ def test_two_clusters_never_see_each_other(subnet: str) -> None:
         assert crossed.returncode != 0, "a node of one cluster reached a node of the other"
 
 
-@needs_nft
 def test_partition_cuts_every_protocol_between_groups_and_heal_restores_them(trio: Cluster) -> None:
     groups = trio.partition(["db1"], ["db2", "db3"])
     assert groups == [["db1"], ["db2", "db3"]]
@@ -181,7 +175,6 @@ def test_partition_cuts_every_protocol_between_groups_and_heal_restores_them(tri
     assert _reach(trio) == _all_but_self(trio)
 
 
-@needs_nft
 def test_block_cuts_one_direction_only(trio: Cluster) -> None:
     trio.block("db1", "db2")
     assert trio.cuts == [("db1", "db2")]
@@ -199,7 +192,6 @@ def test_block_cuts_one_direction_only(trio: Cluster) -> None:
     assert _reach(trio) == _all_but_self(trio)
 
 
-@needs_nft
 def test_a_node_in_no_group_is_isolated_and_link_down_cuts_one_pair(subnet: str) -> None:
     with Cluster(3, subnet=subnet) as cluster:
         _serve_all(cluster)
@@ -213,7 +205,6 @@ def test_a_node_in_no_group_is_isolated_and_link_down_cuts_one_pair(subnet: str)
         assert _reach(cluster) == _all_but_self(cluster)
 
 
-@needs_nft
 def test_ring_and_random_halves(subnet: str) -> None:
     with Cluster(5, subnet=subnet) as cluster:
         _serve_all(cluster)
@@ -234,7 +225,6 @@ def test_ring_and_random_halves(subnet: str) -> None:
                 assert reach[name] == set(group) - {name}, (name, reach)
 
 
-@needs_nft
 def test_the_timeline_lists_the_faults_in_order(subnet: str) -> None:
     with Cluster(["x", "y"], subnet=subnet) as cluster:
         cluster.partition(["x"], ["y"])
@@ -257,7 +247,6 @@ def test_a_failed_start_leaves_no_node_running(subnet: str) -> None:
     assert not any(box.running for box in cluster)
 
 
-@needs_nft
 def test_bad_groups_are_refused_before_any_rule_changes(trio: Cluster) -> None:
     trio.block("db1", "db3")
     with pytest.raises(ConfigError, match="'db2' is in group 1 and group 2"):
@@ -268,22 +257,63 @@ def test_bad_groups_are_refused_before_any_rule_changes(trio: Cluster) -> None:
     assert [text for _, text in trio.timeline][-1] == "block db1 -> db3"
 
 
-def test_without_nft_the_error_names_the_package(trio: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(faults.shutil, "which", lambda name: None if name == "nft" else "/usr/bin/" + name)
-    with pytest.raises(NetworkError, match="nftables"):
+def test_a_kernel_without_htb_gets_an_error_naming_it_and_no_half_cut(
+    trio: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    real = faults._cut
+
+    def no_htb(ipr: Any, index: int, addresses: list[str]) -> None:
+        real(ipr, index, addresses[:1])  # part of the tree is made, then the kernel refuses
+        raise NetlinkError(errno.ENOENT, "No such file or directory")
+
+    monkeypatch.setattr(faults, "_cut", no_htb)
+    with pytest.raises(NetworkError, match=r"CONFIG_NET_SCH_HTB.*modprobe sch_htb"):
         trio.partition(["db1"], ["db2", "db3"])
+    monkeypatch.undo()
+    for name, node in trio.nodes.items():
+        assert node.network is not None
+        assert _tc_filters(node.network.host_interface) == "", name
 
 
-@needs_nft
-def test_the_rules_live_in_the_nodes_namespaces_only(trio: Cluster) -> None:
-    trio.partition(["db1"], ["db2", "db3"])
-    host_rules = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
-    assert faults.TABLE not in host_rules
-    pid = trio["db2"].pid
-    inside = subprocess.run(
-        ["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "list", "table", "inet", faults.TABLE],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert str(ipaddress.IPv4Address(trio["db1"].ip or "0.0.0.0")) in inside
+def _tc_filters(interface: str) -> str:
+    """What iproute2's tc shows of the filters on a host interface (empty: none)."""
+    shown = subprocess.run(
+        ["tc", "filter", "show", "dev", interface], capture_output=True, text=True, check=True
+    )
+    return shown.stdout.strip()
+
+
+def test_the_cuts_are_on_the_receivers_host_end_and_go_with_the_node(subnet: str) -> None:
+    cluster = Cluster(["a", "b", "c"], subnet=subnet).start()
+    try:
+        cluster.block("a", "b")
+        ends = {}
+        for name, node in cluster.nodes.items():
+            assert node.network is not None
+            ends[name] = node.network.host_interface
+        a_address = ipaddress.IPv4Address(cluster["a"].ip or "0.0.0.0")
+        # b drops what comes from a: iproute2 shows the u32 match on a's address at offset 12
+        assert f"match {int(a_address):08x}/ffffffff at 12" in _tc_filters(ends["b"])
+        assert _tc_filters(ends["a"]) == "" and _tc_filters(ends["c"]) == ""
+        # nothing of it inside the nodes: root in a box cannot lift it
+        inside = cluster["b"].run("cat /proc/net/dev")
+        assert "eth0" in inside.stdout
+        cluster.heal()
+        assert _tc_filters(ends["b"]) == ""
+        cluster.block("c", "b")
+    finally:
+        cluster.stop()
+    # the veths go with the nodes' namespaces (the kernel frees those a moment later), the
+    # cuts with them
+    deadline = time.monotonic() + 20
+    while True:
+        links = subprocess.run(
+            ["ip", "-o", "link", "show"], capture_output=True, text=True, check=True
+        ).stdout
+        left = [interface for interface in ends.values() if f" {interface}@" in links]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert left == []
