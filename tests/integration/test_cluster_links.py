@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,9 +26,10 @@ TCP_PORT = 7200
 UDP_PORT = 7201
 PAYLOAD = 250_000  # bytes: 2 s at 1mbit, a few milliseconds unshaped
 
-# Every connection is closed in order (the client reads the server's answer to its EOF): a
-# socket left waiting for a node that has stopped would hold that node's network namespace,
-# and so its veth on the host, for minutes.
+# Every connection is closed in order (the client reads the server's answer to its EOF), and
+# the cluster stops only once they all have (``_settle``): a closing socket whose peer node
+# has stopped is retried by the kernel for minutes, and holds its node's network namespace,
+# and so the node's veth on the host, that long. A shaped link (1mbit) delays the last ACKs.
 
 # A TCP sink (reads to EOF, answers with the count) and a UDP logger (each datagram's text and
 # sender appended to /tmp/udp.log, so one that arrived is known even if no reply gets back).
@@ -118,6 +120,23 @@ def trio(subnet: str) -> Iterator[Cluster]:
         for node in cluster:
             _serve(node)
         yield cluster
+        _settle(cluster)
+
+
+def _settle(cluster: Cluster, timeout: float = 10.0) -> None:
+    """Wait until no node has a TCP connection still open or closing (listening and
+    TIME_WAIT sockets are fine: they need no peer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = False
+        for node in cluster:
+            if node.running and not node.is_paused:
+                table = node.run(["cat", "/proc/net/tcp", "/proc/net/tcp6"], timeout=10).stdout
+                states = {line.split()[3] for line in table.splitlines() if ":" in line.split()[0]}
+                busy |= bool(states - {"06", "0A"})  # TIME_WAIT, LISTEN
+        if not busy:
+            return
+        time.sleep(0.1)
 
 
 def _serve(node: Box) -> None:
@@ -174,7 +193,7 @@ def _htb_rates(node: Box) -> list[int]:
 
 
 def test_a_rate_slows_down_that_pair_only_both_ways_until_cleared(trio: Cluster) -> None:
-    n1, n2, n3 = trio
+    n1, n2, _n3 = trio
     unshaped = _send_seconds(n1, "n2")
     link = trio.link("n1", "n2").set(rate="1mbit")
     assert link.shape.rate_bits == 1_000_000 and "rate 1mbit" in repr(link)
@@ -239,6 +258,16 @@ def test_without_netem_set_names_sch_netem_and_leaves_the_rate_in_force(trio: Cl
     assert [text for _, text in trio.timeline][-1] == "link n1 <-> n2 set rate 1mbit"
 
 
+def test_a_set_that_fails_on_the_second_node_puts_the_first_back(trio: Cluster) -> None:
+    n1, n2, _n3 = trio
+    link = trio.link("n1", "n2").set(rate="1mbit")
+    n2.stop()
+    with pytest.raises(NetworkError, match="node n2 has stopped"):
+        link.set(rate="2mbit")  # n1's tree is rebuilt first, then n2's fails
+    assert link.shape.rate_bits == 1_000_000
+    assert _htb_rates(n1) == [125_000], "n1 kept the shape that failed on n2"
+
+
 def test_bad_input_is_refused_at_once(trio: Cluster) -> None:
     link = trio.link("n1", "n2")
     with pytest.raises(ConfigError, match=r"delay_ms=.*>= 0, got -1"):
@@ -290,7 +319,7 @@ def test_a_one_way_block_into_a_restarted_node_stays(trio: Cluster) -> None:
 
 
 def test_a_rate_survives_a_restart(trio: Cluster) -> None:
-    n1, n2, _n3 = trio
+    n1, _n2, _n3 = trio
     trio.link("n1", "n2").set(rate="1mbit")
     n1.restart()
     _serve(n1)
