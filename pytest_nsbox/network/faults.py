@@ -13,6 +13,7 @@ for why we use the ``nft`` program); each load replaces the box's table whole.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -22,6 +23,36 @@ from .. import state
 from ..errors import NetworkError
 
 TABLE = "pytest_nsbox_faults"
+# What nft says when the kernel's nf_tables has no inet family (a kernel built without
+# CONFIG_NF_TABLES_INET, such as Debian's user-mode-linux one): the table cannot be made.
+_NO_FAMILY = "Operation not supported"
+_NO_FAMILY_HINT = (
+    "this kernel's nf_tables has no inet family (CONFIG_NF_TABLES_INET), so the cuts cannot be "
+    "loaded here; a kernel with it (any distribution's usual one) can"
+)
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """Why cuts cannot work on this host (None: they can): the programs, then the kernel, tried
+    once in a network namespace of its own that goes with the probe."""
+    program, enter = shutil.which("nft"), shutil.which("nsenter")
+    if program is None:
+        return "network cuts between boxes need the nft program (Debian/Ubuntu: apt-get install nftables)"
+    if enter is None:
+        return "network cuts between boxes need the nsenter program (util-linux)"
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None  # cannot tell without loading a table somewhere: assume the usual kernel
+    probe = subprocess.run(
+        [unshare, "--net", program, "add", "table", "inet", TABLE],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return _NO_FAMILY_HINT if _NO_FAMILY in probe.stderr else f"nft cannot load a table: {probe.stderr}"
+    return None
 
 
 def ruleset(dropped: Iterable[str]) -> str:
@@ -79,6 +110,9 @@ def apply(boxes: Mapping[str, tuple[int, int | None]], dropped: Mapping[str, Ite
             if process.wait() != 0:
                 failures.append(f"{name}: {error.strip()}")
         if failures:
+            if any(_NO_FAMILY in failure for failure in failures):
+                said = failures[0].splitlines()[0]
+                raise NetworkError(f"cannot load the network cuts: {_NO_FAMILY_HINT} (nft: {said})")
             raise NetworkError(f"cannot load the network cuts with nft: {'; '.join(failures)}")
     finally:
         for _name, process, _script in running:

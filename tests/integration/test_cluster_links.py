@@ -13,14 +13,12 @@ from typing import Any
 import pytest
 
 from pytest_nsbox import Box, Cluster, ConfigError, NetworkError
-from pytest_nsbox.network import netns, pool
+from pytest_nsbox.network import faults, netns, pool
 from pytest_nsbox.plugin import DEFAULTS
 
 pytestmark = pytest.mark.requires("boxes")
 
-needs_nft = pytest.mark.skipif(
-    shutil.which("nft") is None, reason="network cuts need the nft program (nftables)"
-)
+needs_nft = pytest.mark.skipif(faults.unavailable() is not None, reason=str(faults.unavailable()))
 
 TCP_PORT = 7200
 UDP_PORT = 7201
@@ -256,6 +254,21 @@ def test_without_netem_set_names_sch_netem_and_leaves_the_rate_in_force(trio: Cl
     assert _htb_rates(n1) == [125_000] and _htb_rates(n2) == [125_000], "the trees changed"
     assert _send_seconds(n1, "n2") > 1.0, "the 1mbit cap is gone"
     assert [text for _, text in trio.timeline][-1] == "link n1 <-> n2 set rate 1mbit"
+
+
+def test_a_kernel_without_the_inet_family_gets_a_clear_error(
+    trio: Cluster, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "nft"  # says what nft says on such a kernel (the test guest's)
+    fake.write_text(
+        "#!/bin/sh\ncat >/dev/null\necho '/dev/stdin:1:1-31: Error: Could not process rule: "
+        "Operation not supported' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    real = shutil.which
+    monkeypatch.setattr(faults.shutil, "which", lambda name: str(fake) if name == "nft" else real(name))
+    with pytest.raises(NetworkError, match=r"no inet family \(CONFIG_NF_TABLES_INET\)"):
+        trio.partition(["n1"], ["n2", "n3"])
 
 
 def test_a_set_that_fails_on_the_second_node_puts_the_first_back(trio: Cluster) -> None:
