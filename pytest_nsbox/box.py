@@ -150,6 +150,12 @@ class Box:
         self._network_ms = 0.0  # the host's part of the attach, for timings["network"]
         self._eth0: tuple[int, float] | None = None  # (index, ms its init spent) of the last boot
         self._published: dict[int, networking.Forwarder] = {}
+        # Run by restart() with the box, once its new init has booted: ``_before_replug`` before
+        # its network is plugged back (rules that must be in place before any packet, such as a
+        # cluster's cuts), ``_after_restart`` at the end (what needs its interface: a cluster's
+        # shapes). One that raises fails the restart, and the box is stopped.
+        self._before_replug: list[Callable[[Box], None]] = []
+        self._after_restart: list[Callable[[Box], None]] = []
 
     @property
     def hostname(self) -> str:
@@ -386,11 +392,15 @@ class Box:
                 raise
         try:
             self._apply_limits(cgroup_error)
+            for hook in list(self._before_replug):
+                hook(self)
             if attachment is not None:
                 assert self._eth0 is not None
                 networking.rejoin(attachment, self._require_pid(), self._eth0[0], self._hosts_path())
             for forwarder in self._published.values():
                 forwarder.repoint(self._require_pid())
+            for hook in list(self._after_restart):
+                hook(self)
         except BaseException:
             self.stop()
             raise

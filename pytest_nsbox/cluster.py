@@ -4,12 +4,16 @@ The nodes hang on a private bridge (as a ``NetPair``'s two boxes do): no address
 nothing else on it, so two clusters never see each other, and every node's ``/etc/hosts``
 lists all nodes by name. Faults are cuts at layer 3 (``partition``, ``block``, ``ring``,
 ``link(a, b).down()``), made of tc filters on the host end of each receiving node's veth (see
-network/faults.py): they go with the nodes' veths, and nothing of them outlives a node.
-Each fault is written down with its time, for the failure report's nemesis timeline.
+network/faults.py); shapes between two nodes (``link(a, b).set(delay_ms=...)``) are
+traffic-control trees in the nodes' own namespaces (see network/peer_shaping.py). Both go with
+the nodes' veths, nothing of them outlives a node, and both are put back when a node restarts
+(a power cut gives it a new namespace and veth). Each fault is written down with its time, for
+the failure report's nemesis timeline.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import threading
@@ -18,10 +22,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import spec as specs
-from . import zygote
+from . import state, zygote
 from .box import Box
 from .errors import ConfigError, NetworkError, NsboxError
-from .network import bridge, faults, hosts, pool
+from .network import bridge, faults, hosts, peer_shaping, pool
+from .network.shaping import Shape, parse_shape
 from .spec import BoxSpec, ImageSource
 
 RESERVED = ("hostname", "network", "nat", "publish")
@@ -29,7 +34,8 @@ RESERVED = ("hostname", "network", "nat", "publish")
 
 class NodeLink:
     """The link between two nodes of a cluster: ``down()`` cuts both directions, ``up()``
-    restores them (cuts of ``partition``/``block`` stay as they are)."""
+    restores them (cuts of ``partition``/``block`` stay as they are); ``set(...)`` slows it
+    down or makes it lossy, ``clear()`` ends that. The other pairs are untouched."""
 
     def __init__(self, cluster: Cluster, a: str, b: str) -> None:
         self.cluster = cluster
@@ -37,11 +43,39 @@ class NodeLink:
 
     def __repr__(self) -> str:
         state = "up" if self.is_up else "down"
-        return f"<NodeLink {self.pair[0]} <-> {self.pair[1]} {state}>"
+        shaped = "" if peer_shaping.is_empty(self.shape) else f" {peer_shaping.describe(self.shape)}"
+        return f"<NodeLink {self.pair[0]} <-> {self.pair[1]} {state}{shaped}>"
 
     @property
     def is_up(self) -> bool:
         return frozenset(self.pair) not in self.cluster._down
+
+    @property
+    def shape(self) -> Shape:
+        """The shape in force between the two nodes (an empty ``Shape()`` if none)."""
+        return self.cluster._shapes.get(frozenset(self.pair), Shape())
+
+    def set(
+        self,
+        *,
+        delay_ms: float = 0,
+        jitter_ms: float = 0,
+        loss_pct: float = 0,
+        rate: str | int | None = None,
+    ) -> NodeLink:
+        """Emulate a worse link between the two nodes only: ``delay_ms`` more round-trip time
+        (half each way, ``jitter_ms`` of random variation), ``loss_pct`` percent of packets
+        dropped in each direction, ``rate`` a bandwidth cap in each direction (``"1mbit"``).
+        Replaces what ``set`` did before on this pair. Delay, jitter and loss need the kernel's
+        netem (``sch_netem``); ``rate`` does not."""
+        shape = parse_shape(delay_ms, jitter_ms, loss_pct, rate)
+        self.cluster._shape_link(self.pair, shape, f"set {peer_shaping.describe(shape)}")
+        return self
+
+    def clear(self) -> NodeLink:
+        """End the pair's shape (its cuts, if any, stay as they are)."""
+        self.cluster._shape_link(self.pair, Shape(), "clear")
+        return self
 
     def down(self) -> NodeLink:
         self.cluster._set_link(self.pair, up=False)
@@ -89,6 +123,7 @@ class Cluster:
         self._cuts: set[tuple[str, str]] = set()  # (from, to): from's packets to `to` are dropped
         self._down: set[frozenset[str]] = set()  # pairs whose link is down
         self._applied: dict[str, frozenset[str]] = {}  # node -> addresses its rules drop now
+        self._shapes: dict[frozenset[str], Shape] = {}  # pair -> its shape (none empty)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------- the nodes
@@ -144,9 +179,11 @@ class Cluster:
         self._bridge = bridge.take_private(self.subnet)
         try:
             boxes = list(self.nodes.values())
-            for number, box in enumerate(boxes):
+            for number, (name, box) in enumerate(self.nodes.items()):
                 box._plan_network(self.subnet, self._bridge, join_hosts=False)
                 box.start()
+                box._before_replug.append(functools.partial(self._reload_cuts, name))
+                box._after_restart.append(functools.partial(self._reload_shapes, name))
                 if number == 0 and len(boxes) > 1:
                     zygote.get().prepare(box._config, len(boxes))
             entries = [box.network.hosts_entry for box in boxes if box.network is not None]
@@ -255,17 +292,25 @@ class Cluster:
             cuts = set(self._cuts)
         self._change(cuts, f"link {pair[0]} <-> {pair[1]} {'up' if up else 'down'}")
 
+    def _require_started(self, text: str) -> None:
+        if self._began is None or self._bridge is None:
+            raise NetworkError(f"cluster: {text}: the cluster is not running; start it first")
+
+    def _dropped(self, cuts: set[tuple[str, str]]) -> dict[str, set[str]]:
+        """Node -> the addresses its rules must drop, for ``cuts`` and the links down."""
+        wanted: dict[str, set[str]] = {name: set() for name in self.names}
+        for source, destination in cuts:
+            wanted[destination].add(self._address(source))
+        for pair in self._down:
+            a, b = sorted(pair)
+            wanted[a].add(self._address(b))
+            wanted[b].add(self._address(a))
+        return wanted
+
     def _change(self, cuts: set[tuple[str, str]], text: str) -> None:
         with self._lock:
-            if self._began is None or self._bridge is None:
-                raise NetworkError(f"cluster: {text}: the cluster is not running; start it first")
-            wanted: dict[str, set[str]] = {name: set() for name in self.names}
-            for source, destination in cuts:
-                wanted[destination].add(self._address(source))
-            for pair in self._down:
-                a, b = sorted(pair)
-                wanted[a].add(self._address(b))
-                wanted[b].add(self._address(a))
+            self._require_started(text)
+            wanted = self._dropped(cuts)
             changed = {
                 name: frozenset(addresses)
                 for name, addresses in wanted.items()
@@ -283,11 +328,82 @@ class Cluster:
             self._cuts = set(cuts)
             self._note(text)
 
+    def _shape_link(self, pair: tuple[str, str], shape: Shape, what: str) -> None:
+        """Give ``pair`` its ``shape`` (empty: none), rebuilding both nodes' trees; if one
+        fails, both are put back as they were (no half-applied shape)."""
+        text = f"link {pair[0]} <-> {pair[1]} {what}"
+        with self._lock:
+            self._require_started(text)
+            key = frozenset(pair)
+            wanted = {other: value for other, value in self._shapes.items() if other != key}
+            if not peer_shaping.is_empty(shape):
+                wanted[key] = shape
+            touched: list[str] = []
+            try:
+                for name in pair:
+                    touched.append(name)
+                    peer_shaping.rebuild(name, *self._init_of(name), self._peer_shapes(name, wanted))
+            except BaseException:
+                for name in touched:
+                    before = self._peer_shapes(name, self._shapes)
+                    try:
+                        peer_shaping.rebuild(name, *self._init_of(name), before)
+                    except NsboxError:  # a node that has gone has no tree to put back
+                        continue
+                raise
+            self._shapes = wanted
+            self._note(text)
+
+    def _peer_shapes(self, name: str, shapes: dict[frozenset[str], Shape]) -> dict[str, Shape]:
+        """Peer address -> shape, for the pairs of ``shapes`` that ``name`` is in."""
+        return {
+            self._address(other): shape
+            for pair, shape in shapes.items()
+            if name in pair
+            for other in pair
+            if other != name
+        }
+
+    # ------------------------------------------------------------------------- restarts
+
+    def _reload_cuts(self, name: str, _box: Box | None = None) -> None:
+        """A node restarted (its network namespace is new and empty): load its cuts again,
+        before its network is plugged back, so nothing crosses them even for a moment."""
+        with self._lock:
+            if self._bridge is None:
+                return
+            wanted = frozenset(self._dropped(self._cuts)[name])
+            if wanted:
+                try:
+                    faults.apply({name: self._host_end(name)}, {name: wanted})
+                except BaseException:
+                    self._applied[name] = frozenset({"?"})
+                    raise
+            self._applied[name] = wanted
+
+    def _reload_shapes(self, name: str, _box: Box | None = None) -> None:
+        """A restarted node is on the network again: rebuild its shapes' tree, and note the
+        restart in the timeline."""
+        with self._lock:
+            if self._bridge is None:
+                return
+            peers = self._peer_shapes(name, self._shapes)
+            if peers:
+                peer_shaping.rebuild(name, *self._init_of(name), peers)
+            kept = [what for what, there in (("cuts", self._applied.get(name)), ("shapes", peers)) if there]
+            self._note(f"restart {name}" + (f" ({' and '.join(kept)} put back)" if kept else ""))
+
     def _address(self, name: str) -> str:
         address = self.nodes[name].ip
         if address is None:
             raise NetworkError(f"cluster: node {name} has no address (it has stopped)")
         return address
+
+    def _init_of(self, name: str) -> tuple[int, int | None]:
+        pid = self.nodes[name].pid
+        if pid is None or not self.nodes[name].running:
+            raise NetworkError(f"cluster: node {name} has stopped: its links cannot be shaped")
+        return pid, state.process_start(pid)
 
     def _host_end(self, name: str) -> tuple[int, str]:
         """The node's veth end on the host (index, name), where its incoming cuts are."""
@@ -299,8 +415,14 @@ class Cluster:
     # ------------------------------------------------------------------------- report
 
     def _watcher(self, name: str) -> Callable[[str], None]:
-        """What a node tells of its pauses, resumes and restarts goes into the timeline."""
-        return lambda event: self._note(f"{event} {name}")
+        """What a node tells of its pauses and resumes goes into the timeline (its restarts
+        are written by ``_reload_shapes``, with what was put back)."""
+
+        def note(event: str) -> None:
+            if event != "restart":
+                self._note(f"{event} {name}")
+
+        return note
 
     def _note(self, text: str) -> None:
         epoch = self.epoch if self.epoch is not None else time.monotonic()
@@ -318,4 +440,15 @@ class Cluster:
         lines += [f"  +{seconds:.3f}s {text}" for seconds, text in self.timeline] or ["  (none)"]
         cuts = self.cuts
         lines.append("cut now: " + (", ".join(f"{a} -> {b}" for a, b in cuts) if cuts else "nothing"))
+        lines.append("shaped now: " + ("; ".join(self._shaped_now()) or "nothing"))
         return "\n".join(lines)
+
+    def _shaped_now(self) -> list[str]:
+        order = {name: index for index, name in enumerate(self.names)}
+        with self._lock:
+            shapes = dict(self._shapes)
+        pairs = sorted(
+            ((sorted(pair, key=order.__getitem__), shape) for pair, shape in shapes.items()),
+            key=lambda item: [order[name] for name in item[0]],
+        )
+        return [f"{a} <-> {b} {peer_shaping.describe(shape)}" for (a, b), shape in pairs]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from pytest_nsbox import ArgumentTypeError, Cluster, ConfigError, NetworkError
-from pytest_nsbox.network import faults
 
 
 def test_a_number_names_the_nodes_and_a_list_is_taken_as_given() -> None:
@@ -53,9 +52,3 @@ def test_bad_groups_and_nodes_are_refused_before_the_cluster_is_asked_to_run() -
         cluster["x"]
     with pytest.raises(NetworkError, match="not running"):  # good arguments: only then the state
         cluster.partition(["db1"], ["db2", "db3"])
-
-
-def test_the_ruleset_drops_by_source_and_an_empty_one_deletes_the_table() -> None:
-    script = faults.ruleset(["10.0.0.3", "10.0.0.2", "10.0.0.3"])
-    assert "hook input" in script and "ip saddr { 10.0.0.2, 10.0.0.3 } drop" in script
-    assert faults.ruleset([]) == f"table inet {faults.TABLE}\ndelete table inet {faults.TABLE}\n"
