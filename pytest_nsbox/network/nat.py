@@ -125,7 +125,13 @@ def _nft(script: str, what: str, check: bool = True) -> None:
         )
     result = subprocess.run([program, "-f", "-"], input=script, capture_output=True, text=True, check=False)
     if check and result.returncode != 0:
-        raise NetworkError(f"{what}: nft failed: {result.stderr.strip()}")
+        error = result.stderr.strip()
+        if "Operation not supported" in error:
+            error += (
+                " (this kernel's nf_tables lacks the ip family or NAT: CONFIG_NF_TABLES_IPV4, "
+                "CONFIG_NFT_NAT, CONFIG_NFT_MASQ)"
+            )
+        raise NetworkError(f"{what}: nft failed: {error}")
 
 
 def _read_forwarding() -> str:
