@@ -40,6 +40,7 @@ GUEST_PACKAGES=(
 	mount util-linux procps iproute2 kmod # mount/umount, ipcmk/ipcs, ps, ip, modprobe
 	coreutils mawk grep sed tar hostname libc-bin # stat/dd/df, awk, getent/ldd
 	nftables # nat=True boxes and a cluster's cuts load their rules with nft
+	e2fsprogs # disks= makes its ext4 filesystems with mkfs.ext4
 )
 # pip (before 24) takes each --platform literally: list every manylinux tag glibc 2.36 satisfies.
 GUEST_PYTHON_TAGS=(--python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none)
