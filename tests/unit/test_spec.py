@@ -90,7 +90,8 @@ def test_unknown_options_are_all_listed_sorted_with_the_known_ones() -> None:
     message = config_error(hostnam="web", colour="red")
     assert message.startswith(f"{MARKER}: unknown option(s) colour, hostnam;")
     known = (
-        "cache, devices, env, hostname, image, limits, logs, nat, network, no_new_privileges, privileged, "
+        "cache, devices, disks, env, hostname, image, limits, logs, nat, network, no_new_privileges, "
+        "privileged, "
         "publish, subnet, tmpfs"
     )
     assert f"known options are {known}" in message
