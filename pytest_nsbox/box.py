@@ -425,7 +425,7 @@ class Box:
             return
         link = self._require_running("start()")
         for path, disk in sorted(self._disks.items()):
-            disk.attach(self, path, functools.partial(self._disk_readonly, path))
+            disk.attach(self, path, functools.partial(self._disk_readonly, path), self._disks_power_cut)
             mount = disk.mount_fd()
             try:
                 reply = link.request({"op": "mount_disk", "path": path}, (mount,))
@@ -444,6 +444,20 @@ class Box:
             raise BoxError(
                 f"box {self.id}: switching its disk at {path} failed: {reply['error'].get('message')}"
             )
+
+    def _disks_power_cut(self) -> None:
+        """``disk.power_cut()``: frozen, every disk's table becomes ``error`` (nothing more
+        reaches them, the page cache's dirty pages included), then ``restart()``, whose
+        ``_mount_disks`` heals each once the old mount is gone (see ``Disk._recover``)."""
+        with self._lock:
+            self._require_running("power_cut()")
+            for disk in self._disks.values():
+                disk.require_faults("power_cut()")
+            if self.cgroup.driver is not None and not self.cgroup.is_frozen():
+                power.freeze(self.cgroup, self.id)
+            for disk in self._disks.values():
+                disk.cut()
+        self.restart()
 
     def _release_disks(self) -> None:
         """Let go of the disks' loop devices, and wait (briefly) until the box's mounts of

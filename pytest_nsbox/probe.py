@@ -47,6 +47,7 @@ def capabilities() -> tuple[Capability, ...]:
         _check_nft(),
         _check_loop(),
         *_check_mkfs(),
+        _check_devmapper(),
     )
 
 
@@ -264,3 +265,18 @@ def _check_mkfs() -> list[Capability]:
         detail = path or f"no {program}: disks with fs={fs!r} cannot be made (apt-get install {package})"
         found.append(Capability(program, path is not None, detail, required=False))
     return found
+
+
+def _check_devmapper() -> Capability:
+    """Device-mapper carries the disk faults (``fail()``, ``slow()``, ``flaky()``, ``power_cut()``)."""
+    from . import devmapper
+
+    missing = devmapper.unavailable()
+    if missing is not None:
+        return Capability("device-mapper", False, missing, required=False)
+    have = devmapper.targets()
+    lacking = [f"dm-{target}" for target in ("flakey", "delay") if target not in have]
+    detail = devmapper.CONTROL + (
+        f"; not loaded yet: {', '.join(lacking)} (loaded on first use, or modprobe them)" if lacking else ""
+    )
+    return Capability("device-mapper", True, detail, required=False)

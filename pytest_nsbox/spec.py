@@ -706,6 +706,19 @@ def timeout_seconds(value: object, what: str, *, optional: bool = True) -> float
     return seconds
 
 
+def disk_fault_number(value: object, what: str, *, smallest: int, unit: str) -> int:
+    """A disk fault's whole number of ``unit`` (device-mapper tables take whole numbers), from
+    ``smallest`` to an hour's worth."""
+    largest = 3_600_000 if unit == "milliseconds" else 3600
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(
+            f"{what}: expected a whole number of {unit} (int), got {type(value).__name__} {value!r}"
+        )
+    if not smallest <= value <= largest:
+        raise ConfigError(f"{what}: expected {smallest} to {largest} {unit}, got {value}")
+    return value
+
+
 def port_number(value: object, what: str) -> int:
     """A TCP/UDP port, 1-65535."""
     if isinstance(value, bool) or not isinstance(value, int):

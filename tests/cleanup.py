@@ -35,3 +35,10 @@ def box_loop_devices() -> dict[int, str]:
     from pytest_nsbox import disks, loop
 
     return {number: path for number, path in loop.attached().items() if f"/{disks.DIR_NAME}/" in path}
+
+
+def box_dm_devices() -> list[str]:
+    """Device-mapper devices of our disks still there (named ``nsbox-...``)."""
+    from pytest_nsbox import devmapper
+
+    return devmapper.ours()

@@ -9,7 +9,7 @@ import time
 
 import psutil
 import pytest
-from cleanup import box_loop_devices
+from cleanup import box_dm_devices, box_loop_devices
 
 from pytest_nsbox import cgroups, live_boxes, network, probe, state, zygote
 from pytest_nsbox.network import bridge, pool
@@ -135,6 +135,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         "cgroups": _box_cgroups(),
         "links": _links(),
         "loops": box_loop_devices(),
+        "dm": box_dm_devices(),
     }
 
 
@@ -162,6 +163,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         time.sleep(0.05)
     if loops:
         problems.append(f"loop devices of disks left attached: {sorted(loops)}")
+    dm_left = sorted(set(box_dm_devices()) - set(baseline["dm"]))  # type: ignore[arg-type]
+    if dm_left:
+        problems.append(f"device-mapper devices of disks left: {dm_left}")
     zygote.shutdown()  # its waiting box (and that box's cgroup) goes with it
     cgroups.flush_pending(wait=5)
     left = _empty(_box_cgroups() - baseline["cgroups"])  # type: ignore[operator]
