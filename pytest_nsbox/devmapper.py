@@ -28,6 +28,7 @@ from .errors import BoxError, HostUnsupportedError, NsboxError
 from .state import Owner
 
 CONTROL = "/dev/mapper/control"
+MODULE_DIR = "/sys/module/dm_mod"  # there once dm-mod is loaded (or built in)
 PREFIX = "nsbox-"
 MISSING_HINT = "CONFIG_BLK_DEV_DM; modprobe dm-mod dm-flakey dm-delay"
 MODULES = {"flakey": "dm-flakey", "delay": "dm-delay"}  # the targets not built into dm-mod
@@ -84,7 +85,7 @@ def _open_control() -> int:
     try:
         return os.open(CONTROL, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        if not os.path.exists("/sys/module/dm_mod"):
+        if not os.path.exists(MODULE_DIR):
             raise HostUnsupportedError(
                 f"the kernel has no device-mapper (no {CONTROL}, no dm_mod module loaded): "
                 f"disk faults need it ({MISSING_HINT})"

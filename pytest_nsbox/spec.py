@@ -399,7 +399,8 @@ def _disks(value: object, tmpfs: Mapping[str, int | None], what: str) -> Mapping
                 raise ConfigError(f"{where}: that Disk is given twice; a disk is mounted at one path")
             result[clean] = item
             continue
-        result[clean] = _disk_spec(item, where)
+        # A DiskSpec was checked when made (a spec merged again by a hook holds them).
+        result[clean] = item if isinstance(item, DiskSpec) else _disk_spec(item, where)
     return MappingProxyType(result)
 
 

@@ -487,3 +487,11 @@ def test_logs_refuse_anything_but_a_list_of_absolute_box_paths(
     with pytest.raises(error, match=message) as info:
         BoxSpec.create(MARKER, logs=value)
     assert str(info.value).startswith(f"{MARKER}: logs: ")
+
+
+def test_a_spec_with_disks_can_be_merged_again() -> None:
+    """A hook's ``spec.merged(...)`` re-checks every option: the disks, already DiskSpecs by
+    then, must pass as they are."""
+    spec = BoxSpec.create("marker", disks={"/data": "16M"})
+    merged = spec.merged("conftest.py", env={"A": "1"})
+    assert merged.disks == spec.disks and merged.env["A"] == "1"
