@@ -273,10 +273,10 @@ def _check_devmapper() -> Capability:
 
     missing = devmapper.unavailable()
     if missing is not None:
-        return Capability("device-mapper", False, missing, required=False)
+        return Capability("devmapper", False, missing, required=False)
     have = devmapper.targets()
     lacking = [f"dm-{target}" for target in ("flakey", "delay") if target not in have]
     detail = devmapper.CONTROL + (
         f"; not loaded yet: {', '.join(lacking)} (loaded on first use, or modprobe them)" if lacking else ""
     )
-    return Capability("device-mapper", True, detail, required=False)
+    return Capability("devmapper", True, detail, required=False)

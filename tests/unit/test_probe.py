@@ -17,7 +17,7 @@ from pytest_nsbox.probe import Capability
 EXPECTED_NAMES = [
     *("linux", "root", "namespaces", "overlayfs", "kernel", "architecture"),
     *("cgroups", "devices", "freezer", "netem", "nft"),
-    *("loop", "mkfs.ext4", "mkfs.xfs", "mkfs.btrfs", "device-mapper"),
+    *("loop", "mkfs.ext4", "mkfs.xfs", "mkfs.btrfs", "devmapper"),
 ]
 
 
@@ -40,7 +40,7 @@ def test_cgroups_the_device_allowlist_and_the_network_extras_are_optional() -> N
         "mkfs.ext4",
         "mkfs.xfs",
         "mkfs.btrfs",
-        "device-mapper",
+        "devmapper",
     )
     assert required == {name: name not in optional for name in EXPECTED_NAMES}
 
