@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .box import Box, live_boxes
 from .cluster import Cluster
+from .disks import Disk
 from .errors import (
     ArgumentTypeError,
     BoxError,
@@ -52,6 +53,7 @@ __all__ = [
     "CommandNotFoundError",
     "CommandTimeoutError",
     "ConfigError",
+    "Disk",
     "HostUnsupportedError",
     "Image",
     "ImageConfig",

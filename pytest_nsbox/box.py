@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import http.client
 import os
 import re
@@ -28,6 +29,7 @@ from . import cgroups, channel, kept, power, probe, state, teardown, waits, zygo
 from . import network as networking
 from .boxfs import BoxFiles
 from .devices import box_devices
+from .disks import Disk
 from .environ import DEFAULT_PATH
 from .errors import (
     ArgumentTypeError,
@@ -46,6 +48,7 @@ from .snapshot import snapshot as take_snapshot
 from .spec import (
     BoxSpec,
     CommandRequest,
+    DiskSpec,
     ImageSource,
     box_path,
     command_request,
@@ -99,6 +102,7 @@ class Box:
         devices: Sequence[str] | None = None,
         no_new_privileges: bool = False,
         logs: Sequence[str] | None = None,
+        disks: Mapping[str, Any] | None = None,
         spec: BoxSpec | None = None,
     ) -> None:
         options: dict[str, Any] = {
@@ -116,6 +120,7 @@ class Box:
             "devices": devices,
             "no_new_privileges": no_new_privileges,
             "logs": logs,
+            "disks": disks,
         }
         if spec is None:
             self.spec = BoxSpec.create("Box()", **options)
@@ -156,6 +161,7 @@ class Box:
         # shapes). One that raises fails the restart, and the box is stopped.
         self._before_replug: list[Callable[[Box], None]] = []
         self._after_restart: list[Callable[[Box], None]] = []
+        self._disks: dict[str, Disk] = {}
 
     @property
     def hostname(self) -> str:
@@ -236,15 +242,18 @@ class Box:
             # A bridged box is claimed from the waiting boxes whose veth is made already.
             config["veth"] = self._network_plan is not None
             self._config = config
+            self._disks = self._take_disks()
             try:
                 cgroup_error = self._boot(self._lease_network if self._network_plan is not None else None)
             except BaseException:
                 if self.network is not None:
                     self.network.release()  # leased, but the box never came up
+                self._release_disks()
                 if self._state == "created":
                     self._state = "stopped"  # as a box whose start failed later is
                 raise
         try:
+            self._mount_disks()
             self._apply_limits(cgroup_error)
             if self._network_plan is not None:
                 self._finish_network()
@@ -391,6 +400,7 @@ class Box:
                 self._state = "stopping"  # stop() gives back the lease and ports
                 raise
         try:
+            self._mount_disks()  # the same filesystems, on the same loop devices
             self._apply_limits(cgroup_error)
             for hook in list(self._before_replug):
                 hook(self)
@@ -406,6 +416,93 @@ class Box:
             raise
         self._tell("restart")
         return self
+
+    # -------------------------------------------------------------------------- disks
+
+    def disk(self, path: str) -> Disk:
+        """The disk mounted at ``path`` (``disks=``): ``stats()``, ``readonly()``, ``device``...
+        Still there after ``stop()``, to give to a new box with its contents."""
+        if self._state == "created":
+            raise BoxError(f"box {self.id} is created: its disks are made by start(); call disk() after it")
+        path = box_path(path, "disk(): path")
+        found = self._disks.get(os.path.normpath("/" + path.lstrip("/")))
+        if found is None:
+            raise ConfigError(
+                f"box {self.id}: no disk at {path!r}; its disks: {sorted(self._disks) or 'none'} "
+                "(give them with disks={'/data': '64M'})"
+            )
+        return found
+
+    def _take_disks(self) -> dict[str, Disk]:
+        """The box's ``Disk`` objects: made for sizes and dicts, reused for a given ``Disk``
+        (refused while another running box uses it: one filesystem, one mount)."""
+        taken: dict[str, Disk] = {}
+        for path, item in self.spec.disks.items():
+            if isinstance(item, Disk):
+                user = item.in_use_by()
+                if user is not None and user is not self:
+                    raise ConfigError(
+                        f"box {self.id}: disks[{path!r}]: that disk is mounted in running box {user!r}; "
+                        "stop that box first (a filesystem is mounted by one box at a time)"
+                    )
+                taken[path] = item
+            elif isinstance(item, DiskSpec):
+                taken[path] = Disk(item, path)
+            else:
+                raise ConfigError(f"box {self.id}: disks[{path!r}]: expected a size, a dict or a Disk")
+        return taken
+
+    def _mount_disks(self) -> None:
+        """Take each disk's loop device (kept over a restart) and have init mount it."""
+        if not self._disks:
+            return
+        link = self._require_running("start()")
+        for path, disk in sorted(self._disks.items()):
+            disk.attach(self, path, functools.partial(self._disk_readonly, path), self._disks_power_cut)
+            mount = disk.mount_fd()
+            try:
+                reply = link.request({"op": "mount_disk", "path": path}, (mount,))
+            finally:
+                os.close(mount)
+            if "error" in reply:
+                error = reply["error"]
+                raise BoxError(f"box {self.id}: mounting its disk at {path} failed: {error.get('message')}")
+        devices = tuple(disk.device_numbers for disk in self._disks.values() if disk.device_numbers)
+        self.cgroup.use_block_devices(devices)
+
+    def _disk_readonly(self, path: str, readonly: bool) -> None:
+        link = self._require_awake("readonly()" if readonly else "writable()")
+        reply = link.request({"op": "disk_readonly", "path": path, "readonly": readonly})
+        if "error" in reply:
+            raise BoxError(
+                f"box {self.id}: switching its disk at {path} failed: {reply['error'].get('message')}"
+            )
+
+    def _disks_power_cut(self) -> None:
+        """``disk.power_cut()``: frozen, every disk's table becomes ``error`` (nothing more
+        reaches them, the page cache's dirty pages included), then ``restart()``, whose
+        ``_mount_disks`` heals each once the old mount is gone (see ``Disk._recover``)."""
+        with self._lock:
+            self._require_running("power_cut()")
+            for disk in self._disks.values():
+                disk.require_faults("power_cut()")
+            if self.cgroup.driver is not None and not self.cgroup.is_frozen():
+                power.freeze(self.cgroup, self.id)
+            for disk in self._disks.values():
+                disk.cut()
+        self.restart()
+
+    def _release_disks(self) -> None:
+        """Let go of the disks' loop devices, and wait (briefly) until the box's mounts of
+        them are gone, so that the devices are too when ``stop()`` returns."""
+        if not self._disks:
+            return
+        for disk in self._disks.values():
+            disk.release()
+        teardown.wait_closed()
+        deadline = time.monotonic() + 10
+        while not all(disk.released() for disk in self._disks.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _tell(self, event: str) -> None:
         for watcher in list(self._power_watchers):
@@ -577,6 +674,7 @@ class Box:
                 self._cgroup_released = True
                 cgroups.release(self.cgroup)  # the zygote removes it as it reaps init
             self._release_network()
+            self._release_disks()
             self._state = "stopped"
             _live.discard(self)
             if not dead:

@@ -111,6 +111,7 @@ class Server:
         self.image_user: str | None = config.get("user") or None
         self.children: set[int] = set()
         self.kept = False
+        self.disks: dict[str, int] = {}  # box path -> the disk's mount (an fd), for readonly()
 
     def serve(self) -> None:
         """Until the host goes: then PID 1 exits and the kernel kills the rest of the box,
@@ -137,6 +138,10 @@ class Server:
                 # Outlive the helper and the host: no parent-death signal, no exit on EOF.
                 syscalls.prctl(syscalls.PR_SET_PDEATHSIG, 0)
                 self.kept = reply["ok"] = True
+            elif op == "mount_disk":
+                reply["ok"] = self.mount_disk(message["path"], fds)
+            elif op == "disk_readonly":
+                reply["ok"] = self.disk_readonly(message["path"], bool(message["readonly"]))
             else:
                 raise ValueError(f"unknown request {op!r}")
         except Exception as exc:
@@ -144,6 +149,30 @@ class Server:
             # The host checks every argument first; this is for what it cannot foresee.
             reply["error"] = _describe(exc)
         channel.send(self.sock, reply)
+
+    def mount_disk(self, path: str, fds: list[int]) -> bool:
+        """Put a disk's mount (made by the host with ``fsmount``: attached nowhere yet) on
+        ``path``, made in the root if missing. Being in this mount namespace only, it goes
+        with the box."""
+        if len(fds) != 1:
+            raise ValueError(f"mount_disk: expected one mount fd, got {len(fds)}")
+        root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            target = rootfs.resolve_in_root(root, path, "dir")
+        finally:
+            os.close(root)
+        try:
+            syscalls.move_mount_fd(fds[0], target)
+        finally:
+            os.close(target)
+        self.disks[path] = os.dup(fds[0])  # still the disk's mount: readonly() switches it
+        return True
+
+    def disk_readonly(self, path: str, readonly: bool) -> bool:
+        """Switch a disk's mount read-only (writes fail with EROFS) or back."""
+        flag = syscalls.MOUNT_ATTR_RDONLY
+        syscalls.mount_setattr_fd(self.disks[path], flag if readonly else 0, 0 if readonly else flag)
+        return True
 
     def spawned(self, pid: int) -> int:
         """Make a new command, not init, the OOM killer's choice in the box's cgroup.

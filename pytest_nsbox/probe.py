@@ -45,6 +45,9 @@ def capabilities() -> tuple[Capability, ...]:
         _check_freezer(),
         _check_netem(),
         _check_nft(),
+        _check_loop(),
+        *_check_mkfs(),
+        _check_devmapper(),
     )
 
 
@@ -242,3 +245,38 @@ def _check_nft() -> Capability:
         detail = "no nft program: nat=True boxes cannot be made (apt-get install nftables)"
         return Capability("nft", False, detail, required=False)
     return Capability("nft", True, found, required=False)
+
+
+def _check_loop() -> Capability:
+    """Loop devices carry ``disks=``: a file on the host as a block device."""
+    if os.path.exists("/dev/loop-control"):
+        return Capability("loop", True, "/dev/loop-control", required=False)
+    detail = "no /dev/loop-control: disks= cannot be made (modprobe loop; CONFIG_BLK_DEV_LOOP)"
+    return Capability("loop", False, detail, required=False)
+
+
+def _check_mkfs() -> list[Capability]:
+    """The programs that make the filesystems ``disks=`` offers, and the packages that have them."""
+    from .spec import DISK_MKFS, mkfs_program
+
+    found = []
+    for fs, (program, package, _smallest) in DISK_MKFS.items():
+        path = mkfs_program(fs)
+        detail = path or f"no {program}: disks with fs={fs!r} cannot be made (apt-get install {package})"
+        found.append(Capability(program, path is not None, detail, required=False))
+    return found
+
+
+def _check_devmapper() -> Capability:
+    """Device-mapper carries the disk faults (``fail()``, ``slow()``, ``flaky()``, ``power_cut()``)."""
+    from . import devmapper
+
+    missing = devmapper.unavailable()
+    if missing is not None:
+        return Capability("devmapper", False, missing, required=False)
+    have = devmapper.targets()
+    lacking = [f"dm-{target}" for target in ("flakey", "delay") if target not in have]
+    detail = devmapper.CONTROL + (
+        f"; not loaded yet: {', '.join(lacking)} (loaded on first use, or modprobe them)" if lacking else ""
+    )
+    return Capability("devmapper", True, detail, required=False)

@@ -37,7 +37,32 @@ NETWORK_MODES = ("none", "bridge")
 # Paths a tmpfs may not cover: the box's own kernel filesystems and its root.
 _RESERVED_MOUNTS = ("/", "/proc", "/sys", "/dev", "/dev/pts")
 
-LIMITS = ("pids", "memory", "memory_swap", "cpus", "cpuset", "io_weight")
+LIMITS = (
+    "pids",
+    "memory",
+    "memory_swap",
+    "cpus",
+    "cpuset",
+    "io_weight",
+    "io_read_bps",
+    "io_write_bps",
+    "io_read_iops",
+    "io_write_iops",
+)
+# Caps on the box's disks' block devices (``disks=``): bytes or operations per second.
+IO_CAPS = ("io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops")
+DISK_FILESYSTEMS = ("ext4", "xfs", "btrfs")
+# The program that makes each filesystem, the Debian package that has it, and the smallest
+# disk it accepts (mkfs.xfs refuses below 300 MiB since xfsprogs 5.19; mkfs.btrfs below 114).
+DISK_MKFS = {
+    "ext4": ("mkfs.ext4", "e2fsprogs", 1 << 20),
+    "xfs": ("mkfs.xfs", "xfsprogs", 300 << 20),
+    "btrfs": ("mkfs.btrfs", "btrfs-progs", 114 << 20),
+}
+# Mount attributes, not filesystem options: every disk is nodev,nosuid, and readonly() and
+# writable() switch it; the filesystem would refuse these names anyway, less clearly.
+_DISK_ATTRIBUTES = ("dev", "nodev", "suid", "nosuid", "exec", "noexec", "ro", "rw", "bind", "remount")
+_MOUNT_OPTION_RE = re.compile(r"^[A-Za-z0-9_.-]+(=[^,\0\s]*)?$")
 _CPUSET_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
 
@@ -49,6 +74,25 @@ class ImageSource:
     def resolve(self, cache: str | None = None) -> Any:
         """The ``Image`` to boot (made or found in ``cache`` if need be)."""
         raise NotImplementedError
+
+
+class DiskSource:
+    """What ``disks=`` accepts besides a size or a dict: a ``Disk`` of an earlier box, whose
+    filesystem (and contents) the new box mounts. A base class here, so that a spec can tell
+    one apart without importing the loop-device machinery."""
+
+    spec: DiskSpec
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A disk to make: its size in bytes, filesystem, inode count (None: mkfs's choice) and
+    extra mount options (``"noatime,data=journal"``)."""
+
+    size: int
+    fs: str = "ext4"
+    inodes: int | None = None
+    options: str = ""
 
 
 def parse_size(value: object, what: str) -> int:
@@ -84,6 +128,7 @@ class BoxSpec:
     devices: tuple[str, ...] = ()
     no_new_privileges: bool = False
     logs: tuple[str, ...] | None = None
+    disks: Mapping[str, DiskSpec | DiskSource] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def create(cls, source: str = "Box()", **options: Any) -> BoxSpec:
@@ -96,21 +141,31 @@ class BoxSpec:
                 f"known options are {', '.join(sorted(known))}"
             )
         values = dict(options)
+        tmpfs = _tmpfs(values.get("tmpfs"), f"{source}: tmpfs")
+        disks = _disks(values.get("disks"), tmpfs, f"{source}: disks")
+        limits = _limits(values.get("limits"), f"{source}: limits")
+        caps = sorted(key for key in IO_CAPS if limits.get(key) is not None)
+        if caps and not disks:
+            raise ConfigError(
+                f"{source}: limits: {', '.join(caps)} cap the I/O of the box's disks, and it has none; "
+                "give it one with disks={'/data': '64M'} (a tmpfs or the root is memory, not a disk)"
+            )
         return cls(
             image=_image(values.get("image"), f"{source}: image"),
             cache=_path_or_none(values.get("cache"), f"{source}: cache"),
             hostname=_hostname(values.get("hostname", "box"), f"{source}: hostname"),
             network=_network(values.get("network", "none"), f"{source}: network"),
-            limits=_limits(values.get("limits"), f"{source}: limits"),
+            limits=limits,
             env=_env(values.get("env"), f"{source}: env"),
             privileged=_bool(values.get("privileged", False), f"{source}: privileged"),
-            tmpfs=_tmpfs(values.get("tmpfs"), f"{source}: tmpfs"),
+            tmpfs=tmpfs,
             subnet=_subnet(values.get("subnet"), f"{source}: subnet"),
             nat=_nat(values.get("nat", False), values.get("network", "none"), f"{source}: nat"),
             publish=_publish(values.get("publish"), f"{source}: publish"),
             devices=_devices(values.get("devices"), f"{source}: devices"),
             no_new_privileges=_bool(values.get("no_new_privileges", False), f"{source}: no_new_privileges"),
             logs=_logs(values.get("logs"), f"{source}: logs"),
+            disks=disks,
         )
 
     def __hash__(self) -> int:
@@ -131,6 +186,7 @@ class BoxSpec:
                 self.devices,
                 self.no_new_privileges,
                 self.logs,
+                tuple(sorted(self.disks.items(), key=lambda item: item[0])),
             )
         )
 
@@ -151,6 +207,7 @@ class BoxSpec:
             "devices": list(self.devices),
             "no_new_privileges": self.no_new_privileges,
             "logs": None if self.logs is None else list(self.logs),
+            "disks": dict(self.disks),
         }
         current.update(options)
         return BoxSpec.create(source, **current)
@@ -272,6 +329,12 @@ def parse_limits(value: object, what: str) -> dict[str, Any]:
             if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 10000:
                 raise ConfigError(f"{where}: expected a weight from 1 to 10000 (100 is the default)")
             result[key] = item
+        elif key in ("io_read_bps", "io_write_bps"):
+            result[key] = parse_size(item, f"{where} (bytes per second)")
+        elif key in ("io_read_iops", "io_write_iops"):
+            if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+                raise ConfigError(f"{where}: expected a whole number of operations per second >= 1")
+            result[key] = item
     return result
 
 
@@ -313,6 +376,100 @@ def _tmpfs(value: object, what: str) -> Mapping[str, int | None]:
             raise ConfigError(f"{what}: cannot mount a tmpfs on {path!r}; the box sets that path up itself")
         result[clean] = None if size is None else parse_size(size, f"{what}[{path!r}]")
     return MappingProxyType(result)
+
+
+def _disks(value: object, tmpfs: Mapping[str, int | None], what: str) -> Mapping[str, DiskSpec | DiskSource]:
+    """``{"/data": "64M"}``, ``{"/data": {"size": "64M", "fs": "ext4", "inodes": 1000,
+    "options": "noatime"}}`` or ``{"/data": other_box.disk("/data")}``, each checked here:
+    the path, the size, the filesystem and that its mkfs program is installed."""
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{what}: expected a dict like {{'/data': '64M'}}, got {value!r}")
+    result: dict[str, DiskSpec | DiskSource] = {}
+    for path, item in value.items():
+        clean = _disk_path(path, what)
+        where = f"{what}[{path!r}]"
+        if clean in result:
+            raise ConfigError(f"{what}: {path!r} is given twice; one disk per path")
+        if clean in tmpfs:
+            raise ConfigError(f"{where}: a tmpfs is asked for at {clean} too; one mount per path")
+        if isinstance(item, DiskSource):
+            if any(other is item for other in result.values()):
+                raise ConfigError(f"{where}: that Disk is given twice; a disk is mounted at one path")
+            result[clean] = item
+            continue
+        # A DiskSpec was checked when made (a spec merged again by a hook holds them).
+        result[clean] = item if isinstance(item, DiskSpec) else _disk_spec(item, where)
+    return MappingProxyType(result)
+
+
+def _disk_path(path: object, what: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"{what}: {path!r} must be an absolute path in the box, such as '/data'")
+    if "\0" in path or "," in path or ".." in path.split("/"):
+        raise ConfigError(
+            f"{what}: {path!r} holds '..', a comma or a NUL byte; give a plain path like '/data'"
+        )
+    clean = os.path.normpath("/" + path.lstrip("/"))
+    if clean in _RESERVED_MOUNTS or clean.startswith(("/proc/", "/sys/", "/dev/")):
+        raise ConfigError(f"{what}: cannot mount a disk on {path!r}; the box sets that path up itself")
+    return clean
+
+
+def _disk_spec(item: object, where: str) -> DiskSpec:
+    if isinstance(item, (str, int)) and not isinstance(item, bool):
+        item = {"size": item}
+    if not isinstance(item, Mapping):
+        raise ConfigError(
+            f"{where}: expected a size ('64M'), a dict like {{'size': '64M', 'fs': 'ext4'}} "
+            f"or a Disk (box.disk(path)), got {item!r}"
+        )
+    unknown = sorted(set(item) - {"size", "fs", "inodes", "options"})
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(str, unknown))}; use size, fs, inodes, options"
+        )
+    if "size" not in item:
+        raise ConfigError(f"{where}: the size is missing; give {{'size': '64M', ...}}")
+    size = parse_size(item["size"], f"{where}: size")
+    fs = item.get("fs", "ext4")
+    if fs not in DISK_FILESYSTEMS:
+        raise ConfigError(f"{where}: fs: {fs!r} is not one of {', '.join(DISK_FILESYSTEMS)}")
+    program, package, smallest = DISK_MKFS[fs]
+    if size < smallest:
+        raise ConfigError(f"{where}: size: {fs} needs at least {smallest >> 20}M (its mkfs refuses less)")
+    if mkfs_program(fs) is None:
+        raise ConfigError(
+            f"{where}: fs {fs!r} needs {program}, which is not installed; apt-get install {package}"
+        )
+    inodes = item.get("inodes")
+    if inodes is not None and (isinstance(inodes, bool) or not isinstance(inodes, int) or inodes < 1):
+        raise ConfigError(f"{where}: inodes: expected a whole number of inodes >= 1, got {inodes!r}")
+    if inodes is not None and fs != "ext4":
+        raise ConfigError(
+            f"{where}: inodes: only ext4 has a fixed inode count ({fs} allocates them as needed)"
+        )
+    options = item.get("options", "")
+    if not isinstance(options, str):
+        raise ConfigError(f"{where}: options: expected a string like 'noatime,data=journal', got {options!r}")
+    for option in filter(None, options.split(",")):
+        if not _MOUNT_OPTION_RE.match(option):
+            raise ConfigError(f"{where}: options: {option!r} is not a mount option (name or name=value)")
+        if option.partition("=")[0] in _DISK_ATTRIBUTES:
+            raise ConfigError(
+                f"{where}: options: {option!r} is not for disks= options: a disk is always nodev,nosuid, "
+                "and disk.readonly() / disk.writable() switch it"
+            )
+    return DiskSpec(size, fs, inodes, ",".join(filter(None, options.split(","))))
+
+
+def mkfs_program(fs: str) -> str | None:
+    """The path of the program that makes ``fs`` (sbin directories included), or None."""
+    import shutil
+
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    return shutil.which(DISK_MKFS[fs][0], path=path)
 
 
 def _devices(value: object, what: str) -> tuple[str, ...]:
@@ -548,6 +705,19 @@ def timeout_seconds(value: object, what: str, *, optional: bool = True) -> float
     if not math.isfinite(seconds) or seconds < 0:
         raise ConfigError(f"{what}: expected {accepted}, got {value!r}")
     return seconds
+
+
+def disk_fault_number(value: object, what: str, *, smallest: int, unit: str) -> int:
+    """A disk fault's whole number of ``unit`` (device-mapper tables take whole numbers), from
+    ``smallest`` to an hour's worth."""
+    largest = 3_600_000 if unit == "milliseconds" else 3600
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(
+            f"{what}: expected a whole number of {unit} (int), got {type(value).__name__} {value!r}"
+        )
+    if not smallest <= value <= largest:
+        raise ConfigError(f"{what}: expected {smallest} to {largest} {unit}, got {value}")
+    return value
 
 
 def port_number(value: object, what: str) -> int:

@@ -644,3 +644,104 @@ def set_link_up(name: str) -> None:
             fcntl.ioctl(sock.fileno(), _SIOCSIFFLAGS, struct.pack("16sH14x", name.encode(), flags))
         except OSError as exc:
             raise SyscallError(exc.errno or 0, "ioctl(SIOCSIFFLAGS)", f"interface {name!r}") from exc
+
+
+# The new mount API (Linux 5.2+; mount_setattr 5.12+), which glibc 2.36 does not wrap.
+_SYS_MOVE_MOUNT = 429
+_SYS_FSOPEN = 430
+_SYS_FSCONFIG = 431
+_SYS_FSMOUNT = 432
+_SYS_MOUNT_SETATTR = 442
+FSOPEN_CLOEXEC = 0x1
+FSMOUNT_CLOEXEC = 0x1
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+AT_EMPTY_PATH = 0x1000
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _fs_log(fs_fd: int) -> str:
+    """What the filesystem said about a failed ``fsconfig`` (its context's message log)."""
+    lines = []
+    for _ in range(8):
+        try:
+            lines.append(os.read(fs_fd, 1024).decode(errors="replace").strip())
+        except OSError:
+            break
+    return "; ".join(line for line in lines if line)
+
+
+def fsopen(fstype: str) -> int:
+    """fsopen(2): a filesystem context of ``fstype``, to configure with ``fsconfig``."""
+    result = _libc.syscall(ctypes.c_long(_SYS_FSOPEN), ctypes.c_char_p(fstype.encode()), FSOPEN_CLOEXEC)
+    hint = f"the kernel does not support filesystem type {fstype!r} (modprobe it?)"
+    return _check(result, "fsopen", repr(fstype), hint if ctypes.get_errno() == errno.ENODEV else "")
+
+
+def fsconfig(fs_fd: int, command: int, key: str | None = None, value: str | None = None) -> None:
+    """fsconfig(2): set one option (or, with ``FSCONFIG_CMD_CREATE``, make the superblock);
+    the error carries what the filesystem logged about it."""
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_FSCONFIG),
+        ctypes.c_int(fs_fd),
+        ctypes.c_uint(command),
+        None if key is None else ctypes.c_char_p(key.encode()),
+        None if value is None else ctypes.c_char_p(value.encode()),
+        ctypes.c_int(0),
+    )
+    if result < 0:
+        err = ctypes.get_errno()
+        what = "create" if command == FSCONFIG_CMD_CREATE else f"{key}={value!r}" if value else str(key)
+        raise SyscallError(err, "fsconfig", what, _fs_log(fs_fd))
+
+
+def fsmount(fs_fd: int, attributes: int) -> int:
+    """fsmount(2): a mount of the context's filesystem, attached nowhere yet (its fd)."""
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_FSMOUNT),
+        ctypes.c_int(fs_fd),
+        ctypes.c_uint(FSMOUNT_CLOEXEC),
+        ctypes.c_uint(attributes),
+    )
+    return _check(result, "fsmount", f"attributes {attributes:#x}")
+
+
+def move_mount_fd(mount_fd: int, target_fd: int) -> None:
+    """move_mount(2) of the mount ``mount_fd`` onto the directory ``target_fd`` (an O_PATH fd)."""
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_MOVE_MOUNT),
+        ctypes.c_int(mount_fd),
+        ctypes.c_char_p(b""),
+        ctypes.c_int(target_fd),
+        ctypes.c_char_p(b""),
+        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+    )
+    _check(result, "move_mount", f"mount fd {mount_fd} onto fd {target_fd}")
+
+
+def mount_setattr_fd(mount_fd: int, attr_set: int, attr_clr: int) -> None:
+    """mount_setattr(2) on the mount ``mount_fd`` refers to (not recursive): e.g. read-only."""
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_MOUNT_SETATTR),
+        ctypes.c_int(mount_fd),
+        ctypes.c_char_p(b""),
+        ctypes.c_uint(AT_EMPTY_PATH),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    _check(result, "mount_setattr", f"set {attr_set:#x} clear {attr_clr:#x}")

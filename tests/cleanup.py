@@ -27,3 +27,18 @@ def box_mounts() -> list[str]:
             if fstype == "overlay" or source == "nsbox":
                 found.append(line.strip())
     return found
+
+
+def box_loop_devices() -> dict[int, str]:
+    """Loop devices of our disks still attached (``disks=``): their backing files live, without
+    a name, in the ``nsbox-disks`` directory of a layer cache."""
+    from pytest_nsbox import disks, loop
+
+    return {number: path for number, path in loop.attached().items() if f"/{disks.DIR_NAME}/" in path}
+
+
+def box_dm_devices() -> list[str]:
+    """Device-mapper devices of our disks still there (named ``nsbox-...``)."""
+    from pytest_nsbox import devmapper
+
+    return devmapper.ours()

@@ -9,6 +9,7 @@ import time
 
 import psutil
 import pytest
+from cleanup import box_dm_devices, box_loop_devices
 
 from pytest_nsbox import cgroups, live_boxes, network, probe, state, zygote
 from pytest_nsbox.network import bridge, pool
@@ -133,6 +134,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         "mounts": _mount_lines(),
         "cgroups": _box_cgroups(),
         "links": _links(),
+        "loops": box_loop_devices(),
+        "dm": box_dm_devices(),
     }
 
 
@@ -154,6 +157,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     extra = sorted(set(_mount_lines()) - set(baseline["mounts"]))  # type: ignore[arg-type]
     if extra:
         problems.append(f"mounts added on the host: {extra}")
+    deadline = time.monotonic() + 10  # a stopped box's disk goes with its mount namespace
+    loops_before = set(baseline["loops"].items())  # type: ignore[attr-defined]
+    while (loops := set(box_loop_devices().items()) - loops_before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if loops:
+        problems.append(f"loop devices of disks left attached: {sorted(loops)}")
+    dm_left = sorted(set(box_dm_devices()) - set(baseline["dm"]))  # type: ignore[arg-type]
+    if dm_left:
+        problems.append(f"device-mapper devices of disks left: {dm_left}")
     zygote.shutdown()  # its waiting box (and that box's cgroup) goes with it
     cgroups.flush_pending(wait=5)
     left = _empty(_box_cgroups() - baseline["cgroups"])  # type: ignore[operator]

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import CgroupError
-from ..spec import LIMITS, parse_limits
+from ..errors import CgroupError, ConfigError
+from ..spec import IO_CAPS, LIMITS, parse_limits
 from .base import NAME_PREFIX, CgroupStats, Driver, parse_keyed
 from .v1 import V1Driver, mounted_controllers
 from .v2 import V2Driver
@@ -68,6 +68,8 @@ class Cgroup:
         self.closed = False
         self._seen_pids_peak = 0
         self._oom_fd: int | None = None
+        # "MAJ:MIN" of the box's disks' block devices: what the I/O caps apply to.
+        self.block_devices: tuple[str, ...] = ()
 
     @property
     def version(self) -> str:
@@ -90,14 +92,28 @@ class Cgroup:
 
     def set(self, **limits: Any) -> Cgroup:
         """Change limits: ``pids``, ``memory`` ("64M" or bytes), ``memory_swap``, ``cpus``
-        (float CPUs), ``cpuset`` ("0-1"), ``io_weight`` (1-10000). ``None`` lifts a limit."""
+        (float CPUs), ``cpuset`` ("0-1"), ``io_weight`` (1-10000), and on the box's disks
+        ``io_read_bps`` / ``io_write_bps`` ("2M" a second) and ``io_read_iops`` /
+        ``io_write_iops``. ``None`` lifts a limit."""
         parsed = parse_limits(limits, "limits")
+        caps = sorted(key for key in IO_CAPS if key in parsed)
+        if caps and not self.block_devices:
+            raise ConfigError(
+                f"limits: {', '.join(caps)} cap the I/O of a box's disks, and this box has none; "
+                "give it one with disks={'/data': '64M'}"
+            )
         if self.closed:
             raise CgroupError(f"cgroup {self.name} belongs to a stopped box; limits can no longer be set")
         if self.driver is None:
             raise CgroupError("this host has no usable cgroups, so limits cannot be set (see `nsbox doctor`)")
-        self.driver.apply(self.dirs, parsed)
+        self.driver.apply(self.dirs, parsed, self.block_devices)
         return self
+
+    def use_block_devices(self, devices: tuple[str, ...]) -> None:
+        """The box's disks (``MAJ:MIN``), for its I/O caps; on v1 the box joins blkio to count I/O."""
+        self.block_devices = devices
+        if devices and self.driver is not None and not self.closed:
+            self.driver.track_io(self.dirs, devices)
 
     def stats(self) -> CgroupStats:
         """Usage now; refused once the box stopped (its cgroup goes, and zeros would mislead)."""

@@ -27,6 +27,12 @@ class CgroupStats:
     oom_kills: int = 0
     cpu_usec: int = 0
     throttled_usec: int = 0
+    # Block I/O of the box's processes (v1: counted once the box joined blkio, which a box
+    # with disks or I/O caps does; buffered writes are counted to the flusher there).
+    io_read_bytes: int = 0
+    io_write_bytes: int = 0
+    io_read_ops: int = 0
+    io_write_ops: int = 0
 
 
 class Driver(Protocol):
@@ -36,7 +42,9 @@ class Driver(Protocol):
 
     def procs_files(self, dirs: list[Path]) -> list[str]: ...
 
-    def apply(self, dirs: list[Path], limits: dict[str, Any]) -> None: ...
+    def apply(self, dirs: list[Path], limits: dict[str, Any], devices: tuple[str, ...] = ()) -> None: ...
+
+    def track_io(self, dirs: list[Path], devices: tuple[str, ...]) -> None: ...
 
     def stats(self, dirs: list[Path], seen_pids_peak: int) -> CgroupStats: ...
 
@@ -154,6 +162,18 @@ def parse_keyed(text: str) -> dict[str, int]:
         if len(parts) == 2 and parts[1].lstrip("-").isdigit():
             result[parts[0]] = int(parts[1])
     return result
+
+
+def io_cap_lines(limits: dict[str, Any], devices: tuple[str, ...]) -> dict[str, list[str]]:
+    """The I/O caps among ``limits`` per kind (``rbps``...), as ``MAJ:MIN value`` for each of
+    ``devices`` (None lifts a cap: v1 writes 0 for that, v2 ``max``)."""
+    kinds = {"io_read_bps": "rbps", "io_write_bps": "wbps", "io_read_iops": "riops", "io_write_iops": "wiops"}
+    lines: dict[str, list[str]] = {}
+    for key, kind in kinds.items():
+        if key in limits:
+            value = limits[key]
+            lines[kind] = [f"{device} {'max' if value is None else value}" for device in devices]
+    return lines
 
 
 def pids_peak(directory: Path, current: int, seen: int) -> int:

@@ -13,6 +13,7 @@ from .base import (
     box_dirs,
     cannot_lower_memory,
     errno_of,
+    io_cap_lines,
     keyed,
     own_cgroup,
     pids_peak,
@@ -101,8 +102,31 @@ class V1Driver:
         parent = self.parents.get(controller)
         return next((d for d in dirs if parent is not None and d.parent == parent), None)
 
-    def apply(self, dirs: list[Path], limits: dict[str, Any]) -> None:
+    def track_io(self, dirs: list[Path], devices: tuple[str, ...]) -> None:
+        """Join blkio (not joined by every box): its counters and caps need it. Its counters
+        run only on a device with blk-throttle set up: an unlimited cap sets it up."""
+        if "blkio" not in self.parents:
+            return
+        directory = self._find(dirs, "blkio") or self._join_late(dirs, "blkio")
+        cap_file = directory / _THROTTLE_FILES["rbps"]
+        if cap_file.exists():
+            for device in devices:
+                if device not in read(cap_file):
+                    write(cap_file, f"{device} 0")
+
+    def apply(self, dirs: list[Path], limits: dict[str, Any], devices: tuple[str, ...] = ()) -> None:
+        for kind, lines in io_cap_lines(limits, devices).items():
+            if "blkio" not in self.parents:
+                raise CgroupError("I/O caps need the v1 blkio controller, which this host has not mounted")
+            directory = self._find(dirs, "blkio") or self._join_late(dirs, "blkio")
+            cap_file = directory / _THROTTLE_FILES[kind]
+            if not cap_file.exists():
+                raise CgroupError(f"I/O caps need blk-throttle (CONFIG_BLK_DEV_THROTTLING): no {cap_file}")
+            for line in lines:
+                write(cap_file, line.replace(" max", " 0"), f"io_{kind}")
         for key, value in limits.items():
+            if key.startswith("io_") and key != "io_weight":
+                continue
             controller = _CONTROLLER_OF[key]
             if controller not in self.parents:
                 raise CgroupError(
@@ -182,7 +206,20 @@ class V1Driver:
             oom_kills=self.oom_kills(dirs),
             cpu_usec=read_int(cpuacct / "cpuacct.usage") // 1000 if cpuacct else 0,
             throttled_usec=keyed(cpu / "cpu.stat").get("throttled_time", 0) // 1000 if cpu else 0,
+            **self._io_stats(dirs),
         )
+
+    def _io_stats(self, dirs: list[Path]) -> dict[str, int]:
+        blkio = self._find(dirs, "blkio")
+        if blkio is None:
+            return {}
+        totals = {"io_read_bytes": 0, "io_write_bytes": 0, "io_read_ops": 0, "io_write_ops": 0}
+        for name, unit in (("io_service_bytes_recursive", "bytes"), ("io_serviced_recursive", "ops")):
+            for line in read(blkio / f"blkio.throttle.{name}").splitlines():
+                fields = line.split()  # "7:3 Read 4096"; a last "Total N" line
+                if len(fields) == 3 and fields[1] in ("Read", "Write") and fields[2].isdigit():
+                    totals[f"io_{fields[1].lower()}_{unit}"] += int(fields[2])
+        return totals
 
     def oom_kills(self, dirs: list[Path]) -> int:
         path = self.oom_kills_file(dirs)
@@ -237,6 +274,12 @@ class V1Driver:
         return plan
 
 
+_THROTTLE_FILES = {
+    "rbps": "blkio.throttle.read_bps_device",
+    "wbps": "blkio.throttle.write_bps_device",
+    "riops": "blkio.throttle.read_iops_device",
+    "wiops": "blkio.throttle.write_iops_device",
+}
 _CONTROLLER_OF = {
     "pids": "pids",
     "memory": "memory",
@@ -244,4 +287,8 @@ _CONTROLLER_OF = {
     "cpus": "cpu",
     "cpuset": "cpuset",
     "io_weight": "blkio",
+    "io_read_bps": "blkio",
+    "io_write_bps": "blkio",
+    "io_read_iops": "blkio",
+    "io_write_iops": "blkio",
 }

@@ -14,6 +14,7 @@ from .base import (
     box_dirs,
     cannot_lower_memory,
     errno_of,
+    io_cap_lines,
     keyed,
     own_cgroup,
     pids_peak,
@@ -49,6 +50,23 @@ def _reclaim_below(path: Path, value: int) -> None:
     usage = read_int(path / "memory.current")
     if usage > value:
         raise cannot_lower_memory(value, usage, "memory.current")
+
+
+def _io_stats(text: str) -> dict[str, int]:
+    """The sums over devices of io.stat's ``MAJ:MIN rbytes=N wbytes=N rios=N wios=N ...`` lines."""
+    totals = {"io_read_bytes": 0, "io_write_bytes": 0, "io_read_ops": 0, "io_write_ops": 0}
+    names = {
+        "rbytes": "io_read_bytes",
+        "wbytes": "io_write_bytes",
+        "rios": "io_read_ops",
+        "wios": "io_write_ops",
+    }
+    for line in text.splitlines():
+        for field in line.split()[1:]:
+            key, _, value = field.partition("=")
+            if key in names and value.isdigit():
+                totals[names[key]] += int(value)
+    return totals
 
 
 class V2Driver:
@@ -114,8 +132,21 @@ class V2Driver:
     def procs_files(self, dirs: list[Path]) -> list[str]:
         return [str(dirs[0] / "cgroup.procs")]
 
-    def apply(self, dirs: list[Path], limits: dict[str, Any]) -> None:
+    def track_io(self, dirs: list[Path], devices: tuple[str, ...]) -> None:
+        """Nothing to join: io.stat counts every box from the start."""
+
+    def apply(self, dirs: list[Path], limits: dict[str, Any], devices: tuple[str, ...] = ()) -> None:
         path = dirs[0]
+        caps = io_cap_lines(limits, devices)
+        if caps and not (path / "io.max").exists():
+            raise CgroupError(
+                "I/O caps need io.max: the io controller (delegated?) and blk-throttle "
+                f"(CONFIG_BLK_DEV_THROTTLING); {path / 'io.max'} is missing"
+            )
+        for kind, lines in caps.items():
+            for line in lines:
+                device, value = line.split()
+                write(path / "io.max", f"{device} {kind}={value}", f"io_{kind}")
         for key, value in limits.items():
             if key == "pids":
                 write(path / "pids.max", "max" if value is None else str(value), key)
@@ -150,6 +181,7 @@ class V2Driver:
             oom_kills=self.oom_kills(dirs),
             cpu_usec=cpu.get("usage_usec", 0),
             throttled_usec=cpu.get("throttled_usec", 0),
+            **_io_stats(read(path / "io.stat")),
         )
 
     def oom_kills(self, dirs: list[Path]) -> int:

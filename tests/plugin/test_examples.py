@@ -144,6 +144,13 @@ BREAKAGES = {
         "if acks >= 1:",
         "AssertionError: kv1 acknowledged a write it could not replicate to a majority: ok: stored on 1 of 3",
     ),
+    "a log store that leaves a torn record at ENOSPC": Breakage(
+        "test_logstore_disk.py",
+        "apps/logstore.py",
+        "os.ftruncate(fd, start)  # no half record left for the next append to follow",
+        "pass",
+        "AssertionError: a torn record was left at the end of the log",
+    ),
     "a conftest whose default environment replaces the marker's": Breakage(
         "test_hooks.py",
         "conftest.py",

@@ -17,6 +17,7 @@ from pytest_nsbox.probe import Capability
 EXPECTED_NAMES = [
     *("linux", "root", "namespaces", "overlayfs", "kernel", "architecture"),
     *("cgroups", "devices", "freezer", "netem", "nft"),
+    *("loop", "mkfs.ext4", "mkfs.xfs", "mkfs.btrfs", "devmapper"),
 ]
 
 
@@ -29,7 +30,18 @@ def test_capabilities_are_capability_tuples_in_doctor_order() -> None:
 
 def test_cgroups_the_device_allowlist_and_the_network_extras_are_optional() -> None:
     required = {c.name: c.required for c in probe.capabilities()}
-    optional = ("cgroups", "devices", "freezer", "netem", "nft")
+    optional = (
+        "cgroups",
+        "devices",
+        "freezer",
+        "netem",
+        "nft",
+        "loop",
+        "mkfs.ext4",
+        "mkfs.xfs",
+        "mkfs.btrfs",
+        "devmapper",
+    )
     assert required == {name: name not in optional for name in EXPECTED_NAMES}
 
 
@@ -180,3 +192,18 @@ def test_the_device_allowlist_check_says_what_a_host_without_the_v2_filter_means
     monkeypatch.setattr(probe.devices, "restrict_v2", lambda directory, rules: None)
     assert probe._check_device_allowlist().ok
     assert list(tmp_path.iterdir()) == []
+
+
+def test_loop_devices_and_mkfs_programs_are_listed_with_their_package(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(probe.os.path, "exists", lambda path: False)
+    assert not probe._check_loop().ok and "modprobe loop" in probe._check_loop().detail
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
+    details = {c.name: c.detail for c in probe._check_mkfs() if not c.ok}
+    assert "apt-get install e2fsprogs" in details["mkfs.ext4"]
+    assert "apt-get install xfsprogs" in details["mkfs.xfs"]
+    assert "apt-get install btrfs-progs" in details["mkfs.btrfs"]

@@ -90,7 +90,8 @@ def test_unknown_options_are_all_listed_sorted_with_the_known_ones() -> None:
     message = config_error(hostnam="web", colour="red")
     assert message.startswith(f"{MARKER}: unknown option(s) colour, hostnam;")
     known = (
-        "cache, devices, env, hostname, image, limits, logs, nat, network, no_new_privileges, privileged, "
+        "cache, devices, disks, env, hostname, image, limits, logs, nat, network, no_new_privileges, "
+        "privileged, "
         "publish, subnet, tmpfs"
     )
     assert f"known options are {known}" in message
@@ -486,3 +487,11 @@ def test_logs_refuse_anything_but_a_list_of_absolute_box_paths(
     with pytest.raises(error, match=message) as info:
         BoxSpec.create(MARKER, logs=value)
     assert str(info.value).startswith(f"{MARKER}: logs: ")
+
+
+def test_a_spec_with_disks_can_be_merged_again() -> None:
+    """A hook's ``spec.merged(...)`` re-checks every option: the disks, already DiskSpecs by
+    then, must pass as they are."""
+    spec = BoxSpec.create("marker", disks={"/data": "16M"})
+    merged = spec.merged("conftest.py", env={"A": "1"})
+    assert merged.disks == spec.disks and merged.env["A"] == "1"
