@@ -35,6 +35,7 @@ from .errors import (
     CgroupError,
     CommandNotFoundError,
     ConfigError,
+    HostUnsupportedError,
     NetworkError,
 )
 from .image import HOST_ROOT, Image, load_image
@@ -227,6 +228,11 @@ class Box:
                 "no_new_privileges": self.spec.no_new_privileges,
                 "resolv_conf": NO_NAME_SERVER if self.spec.network == "bridge" and not self.spec.nat else "",
             }
+            if self.spec.clock and not probe.has_time_namespace():
+                raise HostUnsupportedError(
+                    f"box {self.id}: clock= needs time namespaces (Linux 5.6, CONFIG_TIME_NS), "
+                    "which this kernel lacks (see `nsbox doctor`)"
+                )
             if self.spec.clock:
                 # Made for it, not taken from the waiting boxes: a time namespace's offsets
                 # are fixed once a process is in it (see zygote.spawn_box).

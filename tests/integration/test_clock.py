@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from pytest_nsbox import Box, zygote
-from pytest_nsbox.errors import ArgumentTypeError, ConfigError
+from pytest_nsbox import Box, probe, zygote
+from pytest_nsbox.errors import ArgumentTypeError, ConfigError, HostUnsupportedError
 
 pytestmark = pytest.mark.requires("boxes")
 
@@ -141,3 +141,14 @@ def test_a_bridged_box_with_offsets_has_its_network() -> None:
         assert box_uptime(box) >= OFFSET
         assert box.ip is not None
         assert box.run("cat /sys/class/net/eth0/operstate", check=True).stdout.strip() == "up"
+
+
+def test_a_kernel_without_time_namespaces_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(probe, "has_time_namespace", lambda: False)
+    box = Box(clock={"boottime": "+1d"})
+    with pytest.raises(
+        HostUnsupportedError, match=r"clock= needs time namespaces \(Linux 5.6, CONFIG_TIME_NS\)"
+    ):
+        box.start()
+    assert box.pid is None
+    assert not probe._check_time_namespace().ok

@@ -16,7 +16,7 @@ from pytest_nsbox.probe import Capability
 
 EXPECTED_NAMES = [
     *("linux", "root", "namespaces", "overlayfs", "kernel", "architecture"),
-    *("cgroups", "devices", "freezer", "netem", "nft"),
+    *("cgroups", "devices", "freezer", "time namespace", "netem", "nft"),
 ]
 
 
@@ -29,7 +29,7 @@ def test_capabilities_are_capability_tuples_in_doctor_order() -> None:
 
 def test_cgroups_the_device_allowlist_and_the_network_extras_are_optional() -> None:
     required = {c.name: c.required for c in probe.capabilities()}
-    optional = ("cgroups", "devices", "freezer", "netem", "nft")
+    optional = ("cgroups", "devices", "freezer", "time namespace", "netem", "nft")
     assert required == {name: name not in optional for name in EXPECTED_NAMES}
 
 
