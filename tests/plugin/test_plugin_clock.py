@@ -6,11 +6,16 @@ from collections.abc import Callable
 
 import pytest
 
+from pytest_nsbox import probe
+
 RunInner = Callable[..., pytest.RunResult]
 
 pytestmark = pytest.mark.requires("boxes")
 
 
+@pytest.mark.skipif(
+    not probe.has_time_namespace(), reason="this kernel has no time namespaces (CONFIG_TIME_NS)"
+)
 def test_marker_and_factory_give_a_box_its_clock_offsets(
     pytester: pytest.Pytester, run_inner: RunInner
 ) -> None:
@@ -45,7 +50,24 @@ def test_marker_and_factory_give_a_box_its_clock_offsets(
         """
     )
     result = run_inner("-v")
-    result.assert_outcomes(passed=3, errors=1)
+    result.assert_outcomes(passed=3, errors=1)  # the bad marker is an error before any box
     result.stdout.fnmatch_lines(
         ["*clock: unknown clock 'uptime'; a box can offset only monotonic and boottime*"]
     )
+
+
+def test_a_bad_clock_in_a_marker_fails_the_test_on_any_kernel(
+    pytester: pytest.Pytester, run_inner: RunInner
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.nsbox(clock={"monotonic": "+1 year"})
+        def test_bad_marker(nsbox):
+            pass
+        """
+    )
+    result = run_inner("-v")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*clock?'monotonic'?: expected an offset like '+400d', '-2h'*got '+1 year'"])
