@@ -156,6 +156,16 @@ def test_a_bridged_box_with_offsets_has_its_network() -> None:
         assert box.run("cat /sys/class/net/eth0/operstate", check=True).stdout.strip() == "up"
 
 
+@pytest.mark.skipif(probe.has_time_namespace(), reason="this kernel has time namespaces")
+def test_this_kernel_without_time_namespaces_refuses_a_clock_box_and_still_makes_plain_ones() -> None:
+    box = Box(clock={"monotonic": "+400d"})
+    with pytest.raises(HostUnsupportedError, match=r"clock= needs time namespaces"):
+        box.start()
+    assert box.pid is None and not box.running
+    with Box() as plain:
+        assert plain.run("true").returncode == 0
+
+
 def test_a_kernel_without_time_namespaces_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(probe, "has_time_namespace", lambda: False)  # as a kernel without them says
     box = Box(clock={"boottime": "+1d"})
