@@ -37,6 +37,7 @@ from .errors import (
     CgroupError,
     CommandNotFoundError,
     ConfigError,
+    HostUnsupportedError,
     NetworkError,
 )
 from .image import HOST_ROOT, Image, load_image
@@ -51,6 +52,7 @@ from .spec import (
     DiskSpec,
     ImageSource,
     box_path,
+    clock_nanoseconds,
     command_request,
     file_mode,
     host_path,
@@ -103,6 +105,7 @@ class Box:
         no_new_privileges: bool = False,
         logs: Sequence[str] | None = None,
         disks: Mapping[str, Any] | None = None,
+        clock: Mapping[str, str | float] | None = None,
         spec: BoxSpec | None = None,
     ) -> None:
         options: dict[str, Any] = {
@@ -121,6 +124,7 @@ class Box:
             "no_new_privileges": no_new_privileges,
             "logs": logs,
             "disks": disks,
+            "clock": clock,
         }
         if spec is None:
             self.spec = BoxSpec.create("Box()", **options)
@@ -236,6 +240,15 @@ class Box:
                 "no_new_privileges": self.spec.no_new_privileges,
                 "resolv_conf": NO_NAME_SERVER if self.spec.network == "bridge" and not self.spec.nat else "",
             }
+            if self.spec.clock and not probe.has_time_namespace():
+                raise HostUnsupportedError(
+                    f"box {self.id}: clock= needs time namespaces (Linux 5.6, CONFIG_TIME_NS), "
+                    "which this kernel lacks (see `nsbox doctor`)"
+                )
+            if self.spec.clock:
+                # Made for it, not taken from the waiting boxes: a time namespace's offsets
+                # are fixed once a process is in it (see zygote.spawn_box).
+                config["clock"] = clock_nanoseconds(self.spec.clock)
             if self._network_plan is None and self.spec.network == "bridge":
                 subnet = networking.parse_subnet(self.spec.subnet or networking.DEFAULT_SUBNET)
                 self._network_plan = (subnet, None, True)

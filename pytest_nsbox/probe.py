@@ -43,6 +43,7 @@ def capabilities() -> tuple[Capability, ...]:
         _check_cgroups(),
         _check_device_allowlist(),
         _check_freezer(),
+        _check_time_namespace(),
         _check_netem(),
         _check_nft(),
         _check_loop(),
@@ -202,6 +203,18 @@ def _check_freezer() -> Capability:
     ):
         return Capability("freezer", True, "cgroup v2 cgroup.freeze", required=False)
     return Capability("freezer", False, "no cgroup.freeze: snapshots copy running boxes", required=False)
+
+
+def has_time_namespace() -> bool:
+    """Whether this kernel has time namespaces (Linux 5.6, CONFIG_TIME_NS): ``clock=`` needs them."""
+    return os.path.exists("/proc/self/ns/time")
+
+
+def _check_time_namespace() -> Capability:
+    if has_time_namespace():
+        return Capability("time namespace", True, "/proc/self/ns/time: clock= offsets", required=False)
+    detail = "the kernel has no time namespaces (CONFIG_TIME_NS, Linux 5.6): clock= boxes cannot be made"
+    return Capability("time namespace", False, detail, required=False)
 
 
 def _kernel_option(name: str) -> str | None:

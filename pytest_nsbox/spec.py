@@ -63,6 +63,12 @@ DISK_MKFS = {
 # writable() switch it; the filesystem would refuse these names anyway, less clearly.
 _DISK_ATTRIBUTES = ("dev", "nodev", "suid", "nosuid", "exec", "noexec", "ro", "rw", "bind", "remount")
 _MOUNT_OPTION_RE = re.compile(r"^[A-Za-z0-9_.-]+(=[^,\0\s]*)?$")
+# The clocks a time namespace offsets (CLOCK_REALTIME has no offset: the wall clock is shared).
+CLOCKS = ("monotonic", "boottime")
+_CLOCK_RE = re.compile(r"^\s*([+-]?)(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*$")
+_CLOCK_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# The kernel keeps every offset clock within KTIME_SEC_MAX / 2 seconds (about 146 years).
+CLOCK_OFFSET_MAX = (((1 << 63) - 1) // 1_000_000_000) // 2
 _CPUSET_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
 
@@ -129,6 +135,7 @@ class BoxSpec:
     no_new_privileges: bool = False
     logs: tuple[str, ...] | None = None
     disks: Mapping[str, DiskSpec | DiskSource] = field(default_factory=lambda: MappingProxyType({}))
+    clock: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def create(cls, source: str = "Box()", **options: Any) -> BoxSpec:
@@ -166,6 +173,7 @@ class BoxSpec:
             no_new_privileges=_bool(values.get("no_new_privileges", False), f"{source}: no_new_privileges"),
             logs=_logs(values.get("logs"), f"{source}: logs"),
             disks=disks,
+            clock=_clock(values.get("clock"), f"{source}: clock"),
         )
 
     def __hash__(self) -> int:
@@ -187,6 +195,7 @@ class BoxSpec:
                 self.no_new_privileges,
                 self.logs,
                 tuple(sorted(self.disks.items(), key=lambda item: item[0])),
+                tuple(sorted(self.clock.items())),
             )
         )
 
@@ -208,6 +217,7 @@ class BoxSpec:
             "no_new_privileges": self.no_new_privileges,
             "logs": None if self.logs is None else list(self.logs),
             "disks": dict(self.disks),
+            "clock": dict(self.clock),
         }
         current.update(options)
         return BoxSpec.create(source, **current)
@@ -470,6 +480,62 @@ def mkfs_program(fs: str) -> str | None:
 
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     return shutil.which(DISK_MKFS[fs][0], path=path)
+
+
+def _clock(value: object, what: str) -> Mapping[str, float]:
+    """Offsets, in seconds, of the box's ``monotonic`` and ``boottime`` clocks (its time
+    namespace) from ``{"monotonic": "+400d", "boottime": "-2h"}``.
+
+    Why only a static bound here: the kernel also refuses an offset that would take a clock
+    below zero, which depends on the host's uptime when the box starts; the box's helper
+    reports that one, naming the clock and the uptime.
+    """
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise ArgumentTypeError(
+            f"{what}: expected a dict like {{'monotonic': '+400d', 'boottime': '+400d'}}, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    result: dict[str, float] = {}
+    for name, offset in value.items():
+        if name not in CLOCKS:
+            raise ConfigError(
+                f"{what}: unknown clock {name!r}; a box can offset only {' and '.join(CLOCKS)} "
+                "(the wall clock, CLOCK_REALTIME, is the host's: see the README's Clocks)"
+            )
+        result[name] = clock_offset(offset, f"{what}[{name!r}]")
+    return MappingProxyType(result)
+
+
+def clock_offset(value: object, what: str) -> float:
+    """Seconds from ``"+400d"``, ``"-2h"``, ``"+90s"``, ``"1.5h"``, ``"+3600"`` or a number."""
+    accepted = "an offset like '+400d', '-2h', '+90s', '+1.5h' (units s, m, h, d) or a number of seconds"
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ArgumentTypeError(f"{what}: expected {accepted}, got {type(value).__name__} {value!r}")
+    if isinstance(value, str):
+        match = _CLOCK_RE.match(value)
+        if match is None:
+            raise ConfigError(f"{what}: expected {accepted}, got {value!r}")
+        sign, number, unit = match.groups()
+        seconds = float(number) * _CLOCK_UNITS[unit] * (-1 if sign == "-" else 1)
+    elif isinstance(value, int) and abs(value) > 2 * CLOCK_OFFSET_MAX:
+        seconds = math.inf  # out of range all the same, and maybe too large for a float
+    else:
+        seconds = float(value)
+    if math.isnan(seconds):
+        raise ConfigError(f"{what}: expected {accepted}, got {value!r}")
+    if abs(seconds) > CLOCK_OFFSET_MAX:
+        raise ConfigError(
+            f"{what}: {value!r} is beyond the kernel's range for a clock offset "
+            f"(at most {CLOCK_OFFSET_MAX} seconds, about {CLOCK_OFFSET_MAX // 31_557_600} years, either way)"
+        )
+    return seconds
+
+
+def clock_nanoseconds(clock: Mapping[str, float]) -> dict[str, int]:
+    """A spec's ``clock`` as whole nanoseconds per clock, the form the box's helper writes."""
+    return {name: round(seconds * 1_000_000_000) for name, seconds in clock.items()}
 
 
 def _devices(value: object, what: str) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 _MACHINE = os.uname().machine  # _MACHINE, without importing platform
 
 # Namespace flags (linux/sched.h).
+CLONE_NEWTIME = 0x00000080  # Linux 5.6: unshare() only; the caller's next children get it
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -126,6 +127,7 @@ _MOUNT_FLAG_NAMES = {
 }
 
 _CLONE_FLAG_NAMES = {
+    CLONE_NEWTIME: "CLONE_NEWTIME",
     CLONE_NEWNS: "CLONE_NEWNS",
     CLONE_NEWCGROUP: "CLONE_NEWCGROUP",
     CLONE_NEWUTS: "CLONE_NEWUTS",

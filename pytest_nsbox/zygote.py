@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from . import cgroups, channel, rootfs
-from .errors import BoxError
+from .errors import BoxError, ConfigError
 
 START_TIMEOUT = 30.0
+# The key of a request for a box made for its options (its clocks), which no waiting box fits.
+_MADE = "made for its options"
 # Waiting boxes kept, one per root (image and privilege) recently asked for: a suite that
 # alternates among four images, templates or snapshots finds a box ready for each.
 MAX_WAITING = 4
@@ -93,6 +95,7 @@ class Zygote:
         # boxes announced, one per root recently asked for.
         self._pending: dict[int, tuple[str, int]] = {}
         self._waiting: dict[str, list[_Announced]] = {}  # least recently asked-for root first
+        self._made: dict[int, _Announced] = {}  # boxes made for their options, by sequence
         self._generation = 0  # how many changes of the host's mounts we have seen
         self._mountinfo = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
         self._mount_poller = select.poll()
@@ -124,9 +127,10 @@ class Zygote:
         as it should make the next one like it.
         """
         hint = rootfs.root_hint(config)
+        clock = config.get("clock")
         try:
             with self._lock:
-                warm = self._waiting_box(hint)
+                warm = self._made_box(hint, clock) if clock else self._waiting_box(hint)
             try:
                 # Without the zygote's lock: the network's part waits for the host-wide pool.
                 if network is not None:
@@ -137,8 +141,11 @@ class Zygote:
                 channel.send(warm.control, {"config": config}, [box_end.fileno()])
             finally:
                 warm.control.close()  # unsent: EOF, the box exits unused (its veth with it)
-            with self._lock:
-                self._ask({"op": "taken", "pid": warm.pid, "hint": hint})
+            if not clock:  # a box made for its clocks has no replacement waiting
+                with self._lock:
+                    self._ask({"op": "taken", "pid": warm.pid, "hint": hint})
+        except ConfigError as exc:  # the kernel refused the box's clock offsets
+            raise ConfigError(f"box {config.get('id')}: {exc}") from None
         except OSError as exc:
             raise BoxError(f"the nsbox zygote (pid {self.pid}) is gone: {self.log() or exc}") from exc
 
@@ -146,6 +153,8 @@ class Zygote:
         """Have ``count`` boxes for ``config``'s root waiting (at most ``MAX_WAITING_PER_ROOT``):
         asks for those missing and returns at once; they are made while the caller goes on
         (a cluster, starting its nodes one after another)."""
+        if config.get("clock"):
+            return  # such boxes are made when asked for (see spawn_box)
         hint = rootfs.root_hint(config)
         key = _key(hint)
         try:
@@ -191,11 +200,34 @@ class Zygote:
             self._collect(block=True)
             attempt += 1
 
-    def _ask(self, message: dict[str, Any]) -> None:
-        """Send a request that makes the zygote clone a box (it announces it when made)."""
+    def _made_box(self, hint: dict[str, Any], clock: dict[str, int]) -> _Announced:
+        """A box made now for ``hint`` in a time namespace with ``clock``'s offsets
+        (nanoseconds by clock name); raises ``ConfigError`` for offsets the kernel refuses.
+
+        Why not a waiting box: a time namespace's offsets are fixed once a process is in it,
+        and waiting boxes are made before anyone knows the clocks a test wants. Keying them
+        by clock too would keep a box of every offset ever asked for waiting; clocks are rare.
+        """
+        sequence = self._ask({"op": "make", "hint": hint, "clock": clock}, _MADE)
+        try:
+            while sequence not in self._made:
+                self._collect(block=True)
+        except BaseException:
+            if sequence in self._pending:  # given up on: its box exits unused when it comes
+                self._pending[sequence] = ("", self._generation)
+            made = self._made.pop(sequence, None)
+            if made is not None:
+                made.control.close()  # EOF: it exits unused
+            raise
+        return self._made.pop(sequence)
+
+    def _ask(self, message: dict[str, Any], key: str | None = None) -> int:
+        """Send a request that makes the zygote clone a box (it announces it when made);
+        returns its sequence number."""
         self._sequence += 1
         channel.send(self._sock, {**message, "seq": self._sequence})
-        self._pending[self._sequence] = (_key(message["hint"]), self._generation)
+        self._pending[self._sequence] = (key or _key(message["hint"]), self._generation)
+        return self._sequence
 
     def _collect(self, block: bool) -> None:
         """File the zygote's announcements: every one waiting (``block``: at least one)."""
@@ -204,14 +236,20 @@ class Zygote:
             message, fds = channel.recv(self._sock)
             if message is None:
                 raise OSError(errno.EPIPE, "the zygote closed its socket")
-            key, generation = self._pending.pop(int(message.get("seq", 0)), ("", 0))
+            sequence = int(message.get("seq", 0))
+            key, generation = self._pending.pop(sequence, ("", 0))
             if "error" in message or len(fds) != 1 or not key:
                 for fd in fds:
                     os.close(fd)
                 if not key and "error" not in message:
                     continue  # an answer to nothing we asked: the box exits unused
                 error = message.get("error", {}).get("message", "no box in its answer")
+                if message.get("error", {}).get("kind") == "config":
+                    raise ConfigError(error)  # an option this host refuses now (a clock's offset)
                 raise BoxError(f"the nsbox zygote (pid {self.pid}) could not make a box: {error}")
+            if key == _MADE:
+                self._made[sequence] = _Announced(message, socket.socket(fileno=fds[0]), generation)
+                continue
             boxes = self._waiting.pop(key, [])
             boxes.append(_Announced(message, socket.socket(fileno=fds[0]), generation))
             while len(boxes) > MAX_WAITING_PER_ROOT:
@@ -256,10 +294,11 @@ class Zygote:
             self.process.wait()
         os.close(self._log)
         os.close(self._mountinfo)
-        for boxes in self._waiting.values():
+        for boxes in [*self._waiting.values(), list(self._made.values())]:
             for warm in boxes:
                 warm.control.close()
         self._waiting = {}
+        self._made = {}
 
 
 def _helper_environment() -> dict[str, str]:

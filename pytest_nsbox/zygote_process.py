@@ -10,6 +10,7 @@ driver: the host works out where box cgroups go and hands over plain paths (``Pl
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from .syscalls import (
     CLONE_NEWNET,
     CLONE_NEWNS,
     CLONE_NEWPID,
+    CLONE_NEWTIME,
     CLONE_NEWUTS,
 )
 
@@ -162,6 +164,8 @@ def _serve(sock: socket.socket) -> None:
         with _sigterm_held:
             if op == "want":  # the host has no waiting box that fits: make one now
                 _clone_warm(sock, dict(message["hint"]), int(message["seq"]))
+            elif op == "make":  # a box made for its options (its clocks), handed out at once
+                _clone_warm(sock, dict(message["hint"]), int(message["seq"]), dict(message["clock"]))
             elif op == "taken":  # the host gave a waiting box to a test: make the next
                 _taken(int(message["pid"]))
                 _clone_warm(sock, dict(message["hint"]), int(message["seq"]))
@@ -267,14 +271,36 @@ def _taken(pid: int) -> None:
         _handed_out_cgroups[pid] = name
 
 
-def _clone_warm(zygote_sock: socket.socket, hint: dict[str, Any], seq: int) -> None:
+def _clone_warm(
+    zygote_sock: socket.socket, hint: dict[str, Any], seq: int, clock: dict[str, int] | None = None
+) -> None:
     """Clone the next box and announce it to the host with its control socket.
 
     The box builds its root from ``hint`` (the layers and privilege of the box before it,
     which the next test most likely wants too) while the test runs, on the other core. The
     host sends its options straight to it; should the host drop the socket unused, the box
-    exits on EOF and is reaped here.
+    exits on EOF and is reaped here. With ``clock`` (nanoseconds by clock name), the box is
+    born in a time namespace of its own with those offsets, and is the host's at once.
     """
+    own_time = -1
+    if clock:
+        try:
+            own_time = _unshare_time(clock)
+        except _ClockError as exc:
+            _announce(zygote_sock, {"error": {"message": str(exc), "kind": "config"}, "seq": seq})
+            return
+        except OSError as exc:
+            message = f"cannot make the box's time namespace: {exc}"
+            _announce(zygote_sock, {"error": {"message": message}, "seq": seq})
+            return
+    try:
+        _clone_box(zygote_sock, hint, seq, clock is not None)
+    finally:
+        if own_time >= 0:
+            _restore_time(own_time)
+
+
+def _clone_box(zygote_sock: socket.socket, hint: dict[str, Any], seq: int, handed_out: bool) -> None:
     name = NAME_PREFIX + os.urandom(4).hex()
     cgroup_error = _plan.error
     cgroup: list[str] = []
@@ -312,6 +338,8 @@ def _clone_warm(zygote_sock: socket.socket, hint: dict[str, Any], seq: int) -> N
     _boxes.add(pid)  # the zygote reaps it in _reap() when it dies
     if cgroup:
         _unclaimed_cgroups[pid] = name
+    if handed_out:
+        _taken(pid)
     announcement: dict[str, Any] = {"warm": pid, "hint": hint, "seq": seq}
     if hint.get("veth"):
         try:
@@ -322,6 +350,71 @@ def _clone_warm(zygote_sock: socket.socket, hint: dict[str, Any], seq: int) -> N
             _announce(zygote_sock, {"error": {"message": f"cannot create the box's veth: {exc}"}, "seq": seq})
             return
     _announce(zygote_sock, announcement, ours)
+
+
+class _ClockError(Exception):
+    """An offset the kernel refuses for the clock's current value (the host's fault, not ours)."""
+
+
+def _unshare_time(clock: dict[str, int]) -> int:
+    """Give the next child a time namespace of its own with ``clock``'s offsets (nanoseconds
+    by clock name); returns a descriptor of the zygote's own, for ``_restore_time``.
+
+    Why here and so: ``unshare(CLONE_NEWTIME)`` leaves the caller where it is and puts its
+    *next children* in the new namespace, whose offsets can be written only until a process
+    enters it. So they are written now, between the unshare and the fork of the box's PID 1.
+    Raises ``_ClockError`` for an offset the kernel refuses, OSError for anything else.
+    """
+    own = os.open("/proc/self/ns/time", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        syscalls.unshare(CLONE_NEWTIME)
+        offsets = os.open("/proc/self/timens_offsets", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            for name, nanoseconds in clock.items():
+                seconds, rest = divmod(int(nanoseconds), 1_000_000_000)  # rest 0..999999999, as it must
+                try:
+                    os.write(offsets, f"{name} {seconds} {rest}\n".encode())
+                except OSError as exc:
+                    if exc.errno in (errno.EINVAL, errno.ERANGE):
+                        raise _ClockError(_refused(name, nanoseconds)) from None
+                    raise
+        finally:
+            os.close(offsets)
+    except BaseException:
+        _restore_time(own)
+        raise
+    return own
+
+
+def _refused(name: str, nanoseconds: int) -> str:
+    clock_id = time.CLOCK_BOOTTIME if name == "boottime" else time.CLOCK_MONOTONIC
+    now = time.clock_gettime(clock_id)
+    offset = nanoseconds / 1e9
+    if offset < 0:
+        why = f"it would take the box's {name} clock below zero"
+        what = f"give a negative offset of less than {now:.0f} seconds"
+    else:
+        why = f"it would take the box's {name} clock beyond the kernel's range (about 146 years)"
+        what = "give a smaller offset"
+    return (
+        f"clock: the kernel refuses a {name} offset of {offset:+.0f} seconds: {why}; "
+        f"the host's {name} clock (its uptime) reads {now:.0f} seconds ({now / 86400:.1f} days) now; {what}"
+    )
+
+
+def _restore_time(own: int) -> None:
+    """Back to the zygote's own time namespace for its later children (closes ``own``).
+
+    Why the zygote cannot go on without it: every box forked afterwards would share the
+    offsets of this one. It is alone in its process (setns of a time namespace needs a single
+    thread) and root, so this does not fail; if it ever did, it stops, with its boxes.
+    """
+    try:
+        syscalls.setns(own, CLONE_NEWTIME)
+    except OSError:
+        raise SystemExit(1) from None  # unwinds into _shutdown; the host starts another helper
+    finally:
+        os.close(own)
 
 
 def _make_veth(pid: int) -> list[Any]:

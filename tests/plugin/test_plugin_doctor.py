@@ -14,7 +14,8 @@ from pytest_nsbox import probe
 
 CAPABILITY_NAMES = (
     *("linux", "root", "namespaces", "overlayfs", "kernel", "architecture"),
-    *("cgroups", "devices", "freezer", "netem", "nft"),
+    *("cgroups", "devices", "freezer", "time namespace", "netem", "nft"),
+    *("loop", "mkfs.ext4", "mkfs.xfs", "mkfs.btrfs", "devmapper"),
 )
 
 

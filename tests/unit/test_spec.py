@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 from pytest_nsbox.errors import ArgumentTypeError, ConfigError
-from pytest_nsbox.spec import HOSTNAME_MAX, BoxSpec, parse_size
+from pytest_nsbox.spec import CLOCK_OFFSET_MAX, HOSTNAME_MAX, BoxSpec, clock_nanoseconds, parse_size
 
 MARKER = "@pytest.mark.nsbox(...)"
 MiB = 1 << 20
@@ -90,9 +90,8 @@ def test_unknown_options_are_all_listed_sorted_with_the_known_ones() -> None:
     message = config_error(hostnam="web", colour="red")
     assert message.startswith(f"{MARKER}: unknown option(s) colour, hostnam;")
     known = (
-        "cache, devices, disks, env, hostname, image, limits, logs, nat, network, no_new_privileges, "
-        "privileged, "
-        "publish, subnet, tmpfs"
+        "cache, clock, devices, disks, env, hostname, image, limits, logs, nat, network, no_new_privileges, "
+        "privileged, publish, subnet, tmpfs"
     )
     assert f"known options are {known}" in message
 
@@ -495,3 +494,69 @@ def test_a_spec_with_disks_can_be_merged_again() -> None:
     spec = BoxSpec.create("marker", disks={"/data": "16M"})
     merged = spec.merged("conftest.py", env={"A": "1"})
     assert merged.disks == spec.disks and merged.env["A"] == "1"
+
+
+# --------------------------------------------------------------------------------- clock
+
+
+def test_clock_defaults_to_no_offsets() -> None:
+    assert BoxSpec.create().clock == {}
+    assert BoxSpec.create(clock={}).clock == {}
+
+
+@pytest.mark.parametrize(
+    ("offset", "seconds"),
+    [
+        ("+400d", 400 * 86400.0),
+        ("-2h", -7200.0),
+        ("+90s", 90.0),
+        ("+1.5h", 5400.0),
+        ("+3600", 3600.0),
+        ("30m", 1800.0),
+        (" -0.5s ", -0.5),
+        (120, 120.0),
+        (-2.25, -2.25),
+        (0, 0.0),
+    ],
+)
+def test_clock_offsets_are_parsed_to_seconds(offset: object, seconds: float) -> None:
+    assert BoxSpec.create(MARKER, clock={"monotonic": offset}).clock == {"monotonic": seconds}
+
+
+def test_clock_offsets_become_nanoseconds_for_the_helper() -> None:
+    spec = BoxSpec.create(MARKER, clock={"monotonic": "+400d", "boottime": -1.5})
+    assert clock_nanoseconds(spec.clock) == {"monotonic": 400 * 86400 * 10**9, "boottime": -1_500_000_000}
+
+
+def test_clock_is_part_of_the_spec_identity_and_survives_merging() -> None:
+    spec = BoxSpec.create(MARKER, clock={"boottime": "+1d"})
+    assert hash(spec) != hash(BoxSpec.create(MARKER, clock={"boottime": "+2d"}))
+    assert spec.merged(MARKER, hostname="web").clock == {"boottime": 86400.0}
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        ("+400d", ArgumentTypeError, r"clock: expected a dict like \{'monotonic': '\+400d'"),
+        ({"realtime": "+1d"}, ConfigError, r"unknown clock 'realtime'; a box can offset only monotonic and"),
+        (
+            {"monotonic": "+1w"},
+            ConfigError,
+            r"clock\['monotonic'\]: expected an offset like '\+400d'.*s, m, h, d",
+        ),
+        ({"monotonic": "400 days"}, ConfigError, r"expected an offset like"),
+        ({"monotonic": ""}, ConfigError, r"expected an offset like"),
+        ({"boottime": True}, ArgumentTypeError, r"clock\['boottime'\]: expected an offset.*got bool True"),
+        ({"boottime": [1]}, ArgumentTypeError, r"got list \[1\]"),
+        ({"boottime": float("nan")}, ConfigError, r"expected an offset like"),
+        ({"boottime": CLOCK_OFFSET_MAX + 1}, ConfigError, r"beyond the kernel's range for a clock offset"),
+        ({"boottime": -(10**400)}, ConfigError, r"beyond the kernel's range"),
+        ({"monotonic": "+60000d"}, ConfigError, r"beyond the kernel's range.*about 146 years"),
+    ],
+)
+def test_clock_refuses_bad_offsets_naming_what_is_accepted(
+    value: object, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message) as info:
+        BoxSpec.create(MARKER, clock=value)
+    assert str(info.value).startswith(f"{MARKER}: clock")
