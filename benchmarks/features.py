@@ -12,13 +12,14 @@ import subprocess
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from context import Context
 from report import Row, Section
 from stats import Contender, interleave, median
 
-from pytest_nsbox import Box, NetPair, cgroups
+from pytest_nsbox import Box, NetPair, cgroups, spec
 from pytest_nsbox.box import listening
 
 LIMITS = {"pids": 64, "memory": "48M", "cpus": 0.5}
@@ -190,12 +191,17 @@ def two_lifecycles() -> None:
 
 
 def costs(ctx: Context, stack: ExitStack) -> Section:
-    """What ``network="bridge"``, a ``NetPair`` and cgroup limits add to a lifecycle.
+    """What ``network="bridge"``, a ``NetPair``, cgroup limits, a disk (``disks=``: a loop
+    device and a filesystem made on it, against a ``tmpfs=`` of the same size) and a clock
+    offset (``clock=``: a box made for its own time namespace, not taken waiting) add to a
+    lifecycle.
 
     Each pair is measured on its own, interleaved, so each plain row is the one measured
     beside its partner.
     """
-    section = Section("costs", "what a bridge, a NetPair and cgroup limits add to a box lifecycle")
+    section = Section(
+        "costs", "what a bridge, a NetPair, cgroup limits, a disk and a clock offset add to a box lifecycle"
+    )
     pairs: list[tuple[str, Callable[[], None], str, Callable[[], None]]] = [
         ('lifecycle, network="bridge"', lifecycle(network="bridge"), "lifecycle, plain", lifecycle()),
         ("NetPair lifecycle", pair_lifecycle, "two plain lifecycles", two_lifecycles),
@@ -206,6 +212,22 @@ def costs(ctx: Context, stack: ExitStack) -> Section:
         )
     else:
         section.notes.append("no usable cgroups on this host: the limits pair is skipped")
+    if Path("/dev/loop-control").exists() and spec.mkfs_program("ext4") is not None:
+        pairs.append(
+            (
+                'lifecycle, disks={"/data": "64M"} (ext4)',
+                lifecycle(disks={"/data": "64M"}),
+                'lifecycle, tmpfs={"/data": "64M"}',
+                lifecycle(tmpfs={"/data": "64M"}),
+            )
+        )
+    else:
+        section.notes.append("no loop devices or no mkfs.ext4 here: the disks pair is skipped")
+    if Path("/proc/self/ns/time").exists():
+        clock = {"monotonic": "+400d", "boottime": "+400d"}
+        pairs.append(("lifecycle, clock=+400d", lifecycle(clock=clock), "lifecycle, plain", lifecycle()))
+    else:
+        section.notes.append("no time namespaces on this kernel: the clock pair is skipped")
     n = ctx.pick(30, 200)
     measured: dict[str, Any] = {}
     for name, trial, against_name, against_trial in pairs:
