@@ -99,6 +99,8 @@ class Plan:
             for parent in self.make:
                 path = f"{parent}/{name}"
                 try:
+                    if self.delegate:
+                        self._delegate_in(parent)
                     os.mkdir(path)
                 except FileNotFoundError:
                     self._remake_parent(parent)  # another process removed it with its last box
@@ -122,8 +124,26 @@ class Plan:
         try:
             os.mkdir(parent)
         except FileExistsError:
+            pass
+        self._delegate_in(parent)
+
+    def _delegate_in(self, parent: str) -> None:
+        """Have the v2 ``parent`` delegate our controllers before a box cgroup is made in it.
+
+        Why each time (one small read): the shared parent can be removed by another process
+        with its last box and remade by a third, and a box cgroup made in it before that one
+        has enabled the controllers would have no ``pids.max``, ``memory.max``, ... files.
+        """
+        try:
+            with open(f"{parent}/cgroup.subtree_control") as handle:
+                enabled = handle.read().split()
+        except FileNotFoundError:
+            raise
+        except OSError:
             return
         for controller in self.delegate:
+            if controller in enabled:
+                continue
             try:
                 with open(f"{parent}/cgroup.subtree_control", "w") as handle:
                     handle.write(f"+{controller}")

@@ -82,6 +82,14 @@ def write(path: Path, value: str, limit: str | None = None) -> None:
         with open(path, "w") as handle:
             handle.write(value)
     except OSError as exc:
+        what = f" for limit {limit!r}" if limit else ""
+        if exc.errno in (errno.EACCES, errno.ENOENT) and not path.exists():
+            # (cgroupfs answers EACCES, not ENOENT, to the create that open(path, "w") asks for)
+            raise CgroupError(
+                f"writing {value!r} to {path}{what} failed: the cgroup has no such file: its "
+                "controller is not enabled in the parent's cgroup.subtree_control, or this kernel "
+                "lacks it (see `nsbox doctor`)"
+            ) from exc
         hint = {
             errno.EINVAL: "the kernel refused the value",
             errno.EBUSY: "the cgroup is in use in a way that forbids this change",
@@ -89,7 +97,6 @@ def write(path: Path, value: str, limit: str | None = None) -> None:
             errno.EACCES: permission_hint("writing a cgroup file"),
             errno.EPERM: permission_hint("writing a cgroup file"),
         }.get(exc.errno or 0, exc.strerror)
-        what = f" for limit {limit!r}" if limit else ""
         raise CgroupError(f"writing {value!r} to {path}{what} failed: {exc.strerror} ({hint})") from exc
 
 

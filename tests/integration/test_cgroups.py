@@ -219,3 +219,34 @@ def test_limits_cannot_be_set_once_the_box_stopped(nsbox_factory) -> None:
     with pytest.raises(CgroupError, match="stopped box"):
         box.cgroup.set(cpus=0.5)
     assert _eventually_gone(box)
+
+
+def test_a_box_cgroup_made_in_a_parent_remade_without_controllers_gets_them() -> None:
+    """Another process removed the shared v2 parent with its last box and a third remade it,
+    not yet delegating: the helper enables the controllers before it makes a box cgroup there
+    (before, such a box had no pids.max, and its limit write failed)."""
+    from pytest_nsbox.cgroups import v2
+    from pytest_nsbox.zygote_process import Plan
+
+    cgroup = driver()
+    if cgroup is None or cgroup.version != "v2":
+        pytest.skip("cgroup v2 only: v1 hierarchies have no subtree_control")
+    cgroup._prepare()  # our nest delegates, as it does once a box was made
+    nest = cgroup.nest
+    if "pids" not in (nest / "cgroup.subtree_control").read_text().split():
+        pytest.skip(f"{nest} does not delegate pids here")
+    parent = nest / f"nsbox-test-parent-{os.getpid()}"
+    parent.mkdir()
+    try:
+        assert "pids" not in (parent / "cgroup.subtree_control").read_text().split()
+        plan = Plan({"make": [str(parent)], "remove": [str(parent)], "delegate": ["pids"]})
+        made = plan.make_cgroup("nsb-racetest")
+        assert made == [str(parent / "nsb-racetest")]
+        assert (parent / "nsb-racetest" / "pids.max").exists()
+        v2.write(parent / "nsb-racetest" / "pids.max", "7", "pids")
+        assert (parent / "nsb-racetest" / "pids.max").read_text().strip() == "7"
+        assert plan.remove_cgroup("nsb-racetest")
+    finally:
+        if (parent / "nsb-racetest").exists():
+            (parent / "nsb-racetest").rmdir()
+        parent.rmdir()
