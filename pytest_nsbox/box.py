@@ -311,7 +311,8 @@ class Box:
         self.pid = int(ready["host_pid"])
         self._pidfd = os.pidfd_open(self.pid)
         self._link = InitLink(ours, self.id)
-        self._files = BoxFiles(os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        root_fd = os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._files = BoxFiles(root_fd, self.userns_ids)
         self.root = OverlayRoot(
             lowers=tuple(config["lowers"]),
             upper=f"/proc/{self.pid}/fd/{ready['scratch_fd']}/upper",
@@ -350,7 +351,7 @@ class Box:
         with self._lock:
             self._require_running("snapshot()")
             assert self.root is not None
-            return take_snapshot(self.id, self.root, self.image, self.cgroup, self.spec.cache)
+            return take_snapshot(self.id, self.root, self.image, self.cgroup, self.spec.cache, self.userns_ids)
 
     # ----------------------------------------------------------------- pause and restart
 
@@ -410,7 +411,7 @@ class Box:
             if attachment is not None:
                 mac = networking.box_mac(self._require_pid())
                 networking.unplug(attachment)  # nothing the dying box sends gets out
-            image = take_snapshot(self.id, self.root, self.image, self.cgroup, self.spec.cache)
+            image = take_snapshot(self.id, self.root, self.image, self.cgroup, self.spec.cache, self.userns_ids)
             self._state = "stopping"
             self._paused = False
             self._cut_power()

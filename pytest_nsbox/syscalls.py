@@ -49,6 +49,7 @@ _SIGCHLD = 17
 
 # prctl options (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
 PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24

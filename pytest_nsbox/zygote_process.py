@@ -578,6 +578,10 @@ def _await_userns(sync: socket.socket, hint: dict[str, Any]) -> dict[str, Any]:
     os.setgroups([])
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)  # from an unmapped id to the namespace's 0: every capability stays
+    # A change of ids makes a process undumpable: its /proc/self files become the host root's,
+    # which it no longer is (set_process_name writes /proc/self/mem). Its commands still
+    # cannot ptrace it: they have fewer capabilities.
+    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)
     return {**hint, "lower_fds": fds}
 
 
