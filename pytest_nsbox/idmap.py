@@ -66,8 +66,9 @@ def sub_range(path: str, user: str = "root") -> tuple[int, int] | None:
     return None
 
 
-def source(subuid: str = SUBUID, subgid: str = SUBGID) -> Source:
+def source(subuid: str | None = None, subgid: str | None = None) -> Source:
     """The ranges this host gives boxes (see the module's docstring)."""
+    subuid, subgid = subuid or SUBUID, subgid or SUBGID
     uids, gids = sub_range(subuid), sub_range(subgid)
     if uids is not None and gids is not None:
         slots = min(uids[1], gids[1]) // RANGE_SIZE
