@@ -351,7 +351,9 @@ class Box:
         with self._lock:
             self._require_running("snapshot()")
             assert self.root is not None
-            return take_snapshot(self.id, self.root, self.image, self.cgroup, self.spec.cache, self.userns_ids)
+            return take_snapshot(
+                self.id, self.root, self.image, self.cgroup, self.spec.cache, self.userns_ids
+            )
 
     # ----------------------------------------------------------------- pause and restart
 
@@ -411,7 +413,9 @@ class Box:
             if attachment is not None:
                 mac = networking.box_mac(self._require_pid())
                 networking.unplug(attachment)  # nothing the dying box sends gets out
-            image = take_snapshot(self.id, self.root, self.image, self.cgroup, self.spec.cache, self.userns_ids)
+            image = take_snapshot(
+                self.id, self.root, self.image, self.cgroup, self.spec.cache, self.userns_ids
+            )
             self._state = "stopping"
             self._paused = False
             self._cut_power()

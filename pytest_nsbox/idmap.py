@@ -99,7 +99,9 @@ class Pool:
         for slot, lease in list(self.leases.items()):
             if not state.Owner.from_json(lease["owner"]).alive():
                 del self.leases[slot]
-                dead.append(f"id range {slot} of box {lease.get('box', '?')} (owner {lease['owner'][0]} gone)")
+                dead.append(
+                    f"id range {slot} of box {lease.get('box', '?')} (owner {lease['owner'][0]} gone)"
+                )
         return dead
 
     def take(self, owner: state.Owner, box: str) -> Lease:

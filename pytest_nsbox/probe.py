@@ -253,7 +253,9 @@ def require_userns() -> None:
 def _check_userns() -> Capability:
     gap = userns_gap()
     if gap is None:
-        return Capability("userns", True, "user namespaces and idmapped layers: userns=True boxes", required=False)
+        return Capability(
+            "userns", True, "user namespaces and idmapped layers: userns=True boxes", required=False
+        )
     return Capability("userns", False, f"{gap}: userns=True boxes cannot be made", required=False)
 
 

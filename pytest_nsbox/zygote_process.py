@@ -168,7 +168,9 @@ def _serve(sock: socket.socket) -> None:
                 _clone_warm(sock, dict(message["hint"]), int(message["seq"]))
             elif op == "make":  # a box made for its options (clocks, user namespace), handed out at once
                 clock = message.get("clock")
-                _clone_warm(sock, dict(message["hint"]), int(message["seq"]), dict(clock) if clock else None, True)
+                _clone_warm(
+                    sock, dict(message["hint"]), int(message["seq"]), dict(clock) if clock else None, True
+                )
             elif op == "taken":  # the host gave a waiting box to a test: make the next
                 _taken(int(message["pid"]))
                 _clone_warm(sock, dict(message["hint"]), int(message["seq"]))
@@ -358,7 +360,7 @@ def _clone_box(zygote_sock: socket.socket, hint: dict[str, Any], seq: int, hande
         _unclaimed_cgroups[pid] = name
     if handed_out:
         _taken(pid)
-    if sync is not None:
+    if sync is not None and userns:
         sync[1].close()
         try:
             _release_into_userns(pid, userns, hint, cgroup, sync[0])
@@ -464,7 +466,9 @@ def _release_into_userns(
             with open(f"/proc/{pid}/{name}", "w") as handle:
                 handle.write(f"0 {base} {USERNS_SIZE}\n")
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot write the box's {name} (0 {base} {USERNS_SIZE}): {exc.strerror}") from None
+            raise OSError(
+                exc.errno, f"cannot write the box's {name} (0 {base} {USERNS_SIZE}): {exc.strerror}"
+            ) from None
     for directory in cgroup:
         with open(f"{directory}/cgroup.procs", "w") as handle:
             handle.write(str(pid))

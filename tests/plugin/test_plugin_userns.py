@@ -39,7 +39,9 @@ def test_default(nsbox, request):
 
 
 @_needs_userns
-def test_marker_and_factory_give_a_box_a_user_namespace(pytester: pytest.Pytester, run_inner: RunInner) -> None:
+def test_marker_and_factory_give_a_box_a_user_namespace(
+    pytester: pytest.Pytester, run_inner: RunInner
+) -> None:
     pytester.makepyfile(_TESTS)
     run_inner("-v").assert_outcomes(passed=4)
 

@@ -68,7 +68,9 @@ def _dead_owner() -> list[int]:
 def test_a_dead_owners_ranges_are_reclaimed(state_dir: Path) -> None:
     document = {"leases": {"0": {"owner": _dead_owner(), "box": "gone", "uid": 1, "gid": 1}}}
     (state_dir / "idmap.json").write_text(json.dumps(document))
-    assert idmap.sweep(dry_run=True) == [f"id range 0 of box gone (owner {document['leases']['0']['owner'][0]} gone)"]
+    assert idmap.sweep(dry_run=True) == [
+        f"id range 0 of box gone (owner {document['leases']['0']['owner'][0]} gone)"
+    ]
     assert (state_dir / "idmap.json").exists()  # a dry run changes nothing
     assert idmap.lease("new").slot == 0
     assert idmap.sweep() == []
