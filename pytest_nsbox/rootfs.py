@@ -223,7 +223,12 @@ def build_root(hint: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]
     #    commands may have. Init keeps all of its own (to start commands as any user, and to
     #    mount the test's tmpfs), which also keeps commands out of it: ptrace, /proc/1/fd and
     #    /proc/1/root need a superset of its capabilities.
-    if not privileged:
+    if not privileged and hint.get("userns"):
+        # A new user namespace starts with a full bounding set, whatever the host's lacks: the
+        # zygote's plan (its own sets) would leave those extra capabilities to commands.
+        plan = capabilities.capabilities_to_drop(syscalls.last_capability()), syscalls.capability_sets()
+        capabilities.limit_capabilities(*plan)
+    elif not privileged:
         capabilities.limit_capabilities(*capabilities.CAPABILITY_PLAN)
     return {**prepared, "made": _made_by_box(prepared)}
 

@@ -213,3 +213,13 @@ def test_an_opaque_directory_of_a_layer_hides_what_lies_below(nsbox_factory: Cal
     replaced = second.snapshot()
     assert nsbox_factory(image=replaced).run("ls /srv/d").stdout == "new\n"
     assert nsbox_factory(image=replaced, userns=True).run("ls /srv/d").stdout == "new\n"
+
+
+@pytest.mark.nsbox(userns=True)
+def test_commands_hold_only_the_default_capabilities_whatever_the_hosts_bounding_set(nsbox: Box) -> None:
+    from pytest_nsbox.capabilities import BOX_CAPABILITIES
+    from pytest_nsbox.syscalls import CAPABILITIES
+
+    held = int(nsbox.run("grep CapBnd /proc/self/status", check=True).stdout.split()[1], 16)
+    names = {name for name, number in CAPABILITIES.items() if held >> number & 1}
+    assert names == set(BOX_CAPABILITIES)
