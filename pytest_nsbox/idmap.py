@@ -12,6 +12,17 @@ Where the ranges come from: when ``/etc/subuid`` and ``/etc/subgid`` both name r
 hand out, as podman and LXC read them); otherwise from ``DEFAULT_BASE`` (0x10000000, far above
 any user or the ranges ``useradd`` gives out, which start at 100000) upward, ``DEFAULT_SLOTS``
 ranges in all.
+
+How the image's files become the box's root's: the cached layers belong to the host's root,
+and each box's helper clones each layer's mount and idmaps it through the box's namespace
+(``mount_setattr(MOUNT_ATTR_IDMAP)``, Linux 5.12), then the box stacks its overlay on those
+mounts (overlayfs takes idmapped lower layers from Linux 5.19). Why not copy the layers with
+their owners shifted into the range, as runtimes did before idmapped mounts: that copies the
+whole image for every range (seconds and gigabytes per box, or per range kept around), and
+the shifted copies are shared with nobody; an idmapped mount copies nothing, costs the same
+for any image size, and every box, userns or not, reads the one cached copy of each layer.
+What a userns box writes lands in its upper layer under the range's host ids; a snapshot
+gives them back as the box's own ids (``layer_tar.unshift``).
 """
 
 from __future__ import annotations
