@@ -19,7 +19,7 @@ from context import Context
 from report import Row, Section
 from stats import Contender, interleave, median
 
-from pytest_nsbox import Box, NetPair, cgroups, spec
+from pytest_nsbox import Box, NetPair, cgroups, probe, spec
 from pytest_nsbox.box import listening
 
 LIMITS = {"pids": 64, "memory": "48M", "cpus": 0.5}
@@ -193,14 +193,16 @@ def two_lifecycles() -> None:
 def costs(ctx: Context, stack: ExitStack) -> Section:
     """What ``network="bridge"``, a ``NetPair``, cgroup limits, a disk (``disks=``: a loop
     device and a filesystem made on it, against a ``tmpfs=`` of the same size) and a clock
-    offset (``clock=``: a box made for its own time namespace, not taken waiting) add to a
-    lifecycle.
+    offset (``clock=``: a box made for its own time namespace, not taken waiting) and a user
+    namespace (``userns=True``: made on demand too, with its layers idmapped) add to a lifecycle.
 
     Each pair is measured on its own, interleaved, so each plain row is the one measured
     beside its partner.
     """
     section = Section(
-        "costs", "what a bridge, a NetPair, cgroup limits, a disk and a clock offset add to a box lifecycle"
+        "costs",
+        "what a bridge, a NetPair, cgroup limits, a disk, a clock offset and a user namespace add to a "
+        "box lifecycle",
     )
     pairs: list[tuple[str, Callable[[], None], str, Callable[[], None]]] = [
         ('lifecycle, network="bridge"', lifecycle(network="bridge"), "lifecycle, plain", lifecycle()),
@@ -228,6 +230,10 @@ def costs(ctx: Context, stack: ExitStack) -> Section:
         pairs.append(("lifecycle, clock=+400d", lifecycle(clock=clock), "lifecycle, plain", lifecycle()))
     else:
         section.notes.append("no time namespaces on this kernel: the clock pair is skipped")
+    if probe.userns_gap() is None:
+        pairs.append(("lifecycle, userns=True", lifecycle(userns=True), "lifecycle, plain", lifecycle()))
+    else:
+        section.notes.append(f"userns: {probe.userns_gap()}: the userns pair is skipped")
     n = ctx.pick(30, 200)
     measured: dict[str, Any] = {}
     for name, trial, against_name, against_trial in pairs:

@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from . import cgroups, channel, kept, power, probe, state, teardown, waits, zygote
+from . import cgroups, channel, idmap, kept, power, probe, state, teardown, waits, zygote
 from . import network as networking
 from .boxfs import BoxFiles
 from .devices import box_devices
@@ -106,6 +106,7 @@ class Box:
         logs: Sequence[str] | None = None,
         disks: Mapping[str, Any] | None = None,
         clock: Mapping[str, str | float] | None = None,
+        userns: bool = False,
         spec: BoxSpec | None = None,
     ) -> None:
         options: dict[str, Any] = {
@@ -125,6 +126,7 @@ class Box:
             "logs": logs,
             "disks": disks,
             "clock": clock,
+            "userns": userns,
         }
         if spec is None:
             self.spec = BoxSpec.create("Box()", **options)
@@ -166,6 +168,7 @@ class Box:
         self._before_replug: list[Callable[[Box], None]] = []
         self._after_restart: list[Callable[[Box], None]] = []
         self._disks: dict[str, Disk] = {}
+        self._idmap: idmap.Lease | None = None  # the host ids of a userns box, while it runs
 
     @property
     def hostname(self) -> str:
@@ -254,14 +257,23 @@ class Box:
                 self._network_plan = (subnet, None, True)
             # A bridged box is claimed from the waiting boxes whose veth is made already.
             config["veth"] = self._network_plan is not None
+            if self.spec.userns:
+                probe.require_userns()
+                self._idmap = idmap.lease(self.id)
+                config["userns"] = [self._idmap.uid, self._idmap.gid]
             self._config = config
-            self._disks = self._take_disks()
+            try:
+                self._disks = self._take_disks()
+            except BaseException:
+                self._release_idmap()
+                raise
             try:
                 cgroup_error = self._boot(self._lease_network if self._network_plan is not None else None)
             except BaseException:
                 if self.network is not None:
                     self.network.release()  # leased, but the box never came up
                 self._release_disks()
+                self._release_idmap()
                 if self._state == "created":
                     self._state = "stopped"  # as a box whose start failed later is
                 raise
@@ -299,7 +311,8 @@ class Box:
         self.pid = int(ready["host_pid"])
         self._pidfd = os.pidfd_open(self.pid)
         self._link = InitLink(ours, self.id)
-        self._files = BoxFiles(os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        root_fd = os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._files = BoxFiles(root_fd, self.userns_ids)
         self.root = OverlayRoot(
             lowers=tuple(config["lowers"]),
             upper=f"/proc/{self.pid}/fd/{ready['scratch_fd']}/upper",
@@ -338,7 +351,9 @@ class Box:
         with self._lock:
             self._require_running("snapshot()")
             assert self.root is not None
-            return take_snapshot(self.id, self.root, self.image, self.cgroup, self.spec.cache)
+            return take_snapshot(
+                self.id, self.root, self.image, self.cgroup, self.spec.cache, self.userns_ids
+            )
 
     # ----------------------------------------------------------------- pause and restart
 
@@ -398,7 +413,9 @@ class Box:
             if attachment is not None:
                 mac = networking.box_mac(self._require_pid())
                 networking.unplug(attachment)  # nothing the dying box sends gets out
-            image = take_snapshot(self.id, self.root, self.image, self.cgroup, self.spec.cache)
+            image = take_snapshot(
+                self.id, self.root, self.image, self.cgroup, self.spec.cache, self.userns_ids
+            )
             self._state = "stopping"
             self._paused = False
             self._cut_power()
@@ -688,12 +705,25 @@ class Box:
                 cgroups.release(self.cgroup)  # the zygote removes it as it reaps init
             self._release_network()
             self._release_disks()
+            self._release_idmap()
             self._state = "stopped"
             _live.discard(self)
             if not dead:
                 raise BoxError(
                     f"box {self.id}: init (pid {self.pid}) did not die within {STOP_TIMEOUT}s of SIGKILL"
                 )
+
+    def _release_idmap(self) -> None:
+        """Give the box's id range back (its processes are gone: nothing holds those ids)."""
+        if self._idmap is not None:
+            idmap.give_back(self._idmap)
+            self._idmap = None
+
+    @property
+    def userns_ids(self) -> tuple[int, int] | None:
+        """(host uid, host gid) the root of a ``userns=True`` box is, while it runs; else None.
+        Its ids 0..65535 are these plus 0..65535 on the host."""
+        return None if self._idmap is None else (self._idmap.uid, self._idmap.gid)
 
     def _kill_init(self) -> bool:
         """SIGKILL the init and wait until every process of the box is gone; False on a timeout.
@@ -1265,6 +1295,7 @@ def _only_spec(spec: object, options: dict[str, Any]) -> BoxSpec:
         "privileged": False,
         "nat": False,
         "no_new_privileges": False,
+        "userns": False,
     }
     given = sorted(name for name, value in options.items() if value != defaults.get(name))
     if given:

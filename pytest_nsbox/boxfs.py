@@ -20,11 +20,15 @@ Copies go by descriptors on both sides, never by a path walk a box process can s
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import fnmatch
 import os
 import re
 import stat
+import threading
+from collections.abc import Iterator
 
 from . import syscalls
 from .syscalls import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS
@@ -34,11 +38,45 @@ _CHUNK = 1 << 20
 _MAGIC = re.compile(r"[*?[]")  # what makes a path component a pattern (as glob.has_magic)
 
 
-class BoxFiles:
-    """File operations on one box's root, given an ``O_PATH`` descriptor of it."""
+_libc = ctypes.CDLL(None, use_errno=True)
+_inside = threading.local()  # .owner: the ids this thread creates files as, within _filesystem_ids
 
-    def __init__(self, root_fd: int) -> None:
+
+@contextlib.contextmanager
+def _filesystem_ids(owner: tuple[int, int] | None) -> Iterator[None]:
+    """Within: this thread creates files as host (uid, gid) ``owner`` (a ``userns`` box's root),
+    with the host root's file capabilities kept; None: as it is.
+
+    Why: a ``userns`` box's overlay belongs to its user namespace, which does not map the
+    host's root: a file the host's root creates there would have no owner the box can name,
+    and the kernel refuses it (EOVERFLOW). setfsuid is per thread, and undone at once.
+    """
+    if owner is None or getattr(_inside, "owner", None) == owner:
+        yield  # as it is, or already so (a copy_in makes directories)
+        return
+    capabilities = syscalls.capability_sets()
+    _libc.setfsgid(owner[1])
+    _libc.setfsuid(owner[0])
+    try:
+        # setfsuid to a non-zero id clears the file capabilities (CAP_DAC_OVERRIDE ...) from
+        # the effective set: back, so that the host writes wherever the box's root could.
+        syscalls.set_capability_sets(*capabilities)
+        _inside.owner = owner
+        yield
+    finally:
+        _inside.owner = None
+        _libc.setfsuid(0)
+        _libc.setfsgid(0)
+        syscalls.set_capability_sets(*capabilities)
+
+
+class BoxFiles:
+    """File operations on one box's root, given an ``O_PATH`` descriptor of it; ``owner``:
+    the host (uid, gid) files the host creates in it belong to (a ``userns`` box's root)."""
+
+    def __init__(self, root_fd: int, owner: tuple[int, int] | None = None) -> None:
         self.root_fd = root_fd
+        self.owner = owner
 
     def open(self, path: str, flags: int, mode: int = 0o644) -> int:
         """A descriptor for a box path, resolved inside the box (symlinks followed there)."""
@@ -174,17 +212,19 @@ class BoxFiles:
         A symlink on the way is followed inside the box, as a write by a box process would be.
         """
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        try:
-            fd = self.open(path, flags, mode)
-        except FileNotFoundError:
-            os.close(self._parent(path, create=True)[0])
-            fd = self.open(path, flags, mode)
+        with _filesystem_ids(self.owner):
+            try:
+                fd = self.open(path, flags, mode)
+            except FileNotFoundError:
+                os.close(self._parent(path, create=True)[0])
+                fd = self.open(path, flags, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             os.fchmod(handle.fileno(), mode)
 
     def makedirs(self, path: str) -> None:
-        os.close(self._directory(path, create=True))
+        with _filesystem_ids(self.owner):
+            os.close(self._directory(path, create=True))
 
     def copy_in(self, host_src: str, box_dst: str) -> None:
         """Copy a host file or tree into the box; into ``box_dst`` if it is a directory."""
@@ -194,7 +234,8 @@ class BoxFiles:
         # symlink is copied as one), and below it everything is read through descriptors.
         fd = os.open(host_src, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            self._copy_in(fd, box_dst)
+            with _filesystem_ids(self.owner):
+                self._copy_in(fd, box_dst)
         finally:
             os.close(fd)
 

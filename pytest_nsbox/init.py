@@ -47,7 +47,7 @@ def await_box(
         built: dict[str, Any] | None = None
         try:
             prepared = rootfs.prepare_root()
-            rootfs.join_cgroup(cgroup_dirs)
+            rootfs.join_cgroup(cgroup_dirs, joined=bool(hint and hint.get("userns")))
             prepared["cgroup"] = cgroup_dirs
             prepared["cgroup_error"] = cgroup_error
             if hint is not None:

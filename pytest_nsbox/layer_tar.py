@@ -39,6 +39,9 @@ BLOCK = 512
 _CHUNK = 1 << 20
 _END = b"\0" * (2 * BLOCK)
 _OVERLAY_XATTRS = "trusted.overlay."
+_USER_OVERLAY_XATTRS = "user.overlay."  # overlay's own in a user namespace (userxattr)
+USER_OPAQUE_XATTR = "user.overlay.opaque"
+USERNS_RANGE = 65536  # ids a userns box maps (idmap.RANGE_SIZE)
 # Overlay features that spell a change in a way an image layer cannot: a snapshot refuses them.
 _UNPORTABLE = ("trusted.overlay.redirect", "trusted.overlay.metacopy")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -65,21 +68,37 @@ class Entry:
         return self.info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def walk(root: str, exclude: frozenset[str] = frozenset(), what: str = "") -> Iterator[Entry]:
+def walk(
+    root: str, exclude: frozenset[str] = frozenset(), what: str = "", shift: tuple[int, int] | None = None
+) -> Iterator[Entry]:
     """The entries of the layer directory ``root``, depth first, names sorted.
 
     ``exclude`` names paths (relative, no leading slash) left out, with all below them:
     mount points a box made for itself, and the directories copied up only to hold them.
+    ``shift``: ``root`` is the upper layer of a ``userns`` box whose ids start at these host
+    (uid, gid): owners are given as the box sees them, and overlay's opaque marks are read
+    from ``user.overlay.*``, where overlay keeps them in a user namespace.
     """
     root_fd = os.open(root, _DIR_FLAGS)
     try:
-        yield from _walk_dir(root_fd, "", {}, exclude, what or root)
+        yield from _walk_dir(root_fd, "", {}, exclude, what or root, shift)
     finally:
         os.close(root_fd)
 
 
+def unshift(host_id: int, base: int) -> int:
+    """A host id found in a ``userns`` box's upper layer as the box sees it: its offset in
+    the box's range, or 65534 (nobody, as the kernel shows it) for an id outside it."""
+    return host_id - base if base <= host_id < base + USERNS_RANGE else 65534
+
+
 def _walk_dir(
-    dir_fd: int, prefix: str, links: dict[tuple[int, int], str], exclude: frozenset[str], what: str
+    dir_fd: int,
+    prefix: str,
+    links: dict[tuple[int, int], str],
+    exclude: frozenset[str],
+    what: str,
+    shift: tuple[int, int] | None = None,
 ) -> Iterator[Entry]:
     for name in sorted(os.listdir(dir_fd)):
         rel = prefix + name
@@ -91,10 +110,15 @@ def _walk_dir(
             continue  # a socket is a running program's, not a file an image can carry
         xattrs = _xattrs(dir_fd, name, mode, rel, what)
         opaque = xattrs.pop(OPAQUE_XATTR, None) == b"y"
+        if shift is not None:
+            opaque = xattrs.pop(USER_OPAQUE_XATTR, None) == b"y" or opaque
+            xattrs = {key: value for key, value in xattrs.items() if not key.startswith(_USER_OVERLAY_XATTRS)}
         if stat.S_ISCHR(mode) and info.st_rdev == 0:
             yield Entry(_fixed(prefix + WHITEOUT_PREFIX + name), "whiteout", dir_fd, name, rel, info, {})
             continue
         tar = _tarinfo(rel, info, xattrs)
+        if shift is not None:
+            tar.uid, tar.gid = unshift(info.st_uid, shift[0]), unshift(info.st_gid, shift[1])
         if stat.S_ISDIR(mode):
             tar.name = rel + "/"
             tar.type = tarfile.DIRTYPE
@@ -103,7 +127,7 @@ def _walk_dir(
                 yield Entry(_fixed(rel + "/" + OPAQUE_MARKER), "opaque", dir_fd, name, rel, info, {})
             child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
             try:
-                yield from _walk_dir(child, rel + "/", links, exclude, what)
+                yield from _walk_dir(child, rel + "/", links, exclude, what, shift)
             finally:
                 os.close(child)
             continue
@@ -239,9 +263,16 @@ def _stream_file(entry: Entry, emit: object) -> int:
 # --------------------------------------------------------------------------------- copying
 
 
-def copy_layer(src: str, dst: str, exclude: frozenset[str] = frozenset(), what: str = "") -> tuple[str, int]:
+def copy_layer(
+    src: str,
+    dst: str,
+    exclude: frozenset[str] = frozenset(),
+    what: str = "",
+    shift: tuple[int, int] | None = None,
+) -> tuple[str, int]:
     """Copy the layer directory ``src`` into the empty directory ``dst``, exactly (owners,
-    modes with setuid, xattrs, hard links, devices, whiteouts, opaque directories, times).
+    modes with setuid, xattrs, hard links, devices, whiteouts, opaque directories, times);
+    ``shift``: see ``walk`` (the copy's owners are the box's ids, as an image's are).
 
     Returns the digest and size of the tar of the copy (``write_tar(dst)``), computed from
     the bytes as they pass: one read of the data in all.
@@ -250,7 +281,7 @@ def copy_layer(src: str, dst: str, exclude: frozenset[str] = frozenset(), what: 
     size = 0
     made: dict[str, str] = {}  # rel of a hard link's first path -> its path in dst
     directories: list[tuple[str, os.stat_result]] = []
-    for entry in walk(src, exclude, what):
+    for entry in walk(src, exclude, what, shift):
         header = entry.header()
         digest.update(header)
         size += len(header)
@@ -315,7 +346,7 @@ def _copy_file(entry: Entry, target: str, digest: hashlib._Hash) -> int:
 def _set_metadata(target: str, entry: Entry) -> None:
     info = entry.stat
     assert info is not None
-    os.chown(target, info.st_uid, info.st_gid, follow_symlinks=False)
+    os.chown(target, entry.info.uid, entry.info.gid, follow_symlinks=False)  # the tar's: unshifted
     for key, value in entry.xattrs.items():
         os.setxattr(target, key, value, follow_symlinks=False)
     if not stat.S_ISLNK(info.st_mode):

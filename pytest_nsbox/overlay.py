@@ -26,22 +26,33 @@ if TYPE_CHECKING:
 _OPAQUE_XATTR = "trusted.overlay.opaque"
 
 
-def mount_root(target: str, lowers: list[str], upper: str, work: str, flags: int) -> None:
+def mount_root(
+    target: str, lowers: list[str], upper: str, work: str, flags: int, sources: list[str] | None = None
+) -> None:
     """Mount the overlay of ``lowers`` (image layers, top first) and ``upper`` on ``target``.
 
     ``upper`` and ``work`` must share one filesystem, and it may not be an overlay itself.
+    ``sources``: where each layer is to be found instead (idmapped mounts of them: userns).
     """
-    if len(lowers) > 1 and lowers[-1] == "/":
+    if sources is not None:
+        if len(lowers) > 1 and lowers[-1] == "/":
+            sources = [*sources[:-1], _host_root_layer(os.path.dirname(upper), sources[-1])]
+        lowers = sources
+    elif len(lowers) > 1 and lowers[-1] == "/":
         lowers = [*lowers[:-1], _host_root_layer(os.path.dirname(upper))]
     joined = ":".join(escape_overlay_path(path) for path in short_lowers(lowers))
     # Why redirect_dir and metacopy off (the kernel's defaults, said out loud): with them on,
     # a renamed directory or a chmod is recorded in xattrs that mean nothing outside this
     # overlay, and the upper directory would no longer be a snapshot's exact layer.
     options = f"lowerdir={joined},upperdir={upper},workdir={work},redirect_dir=off,metacopy=off"
+    if sources is not None:
+        # In a user namespace the trusted.* xattrs are out of reach: overlay keeps its own
+        # (opaque directories) in user.overlay.* instead, and refuses to follow redirects.
+        options = options.replace("redirect_dir=off", "redirect_dir=nofollow") + ",userxattr"
     syscalls.mount("nsbox", target, "overlay", flags, options)
 
 
-def _host_root_layer(scratch: str) -> str:
+def _host_root_layer(scratch: str, source: str = "/") -> str:
     """The host's ``/`` as a layer under others (a snapshot of a box of the host's root).
 
     Why not ``/`` itself: overlayfs refuses layers nested in one another (ELOOP), and every
@@ -53,7 +64,7 @@ def _host_root_layer(scratch: str) -> str:
     os.mkdir(layer, 0o755)
     os.mkdir(empty, 0o755)
     try:
-        syscalls.mount("nsbox", layer, "overlay", syscalls.MS_RDONLY, f"lowerdir=/:{empty}")
+        syscalls.mount("nsbox", layer, "overlay", syscalls.MS_RDONLY, f"lowerdir={source}:{empty}")
     except MountError as exc:
         if exc.errno != errno.EINVAL:
             raise

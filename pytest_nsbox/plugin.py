@@ -56,11 +56,12 @@ _BOX_FIXTURES = frozenset(
 _MARKER_HELP = (
     "nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None, cache=None, "
     "network='none'|'bridge', limits=None, nat=False, publish=None, subnet=None, devices=None, "
-    "no_new_privileges=False, logs=None, clock=None): configure the "
+    "no_new_privileges=False, logs=None, clock=None, userns=False): configure the "
     "test's nsbox, e.g. tmpfs={'/data': '16M'} for a size-capped scratch dir, "
     "limits={'pids': 10, 'memory': '64M', 'cpus': 0.5}, network='bridge' for eth0 with an address, "
     "logs=['/srv/app/*.log'] for their last lines in a failure report (default: what it wrote under "
-    "/var/log), clock={'monotonic': '+400d', 'boottime': '+400d'} for a box whose uptime is 400 days"
+    "/var/log), clock={'monotonic': '+400d', 'boottime': '+400d'} for a box whose uptime is 400 days, "
+    "userns=True for a box whose root is an unprivileged range of host ids"
 )
 
 
@@ -124,6 +125,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="build every @template again in this run, whatever the cache holds. ini: nsbox_rebuild",
     )
     parser.addini("nsbox_rebuild", type="bool", default=False, help="rebuild templates (see --nsbox-rebuild)")
+    group.addoption(
+        "--nsbox-userns",
+        action="store_true",
+        default=None,
+        help="give every box a user namespace of its own (userns=True): its root is an unprivileged "
+        "range of host ids. ini: nsbox_userns",
+    )
+    parser.addini(
+        "nsbox_userns", type="bool", default=False, help="every box gets userns=True (see --nsbox-userns)"
+    )
     parser.addini("nsbox_image", type="string", default="", help="image every box boots (see --nsbox-image)")
     parser.addini("nsbox_cache", type="string", default="", help="image layer cache directory")
     parser.addini(
@@ -151,6 +162,9 @@ def pytest_configure(config: pytest.Config) -> None:
     subnet = config.getoption("nsbox_subnet") or config.getini("nsbox_subnet")
     if subnet:
         defaults["subnet"] = subnet
+    userns = config.getoption("nsbox_userns")
+    if userns if userns is not None else config.getini("nsbox_userns"):
+        defaults["userns"] = True
     try:
         BoxSpec.create("--nsbox-image/--nsbox-cache/--nsbox-subnet", **defaults)
     except ConfigError as exc:

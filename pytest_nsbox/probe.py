@@ -44,6 +44,7 @@ def capabilities() -> tuple[Capability, ...]:
         _check_device_allowlist(),
         _check_freezer(),
         _check_time_namespace(),
+        _check_userns(),
         _check_netem(),
         _check_nft(),
         _check_loop(),
@@ -215,6 +216,47 @@ def _check_time_namespace() -> Capability:
         return Capability("time namespace", True, "/proc/self/ns/time: clock= offsets", required=False)
     detail = "the kernel has no time namespaces (CONFIG_TIME_NS, Linux 5.6): clock= boxes cannot be made"
     return Capability("time namespace", False, detail, required=False)
+
+
+# overlayfs takes idmapped lower layers from Linux 5.19 (commit "ovl: handle idmappings").
+USERNS_KERNEL = (5, 19)
+
+
+def userns_gap() -> str | None:
+    """Why ``userns=True`` boxes cannot be made here, or None."""
+    if not os.path.exists("/proc/self/ns/user"):
+        return "the kernel has no user namespaces (CONFIG_USER_NS)"
+    try:
+        with open("/proc/sys/user/max_user_namespaces") as handle:
+            if int(handle.read().strip() or 0) == 0:
+                return (
+                    "user namespaces are disabled (/proc/sys/user/max_user_namespaces is 0; "
+                    "`sysctl -w user.max_user_namespaces=15000` enables them)"
+                )
+    except (OSError, ValueError):
+        pass
+    if kernel_version() < USERNS_KERNEL:
+        return (
+            f"Linux {kernel_version()[0]}.{kernel_version()[1]} cannot stack overlayfs on idmapped "
+            "layers (Linux 5.19 or later can)"
+        )
+    return None
+
+
+def require_userns() -> None:
+    """Raise ``HostUnsupportedError`` if ``userns=True`` boxes cannot be made on this host."""
+    gap = userns_gap()
+    if gap is not None:
+        raise HostUnsupportedError(f"userns=True: {gap} (see `nsbox doctor`)")
+
+
+def _check_userns() -> Capability:
+    gap = userns_gap()
+    if gap is None:
+        return Capability(
+            "userns", True, "user namespaces and idmapped layers: userns=True boxes", required=False
+        )
+    return Capability("userns", False, f"{gap}: userns=True boxes cannot be made", required=False)
 
 
 def _kernel_option(name: str) -> str | None:

@@ -10,6 +10,8 @@ what a live process holds, and nothing that is not ours:
   processes while the box lives, and its helper removes it as it reaps the box. An *empty*
   one that has existed for a while is therefore a leftover of a helper that was SIGKILLed.
   The age keeps us off a cgroup made a moment ago for a box that is joining it right now.
+- id ranges of ``userns`` boxes: leased with their owner's (pid, start time); a dead owner's
+  go back to the pool (see ``idmap``).
 - device-mapper devices of disks: named with their owner's (pid, start time); a dead owner's
   are removed, or marked to go when the box still mounting them goes (see ``devmapper``).
 """
@@ -20,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from . import cgroups, devmapper
+from . import cgroups, devmapper, idmap
 from .errors import NsboxError
 from .network.names import BRIDGE_PREFIXES
 from .state import STATE_DIR
@@ -32,7 +34,7 @@ def sweep(dry_run: bool = False) -> list[str]:
     """Remove (or, with ``dry_run``, list) every leftover; one line each."""
     from .network import reclaim  # pyroute2 is imported only when there is network state
 
-    removed = _sweep_cgroups(dry_run) + devmapper.reclaim(dry_run)
+    removed = _sweep_cgroups(dry_run) + devmapper.reclaim(dry_run) + idmap.sweep(dry_run)
     if _network_state_exists():
         try:
             removed += reclaim.sweep(dry_run)

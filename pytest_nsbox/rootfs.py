@@ -130,11 +130,12 @@ def _mount_if_there(
     return True
 
 
-def join_cgroup(cgroup_dirs: list[str]) -> None:
+def join_cgroup(cgroup_dirs: list[str], joined: bool = False) -> None:
     """Join the cgroup the zygote made for this box, then make the cgroup namespace, so the
     box sees its own cgroup as "/". Done while waiting: the first move of a process between
-    cgroups waits for an RCU grace period, milliseconds no test should wait for."""
-    for directory in cgroup_dirs:
+    cgroups waits for an RCU grace period, milliseconds no test should wait for. ``joined``:
+    the zygote put us there already (a ``userns`` box's root may not write the host's files)."""
+    for directory in [] if joined else cgroup_dirs:
         with open(f"{directory}/cgroup.procs", "w") as handle:
             handle.write("0")
     syscalls.unshare(syscalls.CLONE_NEWCGROUP)
@@ -146,13 +147,16 @@ def root_hint(config: dict[str, Any]) -> dict[str, Any]:
     image's; a bind needs its source in this mount namespace, which the pivot leaves), the
     host devices it may use (its zygote writes them into its device cgroup as it makes it),
     and whether it is bridged (its zygote makes its veth; plain boxes never pay for one)."""
-    return {
+    hint = {
         "lowers": list(config["lowers"]),
         "privileged": bool(config.get("privileged")),
         "resolv_conf": bool(config.get("resolv_conf")),
         "devices": [list(device) for device in config.get("devices") or ()],
         "veth": bool(config.get("veth")),
     }
+    if config.get("userns"):  # [uid base, gid base] of its user namespace (made on demand)
+        hint["userns"] = list(config["userns"])
+    return hint
 
 
 def build_root(hint: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +175,12 @@ def build_root(hint: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]
     #    a device node shipped in the image (or made by a privileged tool that built it) would
     #    open the host's device it names, a disk included; only the box's own /dev honours nodes.
     #    A privileged box is trusted with them, as before.
-    overlay.mount_root(root, lowers, f"{SCRATCH}/upper", f"{SCRATCH}/work", 0 if privileged else MS_NODEV)
+    #    In a user namespace (``userns``), each layer is a detached mount the zygote idmapped
+    #    through our namespace (host root's files appear as our root's): they are attached in
+    #    the scratch, and the overlay stacks on them; the kernel adds nodev (SB_I_NODEV) itself.
+    sources = _attach_layers(hint["lower_fds"]) if hint.get("lower_fds") is not None else None
+    flags = 0 if privileged else MS_NODEV
+    overlay.mount_root(root, lowers, f"{SCRATCH}/upper", f"{SCRATCH}/work", flags, sources)
 
     # The host devices the test asked for (devices=[...]), beside the box's own in its /dev.
     devices.make_nodes(f"{_KERNEL}/dev", hint.get("devices") or [])
@@ -214,9 +223,31 @@ def build_root(hint: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]
     #    commands may have. Init keeps all of its own (to start commands as any user, and to
     #    mount the test's tmpfs), which also keeps commands out of it: ptrace, /proc/1/fd and
     #    /proc/1/root need a superset of its capabilities.
-    if not privileged:
+    if not privileged and hint.get("userns"):
+        # A new user namespace starts with a full bounding set, whatever the host's lacks: the
+        # zygote's plan (its own sets) would leave those extra capabilities to commands.
+        plan = capabilities.capabilities_to_drop(syscalls.last_capability()), syscalls.capability_sets()
+        capabilities.limit_capabilities(*plan)
+    elif not privileged:
         capabilities.limit_capabilities(*capabilities.CAPABILITY_PLAN)
     return {**prepared, "made": _made_by_box(prepared)}
+
+
+def _attach_layers(fds: list[int]) -> list[str]:
+    """Attach the idmapped layer mounts ``fds`` (top first) at ``SCRATCH/layers/N``; their paths."""
+    os.mkdir(f"{SCRATCH}/layers", 0o755)
+    paths = []
+    for number, fd in enumerate(fds):
+        path = f"{SCRATCH}/layers/{number}"
+        os.mkdir(path, 0o755)
+        target = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            syscalls.move_mount_fd(fd, target)
+        finally:
+            os.close(target)
+            os.close(fd)
+        paths.append(path)
+    return paths
 
 
 def finish_root(config: dict[str, Any], built: dict[str, Any]) -> dict[str, Any]:

@@ -58,7 +58,11 @@ def enter(
     pid: int, box_id: str, cgroup: str, privileged: bool, command: list[str], start: int | None = None
 ) -> int:
     procs_files = _cgroup_procs_files(cgroup)
-    namespaces = [os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name in _NAMESPACES]
+    # A userns box's user namespace first: it owns the others, whose setns needs our
+    # capabilities in it. Then we become its root (the host's root is no id there).
+    userns = _own_user_namespace(pid)
+    names = ("user", *_NAMESPACES) if userns else _NAMESPACES
+    namespaces = [os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name in names]
     root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         if start is not None and state.process_start(pid) != start:
@@ -92,6 +96,10 @@ def enter(
                         handle.write(str(os.getpid()))
                 for fd in namespaces:
                     syscalls.setns(fd, 0)
+                if userns:
+                    os.setgroups([])
+                    os.setresgid(0, 0, 0)
+                    os.setresuid(0, 0, 0)
                 shell_pid = os.fork()  # only a child is born in the pid namespace just joined
                 if shell_pid == 0:
                     if pty is not None:
@@ -185,6 +193,14 @@ def _is_program(files: BoxFiles, path: str) -> bool:
     finally:
         os.close(fd)
     return stat.S_ISREG(info.st_mode) and bool(info.st_mode & 0o111)
+
+
+def _own_user_namespace(pid: int) -> bool:
+    """Whether the box of init ``pid`` has a user namespace of its own (``userns=True``)."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino
+    except OSError:
+        return False
 
 
 def _cgroup_procs_files(name: str) -> list[str]:

@@ -33,14 +33,27 @@ MAX_SNAPSHOT_LAYERS = 16
 _EMPTY_LAYER_SIZE = 1024  # a tar with no entries: its end-of-archive blocks alone
 
 
-def snapshot(box_id: str, root: OverlayRoot, image: Image, cgroup: Cgroup, cache: str | None) -> Image:
+def snapshot(
+    box_id: str,
+    root: OverlayRoot,
+    image: Image,
+    cgroup: Cgroup,
+    cache: str | None,
+    shift: tuple[int, int] | None = None,
+) -> Image:
     """The image of a running box's root (``root``, over ``image``) as it is now; its
-    processes (``cgroup``) are frozen for the copy. The new layer goes into ``cache``."""
+    processes (``cgroup``) are frozen for the copy. The new layer goes into ``cache``.
+
+    ``shift``: the host (uid, gid) a ``userns`` box's ids start at. Its upper layer holds
+    host ids (base + the box's id): the copy gives them back as the box's (its root's files
+    are root's again, as in any image), so the snapshot boots in any box, userns or not."""
     store = LayerStore(cache)
     what = f"box {box_id}"
-    exclude = _made_by_box(root)
+    exclude = _made_by_box(root, shift)
     with _frozen(cgroup, box_id):
-        layer = store.add_layer(lambda target: layer_tar.copy_layer(root.upper, target, exclude, what), what)
+        layer = store.add_layer(
+            lambda target: layer_tar.copy_layer(root.upper, target, exclude, what, shift), what
+        )
     if layer.size <= _EMPTY_LAYER_SIZE or _only_copied_up_directories(layer.path, root):
         return _renamed(image, box_id)  # nothing changed: the box's own image is its snapshot
     chain = image.lowers[: image.snapshots]  # the layers earlier snapshots added, top first
@@ -75,7 +88,7 @@ def snapshot(box_id: str, root: OverlayRoot, image: Image, cgroup: Cgroup, cache
     )
 
 
-def _made_by_box(root: OverlayRoot) -> frozenset[str]:
+def _made_by_box(root: OverlayRoot, shift: tuple[int, int] | None = None) -> frozenset[str]:
     """Paths of the upper layer that are the box's doing, not the test's: the files it made
     as mount points (``/etc/hosts`` in an image without one), and the directories that hold
     nothing else: mount points it made (a ``tmpfs=`` target), and those the image has already,
@@ -103,7 +116,7 @@ def _made_by_box(root: OverlayRoot) -> frozenset[str]:
             children = os.listdir(path)
         except OSError:
             continue
-        if not stat.S_ISDIR(info.st_mode) or _is_opaque(path):
+        if not stat.S_ISDIR(info.st_mode) or _is_opaque(path, shift is not None):
             continue
         if not all(f"{rel}/{child}" in excluded for child in children):
             continue  # it holds a change of the test's
@@ -111,7 +124,7 @@ def _made_by_box(root: OverlayRoot) -> frozenset[str]:
         if below is None:
             if rel in directories:
                 excluded.add(rel)  # a mount point the image lacked
-        elif (below.st_mode, below.st_uid, below.st_gid) == (info.st_mode, info.st_uid, info.st_gid):
+        elif (below.st_mode, below.st_uid, below.st_gid) == (info.st_mode, *_owner(info, shift)):
             excluded.add(rel)
     return frozenset(excluded)
 
@@ -134,11 +147,21 @@ def _only_copied_up_directories(layer: str, root: OverlayRoot) -> bool:
     return True
 
 
-def _is_opaque(path: str) -> bool:
-    try:
-        return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
-    except OSError:
-        return False
+def _owner(info: os.stat_result, shift: tuple[int, int] | None) -> tuple[int, int]:
+    """(uid, gid) of a file of the upper layer as its box sees it (see ``snapshot``)."""
+    if shift is None:
+        return info.st_uid, info.st_gid
+    return layer_tar.unshift(info.st_uid, shift[0]), layer_tar.unshift(info.st_gid, shift[1])
+
+
+def _is_opaque(path: str, userns: bool = False) -> bool:
+    for key in (layer_tar.USER_OPAQUE_XATTR, OPAQUE_XATTR) if userns else (OPAQUE_XATTR,):
+        try:
+            if os.getxattr(path, key, follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            pass
+    return False
 
 
 def _fold(store: LayerStore, layers: list[str], what: str) -> LayerInfo:

@@ -136,6 +136,7 @@ class BoxSpec:
     logs: tuple[str, ...] | None = None
     disks: Mapping[str, DiskSpec | DiskSource] = field(default_factory=lambda: MappingProxyType({}))
     clock: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    userns: bool = False
 
     @classmethod
     def create(cls, source: str = "Box()", **options: Any) -> BoxSpec:
@@ -174,6 +175,7 @@ class BoxSpec:
             logs=_logs(values.get("logs"), f"{source}: logs"),
             disks=disks,
             clock=_clock(values.get("clock"), f"{source}: clock"),
+            userns=_bool(values.get("userns", False), f"{source}: userns"),
         )
 
     def __hash__(self) -> int:
@@ -196,6 +198,7 @@ class BoxSpec:
                 self.logs,
                 tuple(sorted(self.disks.items(), key=lambda item: item[0])),
                 tuple(sorted(self.clock.items())),
+                self.userns,
             )
         )
 
@@ -218,6 +221,7 @@ class BoxSpec:
             "logs": None if self.logs is None else list(self.logs),
             "disks": dict(self.disks),
             "clock": dict(self.clock),
+            "userns": self.userns,
         }
         current.update(options)
         return BoxSpec.create(source, **current)

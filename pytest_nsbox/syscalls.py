@@ -49,6 +49,7 @@ _SIGCHLD = 17
 
 # prctl options (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
 PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
@@ -649,6 +650,7 @@ def set_link_up(name: str) -> None:
 
 
 # The new mount API (Linux 5.2+; mount_setattr 5.12+), which glibc 2.36 does not wrap.
+_SYS_OPEN_TREE = 428
 _SYS_MOVE_MOUNT = 429
 _SYS_FSOPEN = 430
 _SYS_FSCONFIG = 431
@@ -662,6 +664,9 @@ FSCONFIG_CMD_CREATE = 6
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_IDMAP = 0x00100000  # Linux 5.12
+OPEN_TREE_CLONE = 0x1
+OPEN_TREE_CLOEXEC = 0o2000000  # O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
 AT_EMPTY_PATH = 0x1000
@@ -747,3 +752,31 @@ def mount_setattr_fd(mount_fd: int, attr_set: int, attr_clr: int) -> None:
         ctypes.c_size_t(ctypes.sizeof(attr)),
     )
     _check(result, "mount_setattr", f"set {attr_set:#x} clear {attr_clr:#x}")
+
+
+def open_tree_clone(path: str) -> int:
+    """open_tree(2) with ``OPEN_TREE_CLONE``: a detached copy of the mount at ``path`` (not
+    the mounts below it), attached nowhere until ``move_mount``."""
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_OPEN_TREE),
+        ctypes.c_int(-100),  # AT_FDCWD
+        ctypes.c_char_p(path.encode()),
+        ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC),
+    )
+    return _check(result, "open_tree", repr(path))
+
+
+def mount_setattr_idmap(mount_fd: int, userns_fd: int, attr_set: int = 0) -> None:
+    """mount_setattr(2) ``MOUNT_ATTR_IDMAP`` (plus ``attr_set``) on the detached mount
+    ``mount_fd``: its files' owners appear mapped through the user namespace ``userns_fd``
+    (host uid N shows as the namespace's uid whose host id is N)."""
+    attr = _MountAttr(attr_set | MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_MOUNT_SETATTR),
+        ctypes.c_int(mount_fd),
+        ctypes.c_char_p(b""),
+        ctypes.c_uint(AT_EMPTY_PATH),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    _check(result, "mount_setattr", "MOUNT_ATTR_IDMAP")

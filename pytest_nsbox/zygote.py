@@ -128,9 +128,10 @@ class Zygote:
         """
         hint = rootfs.root_hint(config)
         clock = config.get("clock")
+        made = bool(clock or hint.get("userns"))  # a box only for these options: made now
         try:
             with self._lock:
-                warm = self._made_box(hint, clock) if clock else self._waiting_box(hint)
+                warm = self._made_box(hint, clock) if made else self._waiting_box(hint)
             try:
                 # Without the zygote's lock: the network's part waits for the host-wide pool.
                 if network is not None:
@@ -141,7 +142,7 @@ class Zygote:
                 channel.send(warm.control, {"config": config}, [box_end.fileno()])
             finally:
                 warm.control.close()  # unsent: EOF, the box exits unused (its veth with it)
-            if not clock:  # a box made for its clocks has no replacement waiting
+            if not made:  # a box made for its clocks or user namespace has no replacement waiting
                 with self._lock:
                     self._ask({"op": "taken", "pid": warm.pid, "hint": hint})
         except ConfigError as exc:  # the kernel refused the box's clock offsets
@@ -153,7 +154,7 @@ class Zygote:
         """Have ``count`` boxes for ``config``'s root waiting (at most ``MAX_WAITING_PER_ROOT``):
         asks for those missing and returns at once; they are made while the caller goes on
         (a cluster, starting its nodes one after another)."""
-        if config.get("clock"):
+        if config.get("clock") or config.get("userns"):
             return  # such boxes are made when asked for (see spawn_box)
         hint = rootfs.root_hint(config)
         key = _key(hint)
@@ -200,13 +201,15 @@ class Zygote:
             self._collect(block=True)
             attempt += 1
 
-    def _made_box(self, hint: dict[str, Any], clock: dict[str, int]) -> _Announced:
+    def _made_box(self, hint: dict[str, Any], clock: dict[str, int] | None) -> _Announced:
         """A box made now for ``hint`` in a time namespace with ``clock``'s offsets
-        (nanoseconds by clock name); raises ``ConfigError`` for offsets the kernel refuses.
+        (nanoseconds by clock name), if any; raises ``ConfigError`` for offsets the kernel refuses.
 
         Why not a waiting box: a time namespace's offsets are fixed once a process is in it,
         and waiting boxes are made before anyone knows the clocks a test wants. Keying them
         by clock too would keep a box of every offset ever asked for waiting; clocks are rare.
+        The same goes for a user namespace (``hint["userns"]``): its id range is the box's own,
+        leased as it starts.
         """
         sequence = self._ask({"op": "make", "hint": hint, "clock": clock}, _MADE)
         try:

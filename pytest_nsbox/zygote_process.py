@@ -25,6 +25,7 @@ from .syscalls import (
     CLONE_NEWNS,
     CLONE_NEWPID,
     CLONE_NEWTIME,
+    CLONE_NEWUSER,
     CLONE_NEWUTS,
 )
 
@@ -39,6 +40,7 @@ NAME_PREFIX = "nsb-"  # cgroups.NAME_PREFIX, which this process does not import
 VETH_PREFIX = "nsbv"  # network.names.VETH_PREFIX, which this process does not import
 BOX_INTERFACE = "eth0"
 _VETH_ATTEMPTS = 3
+USERNS_SIZE = 65536  # ids a box's user namespace maps (idmap.RANGE_SIZE, which this process does not import)
 
 
 def main(argv: list[str]) -> None:
@@ -184,8 +186,11 @@ def _serve(sock: socket.socket) -> None:
         with _sigterm_held:
             if op == "want":  # the host has no waiting box that fits: make one now
                 _clone_warm(sock, dict(message["hint"]), int(message["seq"]))
-            elif op == "make":  # a box made for its options (its clocks), handed out at once
-                _clone_warm(sock, dict(message["hint"]), int(message["seq"]), dict(message["clock"]))
+            elif op == "make":  # a box made for its options (clocks, user namespace), handed out at once
+                clock = message.get("clock")
+                _clone_warm(
+                    sock, dict(message["hint"]), int(message["seq"]), dict(clock) if clock else None, True
+                )
             elif op == "taken":  # the host gave a waiting box to a test: make the next
                 _taken(int(message["pid"]))
                 _clone_warm(sock, dict(message["hint"]), int(message["seq"]))
@@ -292,7 +297,11 @@ def _taken(pid: int) -> None:
 
 
 def _clone_warm(
-    zygote_sock: socket.socket, hint: dict[str, Any], seq: int, clock: dict[str, int] | None = None
+    zygote_sock: socket.socket,
+    hint: dict[str, Any],
+    seq: int,
+    clock: dict[str, int] | None = None,
+    made: bool = False,
 ) -> None:
     """Clone the next box and announce it to the host with its control socket.
 
@@ -300,7 +309,8 @@ def _clone_warm(
     which the next test most likely wants too) while the test runs, on the other core. The
     host sends its options straight to it; should the host drop the socket unused, the box
     exits on EOF and is reaped here. With ``clock`` (nanoseconds by clock name), the box is
-    born in a time namespace of its own with those offsets, and is the host's at once.
+    born in a time namespace of its own with those offsets; ``made``: the box is the host's at
+    once (made for its clocks or its user namespace, not one of the waiting boxes).
     """
     own_time = -1
     if clock:
@@ -314,7 +324,7 @@ def _clone_warm(
             _announce(zygote_sock, {"error": {"message": message}, "seq": seq})
             return
     try:
-        _clone_box(zygote_sock, hint, seq, clock is not None)
+        _clone_box(zygote_sock, hint, seq, made)
     finally:
         if own_time >= 0:
             _restore_time(own_time)
@@ -336,23 +346,33 @@ def _clone_box(zygote_sock: socket.socket, hint: dict[str, Any], seq: int, hande
                 "creating a cgroup"
             )
     ours, theirs = channel.socketpair()
+    userns = hint.get("userns")
+    flags = BOX_NAMESPACES
+    sync: tuple[socket.socket, socket.socket] | None = None
+    if userns:
+        # Why a pipe of its own: the child must not go on (mount anything, or become the
+        # namespace's root) before its id maps are written and its layers idmapped, here.
+        flags |= CLONE_NEWUSER
+        sync = channel.socketpair()
     # Every signal is blocked across the fork: a handler of the zygote's (SIGTERM raises
     # SystemExit) must never run in the child, where it would unwind the zygote's stack and
     # its shutdown inside the new box. Each side restores the mask itself.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
         # The child is born in the box's namespaces as PID 1 of its new pid namespace.
-        pid = syscalls.fork_into_namespaces(BOX_NAMESPACES)
+        pid = syscalls.fork_into_namespaces(flags)
     except OSError as exc:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         ours.close()
         theirs.close()
+        for end in sync or ():
+            end.close()
         if cgroup:
             _plan.remove_cgroup(name)
         _announce(zygote_sock, {"error": {"message": f"clone into new namespaces: {exc}"}, "seq": seq})
         return
     if pid == 0:
-        _become_box(zygote_sock, ours, theirs, mask, cgroup, cgroup_error, hint)  # never returns
+        _become_box(zygote_sock, ours, theirs, mask, cgroup, cgroup_error, hint, sync)  # never returns
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     theirs.close()
     _boxes.add(pid)  # the zygote reaps it in _reap() when it dies
@@ -360,6 +380,16 @@ def _clone_box(zygote_sock: socket.socket, hint: dict[str, Any], seq: int, hande
         _unclaimed_cgroups[pid] = name
     if handed_out:
         _taken(pid)
+    if sync is not None and userns:
+        sync[1].close()
+        try:
+            _release_into_userns(pid, userns, hint, cgroup, sync[0])
+        except OSError as exc:
+            ours.close()  # the child gets EOF on its sync socket and exits; reaped in _reap()
+            _announce(zygote_sock, {"error": {"message": str(exc)}, "seq": seq})
+            return
+        finally:
+            sync[0].close()
     announcement: dict[str, Any] = {"warm": pid, "hint": hint, "seq": seq}
     if hint.get("veth"):
         try:
@@ -437,6 +467,71 @@ def _restore_time(own: int) -> None:
         os.close(own)
 
 
+def _release_into_userns(
+    pid: int, userns: list[int], hint: dict[str, Any], cgroup: list[str], sync: socket.socket
+) -> None:
+    """Make the child of a ``userns`` box its namespace's root, then let it go on.
+
+    Done here, as the host's root, because the child cannot: it writes its own id maps
+    (``0 <base> 65536``; a process may write another's maps only with CAP_SETUID/CAP_SETGID
+    over the parent namespace), puts it into its cgroup (whose files belong to the host's
+    root, which the box's root is not), and clones each image layer as a detached mount
+    idmapped through the child's user namespace (mount_setattr needs CAP_SYS_ADMIN in the
+    namespace that owns the layer's filesystem: the host's). The mounts go to the child with
+    the go-ahead; it stacks its overlay on them (see ``rootfs.build_root``).
+    """
+    uid_base, gid_base = int(userns[0]), int(userns[1])
+    for name, base in (("uid_map", uid_base), ("gid_map", gid_base)):
+        try:
+            with open(f"/proc/{pid}/{name}", "w") as handle:
+                handle.write(f"0 {base} {USERNS_SIZE}\n")
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot write the box's {name} (0 {base} {USERNS_SIZE}): {exc.strerror}"
+            ) from None
+    for directory in cgroup:
+        with open(f"{directory}/cgroup.procs", "w") as handle:
+            handle.write(str(pid))
+    namespace = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    mounts: list[int] = []
+    try:
+        for lower in hint["lowers"]:
+            try:
+                fd = syscalls.open_tree_clone(lower)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot clone the mount of layer {lower}: {exc.strerror}") from None
+            mounts.append(fd)
+            try:
+                syscalls.mount_setattr_idmap(fd, namespace, syscalls.MOUNT_ATTR_RDONLY)
+            except OSError as exc:
+                raise OSError(exc.errno, _idmap_refused(lower, exc)) from None
+        channel.send(sync, {"go": True}, mounts)
+    finally:
+        os.close(namespace)
+        for fd in mounts:
+            os.close(fd)
+
+
+def _idmap_refused(lower: str, exc: OSError) -> str:
+    fstype = "?"
+    try:
+        best = ""
+        with open("/proc/self/mounts") as handle:
+            for line in handle:
+                fields = line.split()
+                point = fields[1].replace("\\040", " ")
+                if (lower == point or lower.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                    best, fstype = point, fields[2]
+    except OSError:
+        pass
+    return (
+        f"userns: the kernel refuses an idmapped mount of layer {lower} (filesystem {fstype}): "
+        f"{exc.strerror}; idmapped mounts need Linux 5.12 and a filesystem that supports them "
+        "(ext4, xfs, btrfs, tmpfs from 6.3; not 9p, hostfs or NFS). Put the image cache "
+        "(--nsbox-cache) on such a filesystem, or run without userns"
+    )
+
+
 def _make_veth(pid: int) -> list[Any]:
     """The veth of a waiting box that will be bridged: its ``eth0`` in the box's network
     namespace, the host end (a random name, down, on no bridge) here; [name, index].
@@ -464,6 +559,7 @@ def _become_box(
     cgroup: list[str],
     cgroup_error: str,
     hint: dict[str, Any],
+    sync: tuple[socket.socket, socket.socket] | None = None,
 ) -> None:
     """The child's side of ``_clone_warm``: drop the zygote's plumbing and become a box.
 
@@ -481,11 +577,36 @@ def _become_box(
         ours.close()
         # Any other descriptor of the zygote must not be held by this one: boxes learn of
         # their host's end by EOF.
-        os.closerange(3, theirs.fileno())
-        os.closerange(theirs.fileno() + 1, 1 << 16)
+        keep = sorted({theirs.fileno(), *([sync[1].fileno()] if sync else [])})
+        low = 3
+        for fd in keep:
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 16)
+        if sync is not None:
+            hint = _await_userns(sync[1], hint)
         init.await_box(theirs, cgroup, cgroup_error, hint)  # ends in os._exit itself
     finally:
         os._exit(1)
+
+
+def _await_userns(sync: socket.socket, hint: dict[str, Any]) -> dict[str, Any]:
+    """In the child of a ``userns`` box: wait for the zygote's go-ahead (its id maps written,
+    its layers idmapped), then become the namespace's root: uid and gid 0, which are the
+    range's first ids on the host, no supplementary groups of the host's root. Returns the
+    hint with the layers' mounts (descriptors) for ``rootfs.build_root``."""
+    message, fds = channel.recv(sync)
+    sync.close()
+    if message is None:
+        os._exit(0)  # the zygote gave up on this box
+    os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)  # from an unmapped id to the namespace's 0: every capability stays
+    # A change of ids makes a process undumpable: its /proc/self files become the host root's,
+    # which it no longer is (set_process_name writes /proc/self/mem). Its commands still
+    # cannot ptrace it: they have fewer capabilities.
+    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)
+    return {**hint, "lower_fds": fds}
 
 
 def _announce(
