@@ -140,7 +140,9 @@ class Plan:
             with open(f"{parent}/cgroup.subtree_control") as handle:
                 enabled = handle.read().split()
         except FileNotFoundError:
-            raise
+            if not os.path.isdir(parent):
+                raise  # the parent itself is gone: the caller remakes it
+            return  # a v1 hierarchy: nothing to delegate
         except OSError:
             return
         for controller in self.delegate:
