@@ -33,6 +33,13 @@ DIR_NAME = "nsbox-disks"  # under the layer cache: where the backing files (with
 RELEASE_TIMEOUT = 10.0
 CUT_TIMEOUT = 10.0  # for the mount of a box whose power was cut to be gone
 MKFS_TIMEOUT = 120.0
+# Access-time options (spec.DISK_ATIME) are mount attributes: fsconfig() would refuse them.
+_ATIME_ATTRIBUTES = {
+    "noatime": syscalls.MOUNT_ATTR_NOATIME,
+    "relatime": syscalls.MOUNT_ATTR_RELATIME,
+    "strictatime": syscalls.MOUNT_ATTR_STRICTATIME,
+    "nodiratime": syscalls.MOUNT_ATTR_NODIRATIME,
+}
 
 DiskStats = loop.Stat
 
@@ -344,14 +351,17 @@ class Disk(DiskSource):
         try:
             assert self.device is not None
             syscalls.fsconfig(fs_fd, syscalls.FSCONFIG_SET_STRING, "source", self.device)
+            attributes = syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_NOSUID
             for option in filter(None, self.spec.options.split(",")):
                 key, equals, value = option.partition("=")
-                if equals:
+                if key in _ATIME_ATTRIBUTES and not equals:
+                    attributes |= _ATIME_ATTRIBUTES[key]  # a mount attribute, not an fs option
+                elif equals:
                     syscalls.fsconfig(fs_fd, syscalls.FSCONFIG_SET_STRING, key, value)
                 else:
                     syscalls.fsconfig(fs_fd, syscalls.FSCONFIG_SET_FLAG, key)
             syscalls.fsconfig(fs_fd, syscalls.FSCONFIG_CMD_CREATE)
-            return syscalls.fsmount(fs_fd, syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_NOSUID)
+            return syscalls.fsmount(fs_fd, attributes)
         except OSError as exc:
             raise BoxError(
                 f"disk {self.path}: mounting {self.spec.fs} from {self.device} failed: {exc}"

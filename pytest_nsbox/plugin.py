@@ -56,8 +56,9 @@ _BOX_FIXTURES = frozenset(
 _MARKER_HELP = (
     "nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None, cache=None, "
     "network='none'|'bridge', limits=None, nat=False, publish=None, subnet=None, devices=None, "
-    "no_new_privileges=False, logs=None, clock=None, userns=False): configure the "
+    "no_new_privileges=False, logs=None, disks=None, clock=None, userns=False): configure the "
     "test's nsbox, e.g. tmpfs={'/data': '16M'} for a size-capped scratch dir, "
+    "disks={'/data': '64M'} for a real ext4 filesystem on a loop device, "
     "limits={'pids': 10, 'memory': '64M', 'cpus': 0.5}, network='bridge' for eth0 with an address, "
     "logs=['/srv/app/*.log'] for their last lines in a failure report (default: what it wrote under "
     "/var/log), clock={'monotonic': '+400d', 'boottime': '+400d'} for a box whose uptime is 400 days, "

@@ -52,6 +52,11 @@ LIMITS = (
 # Caps on the box's disks' block devices (``disks=``): bytes or operations per second.
 IO_CAPS = ("io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops")
 DISK_FILESYSTEMS = ("ext4", "xfs", "btrfs")
+# The largest disk= (sparse, but mkfs writes its inode tables: about 1/64 of the size).
+DISK_MAX = 64 << 30
+# Access-time options are mount attributes, not filesystem options: disks.py sets them with
+# fsmount() (MOUNT_ATTR_*), where the filesystem's own fsconfig() would refuse them.
+DISK_ATIME = ("noatime", "relatime", "strictatime", "nodiratime")
 # The program that makes each filesystem, the Debian package that has it, and the smallest
 # disk it accepts (mkfs.xfs refuses below 300 MiB since xfsprogs 5.19; mkfs.btrfs below 114).
 DISK_MKFS = {
@@ -108,11 +113,16 @@ def parse_size(value: object, what: str) -> int:
     if isinstance(value, int):
         number = value
     elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
-        number = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+        scaled = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+        if not math.isfinite(scaled) or scaled >= 2**63:
+            raise ConfigError(f"{what}: {value!r} is larger than any size the kernel takes (2**63 bytes)")
+        number = int(scaled)
     else:
         raise ConfigError(f"{what}: expected a size like 64M, 512k, 1G or a number of bytes, got {value!r}")
     if number <= 0:
         raise ConfigError(f"{what}: a size must be positive, got {value!r}")
+    if number >= 2**63:
+        raise ConfigError(f"{what}: {value!r} is larger than any size the kernel takes (2**63 bytes)")
     return number
 
 
@@ -451,6 +461,11 @@ def _disk_spec(item: object, where: str) -> DiskSpec:
     if fs not in DISK_FILESYSTEMS:
         raise ConfigError(f"{where}: fs: {fs!r} is not one of {', '.join(DISK_FILESYSTEMS)}")
     program, package, smallest = DISK_MKFS[fs]
+    if size > DISK_MAX:
+        raise ConfigError(
+            f"{where}: size: {item['size']!r} is more than a test disk may be ({DISK_MAX >> 30}G): "
+            "its filesystem is made in full on the host's disk before the box starts"
+        )
     if size < smallest:
         raise ConfigError(f"{where}: size: {fs} needs at least {smallest >> 20}M (its mkfs refuses less)")
     if mkfs_program(fs) is None:

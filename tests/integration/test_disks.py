@@ -139,6 +139,10 @@ def test_a_write_cap_slows_direct_writes_to_its_rate() -> None:
         ({"disks": {"/data": "16M"}, "tmpfs": {"/data": "1M"}}, "one mount per path"),
         ({"limits": {"io_write_bps": "2M"}}, "cap the I/O of the box's disks"),
         ({"disks": {"/data": "16M"}, "limits": {"io_read_iops": 0}}, "operations per second"),
+        ({"disks": {"/data": "9" * 400 + "G"}}, "larger than any size"),
+        ({"disks": {"/data": 2**70}}, "larger than any size"),
+        ({"disks": {"/data": "1T"}}, "more than a test disk may be"),
+        ({"disks": {"/data": "16M"}, "limits": {"io_read_bps": "9" * 400}}, "larger than any size"),
     ],
 )
 def test_bad_disks_are_refused_at_once_leaving_nothing(options: dict[str, object], message: str) -> None:
@@ -196,3 +200,13 @@ def test_no_loop_device_is_left_after_the_owner_is_killed(tmp_path: Path) -> Non
     finally:
         for directory in cgroup_dirs:  # a SIGKILLed owner cannot remove its box's cgroup
             rmdir_when_empty(directory)
+
+
+def test_access_time_options_are_mount_attributes_and_fs_options_reach_the_filesystem() -> None:
+    options = {"size": "16M", "options": "noatime,data=journal"}
+    with Box(disks={"/data": options}) as box:
+        mounts = box.run(["cat", "/proc/self/mounts"], check=True).stdout
+        line = next(line for line in mounts.splitlines() if line.split()[1] == "/data")
+        flags = line.split()[3].split(",")
+        assert "noatime" in flags and "data=journal" in flags and "nodev" in flags, line
+        box.run(["sh", "-c", "echo x > /data/f && sync"], check=True)
