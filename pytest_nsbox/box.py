@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from . import cgroups, channel, idmap, kept, power, probe, state, teardown, waits, zygote
+from . import cgroups, channel, idmap, kept, power, probe, state, syscalls, teardown, waits, zygote
 from . import network as networking
 from .boxfs import BoxFiles
 from .devices import box_devices
@@ -491,6 +491,8 @@ class Box:
             disk.attach(self, path, functools.partial(self._disk_readonly, path), self._disks_power_cut)
             mount = disk.mount_fd()
             try:
+                if self._idmap is not None:
+                    self._idmap_disk(mount, path)
                 reply = link.request({"op": "mount_disk", "path": path}, (mount,))
             finally:
                 os.close(mount)
@@ -499,6 +501,22 @@ class Box:
                 raise BoxError(f"box {self.id}: mounting its disk at {path} failed: {error.get('message')}")
         devices = tuple(disk.device_numbers for disk in self._disks.values() if disk.device_numbers)
         self.cgroup.use_block_devices(devices)
+
+    def _idmap_disk(self, mount: int, path: str) -> None:
+        """A userns box's disk is mounted idmapped through the box's user namespace: its files
+        (made by host root) are its root's, and what the box writes is stored as the box's ids
+        less its range's base: the disk boots in any box, whatever range that one leases."""
+        userns = os.open(f"/proc/{self._require_pid()}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            syscalls.mount_setattr_idmap(mount, userns)
+        except OSError as exc:
+            raise BoxError(
+                f"box {self.id}: its disk at {path} cannot be idmapped into its user namespace ({exc}): "
+                f"this kernel's {self._disks[path].spec.fs} lacks idmapped mounts; drop userns=True "
+                "for this box"
+            ) from exc
+        finally:
+            os.close(userns)
 
     def _disk_readonly(self, path: str, readonly: bool) -> None:
         link = self._require_awake("readonly()" if readonly else "writable()")
@@ -613,6 +631,9 @@ class Box:
                 raise BoxError(f"box {self.id}: init refused to be kept: {reply['error']}")
             zygote.get().forget(self.pid)
             init = state.Owner(self.pid, state.process_start(self.pid) or 0)
+            if self._idmap is not None:
+                idmap.hand_over(self._idmap, init)
+                self._idmap = None  # its ids are the kept init's now
             if self.network is not None:
                 self.network.hand_over(init)
                 if self.spec.nat:
@@ -705,7 +726,8 @@ class Box:
                 cgroups.release(self.cgroup)  # the zygote removes it as it reaps init
             self._release_network()
             self._release_disks()
-            self._release_idmap()
+            if dead:  # else its processes may still hold those ids: the owner's death frees them
+                self._release_idmap()
             self._state = "stopped"
             _live.discard(self)
             if not dead:

@@ -153,6 +153,15 @@ def give_back(lease: Lease) -> None:
         pool.give_back(lease)
 
 
+def hand_over(lease: Lease, owner: state.Owner) -> None:
+    """The box is kept beyond this process: its range now belongs to ``owner`` (its init), so
+    no later box gets the same host ids while it runs."""
+    with locked() as pool:
+        entry = pool.leases.get(str(lease.slot))
+        if entry is not None:
+            entry["owner"] = owner.to_json()
+
+
 def sweep(dry_run: bool = False) -> list[str]:
     """For ``nsbox gc``: the leases of dead owners, freed (or listed, with ``dry_run``)."""
     if not (state.STATE_DIR / f"{DOCUMENT}.json").exists():

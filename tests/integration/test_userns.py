@@ -107,6 +107,23 @@ def test_limits_still_apply(nsbox: Box) -> None:
     assert 0 < nsbox.cgroup.stats().pids_peak <= 4
 
 
+def test_a_disk_is_the_boxs_roots_and_boots_in_a_box_of_another_range() -> None:
+    """A userns box's disk is mounted idmapped: root in the box owns it and writes to it, and
+    what it wrote is stored as root's, so a box of another range (or none) sees it as root's."""
+    with Box(userns=True, disks={"/data": "16M"}) as first:
+        assert first.run(["stat", "-c", "%u:%g", "/data"], check=True).stdout == "0:0\n"
+        first.run("echo kept > /data/f && chown 1000:1000 /data/f && mkdir /data/d && sync", check=True)
+        disk = first.disk("/data")
+    with Box(userns=True) as other, Box(userns=True, disks={"/data": disk}) as second:
+        assert other.userns_ids != second.userns_ids
+        assert second.run(["cat", "/data/f"], check=True).stdout == "kept\n"
+        owners = second.run(["stat", "-c", "%u:%g", "/data/f", "/data/d"], check=True).stdout
+        assert owners == "1000:1000\n0:0\n"
+    with Box(disks={"/data": disk}) as plain:  # on the disk itself: the box's ids, not the host's
+        owners = plain.run(["stat", "-c", "%u:%g", "/data/f", "/data/d"], check=True).stdout
+        assert owners == "1000:1000\n0:0\n"
+
+
 @pytest.mark.nsbox(userns=True, network="bridge")
 def test_a_bridged_box_reaches_the_host_and_the_host_reaches_it(nsbox: Box) -> None:
     assert nsbox.ip is not None

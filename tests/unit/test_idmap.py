@@ -90,3 +90,21 @@ def test_unshift_gives_the_boxs_ids_and_nobody_outside_its_range() -> None:
     base = idmap.DEFAULT_BASE
     assert [unshift(base, base), unshift(base + 1000, base), unshift(0, base)] == [0, 1000, 65534]
     assert unshift(base + idmap.RANGE_SIZE, base) == 65534
+
+
+def test_a_kept_boxs_range_stays_leased_after_this_process_is_gone(state_dir: Path) -> None:
+    """keep() hands the range to the box's init: a later box must not get the same ids once
+    the process that leased it has exited."""
+    kept = idmap.lease("kept")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        init = state.Owner(sleeper.pid, state.process_start(sleeper.pid) or 0)
+        idmap.hand_over(kept, init)
+        document = json.loads((state_dir / "idmap.json").read_text())
+        assert document["leases"][str(kept.slot)]["owner"] == init.to_json()
+        assert idmap.lease("next").slot != kept.slot
+        assert idmap.sweep() == []  # the kept box's init lives: nothing to reclaim
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert idmap.sweep() == [f"id range {kept.slot} of box kept (owner {sleeper.pid} gone)"]
