@@ -39,6 +39,7 @@ from .errors import (
     ConfigError,
     HostUnsupportedError,
     NetworkError,
+    NsboxError,
 )
 from .image import HOST_ROOT, Image, load_image
 from .link import InitLink
@@ -534,10 +535,24 @@ class Box:
             self._require_running("power_cut()")
             for disk in self._disks.values():
                 disk.require_faults("power_cut()")
-            if self.cgroup.driver is not None and not self.cgroup.is_frozen():
+            froze = self.cgroup.driver is not None and not self.cgroup.is_frozen()
+            if froze:
                 power.freeze(self.cgroup, self.id)
-            for disk in self._disks.values():
-                disk.cut()
+            cut: list[Disk] = []
+            try:
+                for disk in self._disks.values():
+                    disk.cut()
+                    cut.append(disk)
+            except BaseException:
+                # No power cut after all: the disks already cut work again, the box runs on.
+                for disk in cut:
+                    try:
+                        disk.uncut()
+                    except NsboxError:
+                        pass
+                if froze:
+                    power.thaw(self.cgroup, self.id)
+                raise
         self.restart()
 
     def _release_disks(self) -> None:

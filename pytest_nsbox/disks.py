@@ -252,6 +252,12 @@ class Disk(DiskSource):
         devmapper.load(name, self._sectors, "error", "")
         self._cut = True
 
+    def uncut(self) -> None:
+        """Undo ``cut()`` when the power cut does not go ahead: the disk works again."""
+        if self._cut and self._dm_name is not None:
+            devmapper.load(self._dm_name, self._sectors, "linear", f"{self._loop_numbers()} 0")
+            self._cut = False
+
     def _recover(self) -> None:
         """The second half: once the old mount is gone (its superblock torn down with
         nothing reaching the disk), drop what the device's cache holds, and heal; the next
@@ -378,14 +384,16 @@ class Disk(DiskSource):
         if self._dm_fd is not None:
             os.close(self._dm_fd)
             self._dm_fd = None
-        if self._dm_name is not None:
-            devmapper.remove(self._dm_name, wait=0.0)  # marked already: this only makes sure
-            self._dm_name = None
-            self._dm_device = None
-        if self._loop_fd is not None:
-            os.close(self._loop_fd)
-            self._loop_fd = None
-        self._number = None
+        try:
+            if self._dm_name is not None:
+                name, self._dm_name, self._dm_device = self._dm_name, None, None
+                devmapper.remove(name, wait=0.0)  # marked already: this only makes sure
+        finally:
+            # Whatever the device-mapper said: the loop device is let go of all the same.
+            if self._loop_fd is not None:
+                os.close(self._loop_fd)
+                self._loop_fd = None
+            self._number = None
 
     def released(self) -> bool:
         """Whether the last loop device this disk had is gone (or now holds another file)."""

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cgroups, channel, rootfs
-from .errors import BoxError, ConfigError
+from .errors import BoxError, ConfigError, HostUnsupportedError
 
 START_TIMEOUT = 30.0
 # The key of a request for a box made for its options (its clocks), which no waiting box fits.
@@ -249,6 +249,8 @@ class Zygote:
                 error = message.get("error", {}).get("message", "no box in its answer")
                 if message.get("error", {}).get("kind") == "config":
                     raise ConfigError(error)  # an option this host refuses now (a clock's offset)
+                if message.get("error", {}).get("kind") == "unsupported":
+                    raise HostUnsupportedError(error)  # e.g. layers on a filesystem without idmaps
                 raise BoxError(f"the nsbox zygote (pid {self.pid}) could not make a box: {error}")
             if key == _MADE:
                 self._made[sequence] = _Announced(message, socket.socket(fileno=fds[0]), generation)

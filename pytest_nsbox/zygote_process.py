@@ -388,7 +388,10 @@ def _clone_box(zygote_sock: socket.socket, hint: dict[str, Any], seq: int, hande
             _release_into_userns(pid, userns, hint, cgroup, sync[0])
         except OSError as exc:
             ours.close()  # the child gets EOF on its sync socket and exits; reaped in _reap()
-            _announce(zygote_sock, {"error": {"message": str(exc)}, "seq": seq})
+            error = {"message": str(exc)}
+            if isinstance(exc, _IdmapRefused):
+                error["kind"] = "unsupported"  # this host's filesystem, not the box: a skip
+            _announce(zygote_sock, {"error": error, "seq": seq})
             return
         finally:
             sync[0].close()
@@ -506,12 +509,16 @@ def _release_into_userns(
             try:
                 syscalls.mount_setattr_idmap(fd, namespace, syscalls.MOUNT_ATTR_RDONLY)
             except OSError as exc:
-                raise OSError(exc.errno, _idmap_refused(lower, exc)) from None
+                raise _IdmapRefused(exc.errno, _idmap_refused(lower, exc)) from None
         channel.send(sync, {"go": True}, mounts)
     finally:
         os.close(namespace)
         for fd in mounts:
             os.close(fd)
+
+
+class _IdmapRefused(OSError):
+    """The kernel refuses an idmapped mount of an image layer (its filesystem lacks them)."""
 
 
 def _idmap_refused(lower: str, exc: OSError) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from cleanup import box_dm_devices, rmdir_when_empty
 
-from pytest_nsbox import Box, ConfigError, HostUnsupportedError, devmapper, loop, reaper, state
+from pytest_nsbox import Box, BoxError, ConfigError, HostUnsupportedError, devmapper, loop, reaper, state
 
 pytestmark = pytest.mark.requires("boxes")
 
@@ -205,3 +205,24 @@ def test_gc_removes_a_dead_owners_device_and_keeps_a_live_ones(needs_devmapper: 
         for name in (dead_name, live_name):
             devmapper.remove(name)
     assert not {dead_name, live_name} & set(box_dm_devices())
+
+
+def test_a_power_cut_that_cannot_cut_every_disk_leaves_the_box_running(
+    needs_devmapper: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second disk's table cannot be swapped (device-mapper refuses): no power cut, the
+    first disk is whole again and the box is not left frozen."""
+    with Box(disks={"/a": "16M", "/b": "16M"}) as box:
+        pid = box.pid
+        second = box.disk("/b")
+
+        def refused() -> None:
+            raise BoxError("device-mapper refused the table (injected)")
+
+        monkeypatch.setattr(second, "cut", refused)
+        with pytest.raises(BoxError, match="injected"):
+            box.disk("/a").power_cut()
+        monkeypatch.undo()
+        assert box.pid == pid and not box.cgroup.is_frozen()
+        result = box.run("echo ok > /a/f && sync /a/f && cat /a/f", timeout=20)
+        assert result.stdout == "ok\n", result.stderr
