@@ -470,15 +470,19 @@ class Box:
         taken: dict[str, Disk] = {}
         for path, item in self.spec.disks.items():
             if isinstance(item, Disk):
-                user = item.in_use_by()
-                if user is not None and user is not self:
+                user = item.claim(self)
+                if user is not None:
+                    for claimed in taken.values():
+                        claimed.release()
+                    holder = getattr(user, "id", user)
                     raise ConfigError(
-                        f"box {self.id}: disks[{path!r}]: that disk is mounted in running box {user!r}; "
-                        "stop that box first (a filesystem is mounted by one box at a time)"
+                        f"box {self.id}: disks[{path!r}]: that disk is held by box {holder} (running, "
+                        "or kept); stop that box first (a filesystem is mounted by one box at a time)"
                     )
                 taken[path] = item
             elif isinstance(item, DiskSpec):
                 taken[path] = Disk(item, path)
+                taken[path].claim(self)
             else:
                 raise ConfigError(f"box {self.id}: disks[{path!r}]: expected a size, a dict or a Disk")
         return taken

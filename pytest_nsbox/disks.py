@@ -20,6 +20,7 @@ import errno
 import os
 import secrets
 import subprocess
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -33,6 +34,7 @@ DIR_NAME = "nsbox-disks"  # under the layer cache: where the backing files (with
 RELEASE_TIMEOUT = 10.0
 CUT_TIMEOUT = 10.0  # for the mount of a box whose power was cut to be gone
 MKFS_TIMEOUT = 120.0
+_CLAIMS = threading.Lock()  # Disk.claim(): one box at a time takes a disk
 # Access-time options (spec.DISK_ATIME) are mount attributes: fsconfig() would refuse them.
 _ATIME_ATTRIBUTES = {
     "noatime": syscalls.MOUNT_ATTR_NOATIME,
@@ -112,6 +114,7 @@ class Disk(DiskSource):
         self._last_backing: tuple[int, str] | None = None  # the last loop device, to see it go
         self._formatted = False
         self._user: Callable[[], object] | None = None  # weakref to the box using it
+        self._holder: Callable[[], object | None] | None = None  # the box that claimed it
         self._set_readonly: Callable[[bool], None] | None = None
         self._power_cut: Callable[[], None] | None = None
         self._dm_name: str | None = None  # the device-mapper device over the loop device, if any
@@ -283,9 +286,20 @@ class Disk(DiskSource):
     # ------------------------------------------------------------------ for Box
 
     def in_use_by(self) -> object | None:
-        """The running box using this disk, if any."""
-        box = self._user() if self._user is not None else None
-        return box if box is not None and getattr(box, "running", False) else None
+        """The box holding this disk (from its start until its stop lets go: a kept box holds
+        it for good), if any."""
+        return self._holder() if self._holder is not None else None
+
+    def claim(self, box: object) -> object | None:
+        """Hold the disk for ``box`` (from the start of the box); returns the other box that
+        holds it instead, if one does (and then claims nothing). Atomic: two boxes started at
+        once from two threads cannot both get it."""
+        with _CLAIMS:
+            holder = self.in_use_by()
+            if holder is not None and holder is not box:
+                return holder
+            self._holder = weakref.ref(box)
+            return None
 
     def attach(
         self,
@@ -377,7 +391,8 @@ class Disk(DiskSource):
 
     def release(self) -> None:
         """Let go of the loop device (and the device-mapper device over it): they go once the
-        box's mount of them has gone too."""
+        box's mount of them has gone too. Another box may claim the disk from now on."""
+        self._holder = None
         self._set_readonly = None
         self._power_cut = None
         self._cut = False

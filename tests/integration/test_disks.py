@@ -77,7 +77,7 @@ def test_a_new_box_given_the_disk_sees_its_contents() -> None:
     with Box(disks={"/data": "16M"}) as first:
         first.run("echo kept > /data/file && sync /data/file", check=True)
         disk = first.disk("/data")
-        with pytest.raises(ConfigError, match="mounted in running box"):
+        with pytest.raises(ConfigError, match="held by box"):
             Box(disks={"/data": disk}).start()
     assert disk.device is None
     with Box(disks={"/var/lib/app": disk}) as second:
@@ -210,3 +210,41 @@ def test_access_time_options_are_mount_attributes_and_fs_options_reach_the_files
         flags = line.split()[3].split(",")
         assert "noatime" in flags and "data=journal" in flags and "nodev" in flags, line
         box.run(["sh", "-c", "echo x > /data/f && sync"], check=True)
+
+
+def test_two_boxes_started_at_once_on_one_disk_get_it_one_at_a_time() -> None:
+    """A filesystem is mounted by one box at a time: of two threads starting boxes on the same
+    Disk, one gets it and the other a ConfigError naming the holder; once the first stops,
+    the disk is free again."""
+    import threading
+
+    with Box(disks={"/data": "16M"}) as first:
+        first.run("echo one > /data/f && sync", check=True)
+        disk = first.disk("/data")
+    results: list[object] = []
+    gate = threading.Barrier(2)
+
+    def start() -> None:
+        box = Box(disks={"/data": disk})
+        gate.wait()
+        try:
+            results.append(box.start())
+        except ConfigError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    started = [result for result in results if isinstance(result, Box)]
+    refused = [result for result in results if isinstance(result, ConfigError)]
+    try:
+        assert len(started) == 1 and len(refused) == 1, results
+        assert f"held by box {started[0].id}" in str(refused[0])
+        assert started[0].read_text("/data/f") == "one\n"
+    finally:
+        for box in started:
+            box.stop()
+    with Box(disks={"/data": disk}) as again:
+        assert again.read_text("/data/f") == "one\n"
