@@ -124,7 +124,7 @@ class Cgroup:
             )
         if self.driver is None:
             return CgroupStats()
-        stats = self.driver.stats(self.dirs, self._seen_pids_peak)
+        stats = self.driver.stats(self.dirs, self._seen_pids_peak, self.block_devices)
         self._seen_pids_peak = max(self._seen_pids_peak, stats.pids_peak)
         return stats
 

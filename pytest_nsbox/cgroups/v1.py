@@ -192,7 +192,7 @@ class V1Driver:
                     raise cannot_lower_memory(value + swap, usage, "memory.memsw.usage_in_bytes") from exc
                 raise
 
-    def stats(self, dirs: list[Path], seen_pids_peak: int) -> CgroupStats:
+    def stats(self, dirs: list[Path], seen_pids_peak: int, devices: tuple[str, ...] = ()) -> CgroupStats:
         pids = self._find(dirs, "pids")
         memory = self._find(dirs, "memory")
         cpu = self._find(dirs, "cpu")
@@ -206,10 +206,12 @@ class V1Driver:
             oom_kills=self.oom_kills(dirs),
             cpu_usec=read_int(cpuacct / "cpuacct.usage") // 1000 if cpuacct else 0,
             throttled_usec=keyed(cpu / "cpu.stat").get("throttled_time", 0) // 1000 if cpu else 0,
-            **self._io_stats(dirs),
+            **self._io_stats(dirs, devices),
         )
 
-    def _io_stats(self, dirs: list[Path]) -> dict[str, int]:
+    def _io_stats(self, dirs: list[Path], devices: tuple[str, ...] = ()) -> dict[str, int]:
+        """Bytes and operations read and written, over ``devices`` only when given (a box's
+        disks: a device-mapper device's I/O is counted again on the loop device under it)."""
         blkio = self._find(dirs, "blkio")
         if blkio is None:
             return {}
@@ -217,6 +219,8 @@ class V1Driver:
         for name, unit in (("io_service_bytes_recursive", "bytes"), ("io_serviced_recursive", "ops")):
             for line in read(blkio / f"blkio.throttle.{name}").splitlines():
                 fields = line.split()  # "7:3 Read 4096"; a last "Total N" line
+                if devices and fields and fields[0] not in devices:
+                    continue
                 if len(fields) == 3 and fields[1] in ("Read", "Write") and fields[2].isdigit():
                     totals[f"io_{fields[1].lower()}_{unit}"] += int(fields[2])
         return totals

@@ -52,8 +52,10 @@ def _reclaim_below(path: Path, value: int) -> None:
         raise cannot_lower_memory(value, usage, "memory.current")
 
 
-def _io_stats(text: str) -> dict[str, int]:
-    """The sums over devices of io.stat's ``MAJ:MIN rbytes=N wbytes=N rios=N wios=N ...`` lines."""
+def _io_stats(text: str, devices: tuple[str, ...] = ()) -> dict[str, int]:
+    """The sums over devices of io.stat's ``MAJ:MIN rbytes=N wbytes=N rios=N wios=N ...`` lines;
+    with ``devices``, over those only (a box's disks: a device-mapper device's I/O is counted
+    again on the loop device under it)."""
     totals = {"io_read_bytes": 0, "io_write_bytes": 0, "io_read_ops": 0, "io_write_ops": 0}
     names = {
         "rbytes": "io_read_bytes",
@@ -62,6 +64,8 @@ def _io_stats(text: str) -> dict[str, int]:
         "wios": "io_write_ops",
     }
     for line in text.splitlines():
+        if devices and line.split(" ", 1)[0] not in devices:
+            continue
         for field in line.split()[1:]:
             key, _, value = field.partition("=")
             if key in names and value.isdigit():
@@ -169,7 +173,7 @@ class V2Driver:
             elif key == "io_weight":
                 write(path / "io.weight", f"default {value}", key)
 
-    def stats(self, dirs: list[Path], seen_pids_peak: int) -> CgroupStats:
+    def stats(self, dirs: list[Path], seen_pids_peak: int, devices: tuple[str, ...] = ()) -> CgroupStats:
         path = dirs[0]
         cpu = keyed(path / "cpu.stat")
         pids_current = read_int(path / "pids.current")
@@ -181,7 +185,7 @@ class V2Driver:
             oom_kills=self.oom_kills(dirs),
             cpu_usec=cpu.get("usage_usec", 0),
             throttled_usec=cpu.get("throttled_usec", 0),
-            **_io_stats(read(path / "io.stat")),
+            **_io_stats(read(path / "io.stat"), devices),
         )
 
     def oom_kills(self, dirs: list[Path]) -> int:
