@@ -426,15 +426,17 @@ class Box:
                 if attachment is None:
                     cgroup_error = self._boot()
                 else:
-                    cgroup_error = self._boot(lambda veth: networking.move(attachment, veth, mac))
+                    cgroup_error = self._boot(
+                        lambda veth: networking.move(attachment, veth, mac, self._run_before_replug)
+                    )
             except BaseException:
                 self._state = "stopping"  # stop() gives back the lease and ports
                 raise
         try:
             self._mount_disks()  # the same filesystems, on the same loop devices
             self._apply_limits(cgroup_error)
-            for hook in list(self._before_replug):
-                hook(self)
+            if attachment is None:
+                self._run_before_replug()
             if attachment is not None:
                 assert self._eth0 is not None
                 networking.rejoin(attachment, self._require_pid(), self._eth0[0], self._hosts_path())
@@ -570,6 +572,13 @@ class Box:
         deadline = time.monotonic() + 10
         while not all(disk.released() for disk in self._disks.values()) and time.monotonic() < deadline:
             time.sleep(0.01)
+
+    def _run_before_replug(self) -> None:
+        """Restart's ``_before_replug`` hooks: for a bridged box, run as its new veth's host
+        end exists, before it is put on the bridge (so a cluster's cuts hold from the first
+        packet); for a box without a network, once it has booted."""
+        for hook in list(self._before_replug):
+            hook(self)
 
     def _tell(self, event: str) -> None:
         for watcher in list(self._power_watchers):

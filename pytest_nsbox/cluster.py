@@ -367,15 +367,17 @@ class Cluster:
     # ------------------------------------------------------------------------- restarts
 
     def _reload_cuts(self, name: str, _box: Box | None = None) -> None:
-        """A node restarted (its network namespace is new and empty): load its cuts again,
-        before its network is plugged back, so nothing crosses them even for a moment."""
+        """A node restarts (its network namespace and veth are new): put its cuts on the new
+        veth's host end before that is put on the bridge, so nothing crosses them even for a
+        moment."""
         with self._lock:
             if self._bridge is None:
                 return
             wanted = frozenset(self._dropped(self._cuts)[name])
-            if wanted:
+            network = self.nodes[name].network  # its new veth, not yet on the bridge
+            if wanted and network is not None:
                 try:
-                    faults.apply({name: self._host_end(name)}, {name: wanted})
+                    faults.apply({name: (network.host_index, network.host_interface)}, {name: wanted})
                 except BaseException:
                     self._applied[name] = frozenset({"?"})
                     raise

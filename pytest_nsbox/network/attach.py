@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,7 +195,12 @@ def unplug(attachment: Attachment) -> None:
                 raise NetworkError(f"cannot remove {what}: {netns.describe(exc)}") from exc
 
 
-def move(attachment: Attachment, veth: list[Any], mac: str | None) -> dict[str, Any]:
+def move(
+    attachment: Attachment,
+    veth: list[Any],
+    mac: str | None,
+    before_enslave: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Connect a restarted box (a new waiting box, with a new prebuilt ``veth``) to its bridge
     again, with the address it holds the lease of and its old hardware address (so that its
     peers' ARP caches stay right); returns what its init configures ``eth0`` with. ``rejoin()``
@@ -206,6 +212,8 @@ def move(attachment: Attachment, veth: list[Any], mac: str | None) -> dict[str, 
     with pool.locked(attachment.subnet) as entry:
         entry.note_interface(attachment.address, str(veth[0]))
     attachment.host_interface, attachment.host_index = str(veth[0]), int(veth[1])
+    if before_enslave is not None:
+        before_enslave()  # what must hold before any packet crosses (a cluster's cuts)
     _enslave(attachment, bridge_index)
     return inside(attachment, mac)
 

@@ -49,7 +49,14 @@ def _link_gone(name: str, timeout: float = 15.0) -> bool:
 
 def test_a_bridged_box_leaves_a_waiting_box_with_its_veth_made_and_unplugged() -> None:
     with Box(network="bridge") as box:
-        assert box.run(["cat", "/sys/class/net/eth0/operstate"]).stdout.strip() == "up"
+        # (operstate follows the carrier through the kernel's link watch: up to a second late)
+        state = "?"
+        for _ in range(50):
+            state = box.run(["cat", "/sys/class/net/eth0/operstate"]).stdout.strip()
+            if state == "up":
+                break
+            time.sleep(0.1)
+        assert state == "up"
     _wait_for(lambda: _waiting_veths(True), "a bridged box waits")
     pid, veth = next(iter(_waiting_veths(True).items()))
     assert veth is not None
