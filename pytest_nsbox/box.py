@@ -167,6 +167,7 @@ class Box:
         # cluster's cuts), ``_after_restart`` at the end (what needs its interface: a cluster's
         # shapes). One that raises fails the restart, and the box is stopped.
         self._before_replug: list[Callable[[Box], None]] = []
+        self._cluster_node: str | None = None  # its name, when a Cluster's node
         self._after_restart: list[Callable[[Box], None]] = []
         self._disks: dict[str, Disk] = {}
         self._idmap: idmap.Lease | None = None  # the host ids of a userns box, while it runs
@@ -187,6 +188,13 @@ class Box:
             raise NetworkError(f"box {self.id} has no network link; start it with network='bridge'")
         if self._state != "running":
             raise NetworkError(f"box {self.id} is {self._state}: its link is gone")
+        if self._cluster_node is not None:
+            # Its veth's host end carries the cluster's cuts: a qdisc set here would replace
+            # them behind the cluster's back (which would still report them in force).
+            raise NetworkError(
+                f"box {self.id} is node {self._cluster_node} of a cluster: its link is the cluster's; "
+                f"use cluster.link({self._cluster_node!r}, other).set(...)/.down(), or cluster.partition()"
+            )
         return self.network.link
 
     def host_port(self, box_port: int) -> int:

@@ -182,6 +182,7 @@ class Cluster:
             for number, (name, box) in enumerate(self.nodes.items()):
                 box._plan_network(self.subnet, self._bridge, join_hosts=False)
                 box.start()
+                box._cluster_node = name
                 box._before_replug.append(functools.partial(self._reload_cuts, name))
                 box._after_restart.append(functools.partial(self._reload_shapes, name))
                 if number == 0 and len(boxes) > 1:

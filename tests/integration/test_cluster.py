@@ -317,3 +317,13 @@ def test_the_cuts_are_on_the_receivers_host_end_and_go_with_the_node(subnet: str
             break
         time.sleep(0.1)
     assert left == []
+
+
+def test_a_nodes_own_link_is_refused_naming_the_clusters(trio: Cluster) -> None:
+    """A node's veth carries the cluster's cuts: its own box.link.set() would replace them
+    while the cluster still reported them in force."""
+    trio.block("db2", "db1")
+    with pytest.raises(NetworkError, match=r"node db1 of a cluster.*cluster\.link\('db1', other\)"):
+        trio["db1"].link.set(delay_ms=50)
+    assert trio.cuts == [("db2", "db1")]
+    assert "match" in _tc_filters(trio["db1"].network.host_interface)  # type: ignore[union-attr]
