@@ -238,6 +238,10 @@ class V2Driver:
         box), the zygote remakes it and enables the same controllers in it. Its box cgroups
         get the device allowlist as an eBPF program (``device_filter``): v2 has no devices
         controller."""
+        # Again for every helper: the parent may have gone with an earlier helper's last box
+        # (a helper removes it as it ends), and a delegate list read from a parent made
+        # afresh without controllers would give every later box none (no pids.max, ...).
+        self._ready = False
         self._prepare()
         return {
             "make": [str(self.parent)],

@@ -250,3 +250,21 @@ def test_a_box_cgroup_made_in_a_parent_remade_without_controllers_gets_them() ->
         if (parent / "nsb-racetest").exists():
             (parent / "nsb-racetest").rmdir()
         parent.rmdir()
+
+
+@needs_cgroups
+def test_limits_hold_in_a_box_of_a_new_helper_after_the_old_one_took_the_parent_along() -> None:
+    """A helper removes the shared parent cgroup as it ends (when no box is left in it); the
+    next helper's boxes must still get every controller (before, on v2, they got none, and a
+    pids limit failed to be written)."""
+    from pytest_nsbox import zygote
+
+    with Box():
+        pass
+    zygote.shutdown()
+    with Box(limits={"pids": 20}) as box:
+        assert box.cgroup.dirs
+        assert box.cgroup.dirs[0].joinpath("pids.max").read_text().strip() == "20"
+        result = box.run("for i in $(seq 30); do sleep 5 & done; wait", timeout=60)
+        assert result.returncode != 0 or "fork" in result.stderr.lower()
+        assert box.cgroup.stats().pids_peak <= 20
