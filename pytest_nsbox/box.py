@@ -1257,6 +1257,19 @@ class Box:
         self._processes.discard(process)
 
 
+def stop_each(boxes: Sequence[Box]) -> list[NsboxError]:
+    """Stop every box of a group (a pair, a cluster) in the order given, each whatever the
+    others did; returns their failures, for the caller to raise the first once its own
+    resources (a private bridge) are given back."""
+    failures: list[NsboxError] = []
+    for box in boxes:
+        try:
+            box.stop()
+        except NsboxError as exc:
+            failures.append(exc)
+    return failures
+
+
 _pending_hooks: list[Callable[[], None]] = []
 _pending_hooks_lock = threading.Lock()
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import spec as specs
 from . import state, zygote
-from .box import Box
+from .box import Box, stop_each
 from .errors import ConfigError, NetworkError, NsboxError
 from .network import bridge, faults, hosts, peer_shaping, pool
 from .network.shaping import Shape, parse_shape
@@ -198,14 +198,9 @@ class Cluster:
     def stop(self) -> None:
         """Stop every node (the cuts go with their namespaces); the bridge is kept for this
         process's next cluster or pair."""
-        failures: list[NsboxError] = []
         if self._bridge is not None:
             hosts.forget(self._bridge[1])  # every node goes: no file to rewrite as each leaves
-        for box in reversed(list(self.nodes.values())):
-            try:
-                box.stop()
-            except NsboxError as exc:
-                failures.append(exc)
+        failures = stop_each(list(reversed(list(self.nodes.values()))))
         if self._bridge is not None:
             bridge.give_back_private(self.subnet, self._bridge[1])
             self._bridge = None

@@ -11,8 +11,8 @@ import os
 from typing import Any
 
 from . import state
-from .box import Box
-from .errors import ConfigError, NsboxError
+from .box import Box, stop_each
+from .errors import ConfigError
 from .network import bridge, pool
 from .network.shaping import End, Link
 from .spec import BoxSpec, ImageSource
@@ -69,13 +69,8 @@ class NetPair:
 
     def stop(self) -> None:
         """Stop both boxes; the private bridge is kept for this process's next pair."""
-        failures: list[NsboxError] = []
         self.link.close()
-        for box in (self.b, self.a):
-            try:
-                box.stop()
-            except NsboxError as exc:
-                failures.append(exc)
+        failures = stop_each([self.b, self.a])
         if self._bridge is not None:
             bridge.give_back_private(self.subnet, self._bridge[1])
             self._bridge = None

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+
+
+def eventually(condition: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Whether ``condition()`` holds within ``timeout`` seconds (what the kernel finishes a
+    moment later: a loop device clearing itself, a device-mapper device going)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def rmdir_when_empty(directory: str, timeout: float = 10.0) -> None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cleanup import box_dm_devices, rmdir_when_empty
+from cleanup import box_dm_devices, eventually, rmdir_when_empty
 
 from pytest_nsbox import Box, BoxError, ConfigError, HostUnsupportedError, devmapper, loop, reaper, state
 
@@ -36,15 +36,6 @@ def needs_devmapper() -> None:
     if os.environ.get("NSBOX_IN_UML_GUEST"):
         pytest.fail(f"the test guest must have device-mapper: {MISSING}")
     pytest.skip(MISSING)
-
-
-def _wait(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _disk_box() -> Box:
@@ -149,7 +140,7 @@ def test_no_dm_device_is_left_after_stop(needs_devmapper: None) -> None:
     assert set(names) <= set(box_dm_devices())
     box.disk("/a").fail()  # a faulty one goes too
     box.stop()
-    assert _wait(lambda: not set(names) & set(box_dm_devices()), 10), box_dm_devices()
+    assert eventually(lambda: not set(names) & set(box_dm_devices()), 10), box_dm_devices()
     assert box.disk("/a").dm_name is None
 
 
@@ -179,9 +170,9 @@ def test_no_dm_device_is_left_after_the_owner_is_killed(tmp_path: Path, needs_de
         owner.wait()
     try:
         reaper.sweep()  # what `nsbox gc` and each session's start run (gc would end kept boxes too)
-        assert _wait(lambda: name not in box_dm_devices(), 15), "the dm device outlived its owner"
+        assert eventually(lambda: name not in box_dm_devices(), 15), "the dm device outlived its owner"
         number = int(device[len("/dev/loop") :])
-        assert _wait(lambda: loop.backing_file(number) is None, 15), "the loop device outlived its owner"
+        assert eventually(lambda: loop.backing_file(number) is None, 15), "the loop device outlived its owner"
     finally:
         for directory in cgroup_dirs:  # a SIGKILLed owner cannot remove its box's cgroup
             rmdir_when_empty(directory)

@@ -15,21 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from cleanup import box_loop_devices, rmdir_when_empty
+from cleanup import box_loop_devices, eventually, rmdir_when_empty
 
 from pytest_nsbox import Box, ConfigError, Disk, loop
 from pytest_nsbox.spec import mkfs_program
 
 pytestmark = pytest.mark.requires("boxes")
-
-
-def _wait(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_df_shows_the_size_and_a_full_disk_gives_enospc() -> None:
@@ -196,7 +187,7 @@ def test_no_loop_device_is_left_after_the_owner_is_killed(tmp_path: Path) -> Non
         owner.send_signal(signal.SIGKILL)
         owner.wait()
     try:
-        assert _wait(lambda: loop.backing_file(number) is None, 15), "the loop device outlived its owner"
+        assert eventually(lambda: loop.backing_file(number) is None, 15), "the loop device outlived its owner"
     finally:
         for directory in cgroup_dirs:  # a SIGKILLed owner cannot remove its box's cgroup
             rmdir_when_empty(directory)
