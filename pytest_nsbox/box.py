@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from . import cgroups, channel, idmap, kept, power, probe, state, syscalls, teardown, waits, zygote
+from . import cgroups, channel, idmap, kept, power, probe, rootless, state, syscalls, teardown, waits, zygote
 from . import network as networking
 from .boxfs import BoxFiles
 from .devices import box_devices
@@ -40,6 +40,7 @@ from .errors import (
     HostUnsupportedError,
     NetworkError,
     NsboxError,
+    RootlessError,
 )
 from .image import HOST_ROOT, Image, load_image
 from .link import InitLink
@@ -231,9 +232,15 @@ class Box:
             if self._state != "created":
                 raise BoxError(f"box {self.id} was already started; make a new Box")
             probe.require_box_support()
+            if rootless.active():
+                _refuse_what_rootless_lacks(self.id, self.spec)
             image = load_image(self.spec.image, self.spec.cache)
             self.image = image
             if self.spec.limits and cgroups.driver() is None:
+                if rootless.active():
+                    raise RootlessError(
+                        f"box {self.id}: limits {sorted(self.spec.limits)}: {cgroups.unavailable()}"
+                    )
                 raise CgroupError(
                     f"box {self.id}: limits {sorted(self.spec.limits)} need cgroups; "
                     "this host has none usable (see `nsbox doctor`)"
@@ -266,7 +273,7 @@ class Box:
                 self._network_plan = (subnet, None, True)
             # A bridged box is claimed from the waiting boxes whose veth is made already.
             config["veth"] = self._network_plan is not None
-            if self.spec.userns:
+            if self.spec.userns and not rootless.active():  # a rootless box is in one already
                 probe.require_userns()
                 self._idmap = idmap.lease(self.id)
                 config["userns"] = [self._idmap.uid, self._idmap.gid]
@@ -1431,3 +1438,37 @@ def listening(pid: int | None, port: int, protocol: str = "tcp") -> bool:
         except (OSError, StopIteration, IndexError, ValueError):
             continue
     return False
+
+
+def _refuse_what_rootless_lacks(box_id: str, spec: BoxSpec) -> None:
+    """Raise ``RootlessError`` for the first option an ordinary user's box cannot have.
+
+    Why each cannot, for now: a bridge, a veth and NAT rules live in the host's network
+    namespace, where an ordinary user may change nothing; a disk is a loop device, which only
+    root may attach; a host device node cannot be made in a user namespace (and binding one
+    in would give the box the user's access to it, not the device allowlist's).
+    """
+    reasons = {
+        "network='bridge'": (
+            spec.network == "bridge",
+            "a bridged box needs a veth and a bridge in the host's network namespace, which an "
+            "ordinary user cannot change; rootless boxes have their own loopback only",
+        ),
+        "publish": (
+            bool(spec.publish),
+            "forwarding a host port into the box needs its network namespace joined from the host, "
+            "which the kernel allows only with CAP_SYS_ADMIN over the host's user namespace",
+        ),
+        "disks": (bool(spec.disks), "a disk is a loop device, and only root may attach one"),
+        "devices": (
+            bool(spec.devices),
+            "a device node cannot be made in a user namespace, nor a device allowlist set without "
+            "cgroup rights",
+        ),
+    }
+    for option, (asked, why) in reasons.items():
+        if asked:
+            raise RootlessError(
+                f"box {box_id}: {option}: pytest runs as uid {os.getuid()} (rootless), and {why}; "
+                "run pytest as root for it"
+            )

@@ -8,6 +8,7 @@ derives from it, so code written against ``subprocess`` or ``os`` keeps working:
     ├── ConfigError (ValueError)          bad option, marker or argument; names where it came from
     │   └── ArgumentTypeError (TypeError)   ... of the wrong type: names the accepted types
     ├── HostUnsupportedError             this host cannot make boxes; names the missing capability
+    │   └── RootlessError                  a box option an ordinary user's boxes cannot have, and why
     ├── ImageError                       an image that cannot be used, and why
     │   └── TemplateError                  a template's setup failed: its error and its box
     ├── SyscallError (OSError)           a kernel call failed: operation, arguments, errno name
@@ -55,6 +56,7 @@ __all__ = [
     "NetworkError",
     "NsboxError",
     "ProcessExitedError",
+    "RootlessError",
     "StateError",
     "SyscallError",
     "TemplateError",
@@ -88,6 +90,15 @@ class HostUnsupportedError(NsboxError):
     """This host cannot make boxes (not root, no overlayfs, ...).
 
     The plugin skips box tests with this message, or fails them under ``--nsbox-strict``.
+    """
+
+
+class RootlessError(HostUnsupportedError):
+    """A box option that boxes of an ordinary user cannot have (pytest is not root): a bridged
+    network, limits without a delegated cgroup v2 subtree, disks, host devices.
+
+    The message says why and what would give it. The plugin skips a test that raises it, even
+    under ``--nsbox-strict``: it is a limit of running without root, not a fault of the host.
     """
 
 

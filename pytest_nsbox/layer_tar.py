@@ -33,14 +33,13 @@ from dataclasses import dataclass
 from typing import IO
 
 from .errors import ImageError
-from .untar import OPAQUE_MARKER, OPAQUE_XATTR, WHITEOUT_PREFIX
+from .untar import OPAQUE_MARKER, OPAQUE_XATTR, USER_OPAQUE_XATTR, WHITEOUT_PREFIX, mark_opaque
 
 BLOCK = 512
 _CHUNK = 1 << 20
 _END = b"\0" * (2 * BLOCK)
 _OVERLAY_XATTRS = "trusted.overlay."
 _USER_OVERLAY_XATTRS = "user.overlay."  # overlay's own in a user namespace (userxattr)
-USER_OPAQUE_XATTR = "user.overlay.opaque"
 USERNS_RANGE = 65536  # ids a userns box maps (idmap.RANGE_SIZE)
 # Overlay features that spell a change in a way an image layer cannot: a snapshot refuses them.
 _UNPORTABLE = ("trusted.overlay.redirect", "trusted.overlay.metacopy")
@@ -110,9 +109,12 @@ def _walk_dir(
             continue  # a socket is a running program's, not a file an image can carry
         xattrs = _xattrs(dir_fd, name, mode, rel, what)
         opaque = xattrs.pop(OPAQUE_XATTR, None) == b"y"
-        if shift is not None:
-            opaque = xattrs.pop(USER_OPAQUE_XATTR, None) == b"y" or opaque
-            xattrs = {key: value for key, value in xattrs.items() if not key.startswith(_USER_OVERLAY_XATTRS)}
+        user_opaque = xattrs.pop(USER_OPAQUE_XATTR, None) == b"y"
+        # user.overlay.* is overlay's own only in a user namespace (shift: the layer of a userns
+        # box, or the cache's second mark); elsewhere it is a copy-up's, never an image's.
+        if shift is not None or (user_opaque and os.geteuid() != 0):
+            opaque = opaque or user_opaque
+        xattrs = {key: value for key, value in xattrs.items() if not key.startswith(_USER_OVERLAY_XATTRS)}
         if stat.S_ISCHR(mode) and info.st_rdev == 0:
             yield Entry(_fixed(prefix + WHITEOUT_PREFIX + name), "whiteout", dir_fd, name, rel, info, {})
             continue
@@ -292,7 +294,7 @@ def copy_layer(
             assert entry.stat is not None
             directories.append((target, entry.stat))
         elif entry.kind == "opaque":
-            os.setxattr(target, OPAQUE_XATTR, b"y")
+            mark_opaque(target)
         elif entry.kind == "whiteout":
             os.mknod(target, stat.S_IFCHR, 0)
         elif entry.kind == "file":
@@ -371,7 +373,7 @@ def squash(layers: list[str], dst: str, what: str = "") -> None:
             target = os.path.join(dst, entry.rel)
             if entry.kind == "opaque":
                 _clear_directory(target)
-                os.setxattr(target, OPAQUE_XATTR, b"y")
+                mark_opaque(target)
                 continue
             existing = _lstat(target)
             if entry.kind == "dir":
@@ -383,7 +385,7 @@ def squash(layers: list[str], dst: str, what: str = "") -> None:
                     os.mkdir(target, 0o700)
                 if was_whiteout:
                     # A directory over a deletion: what lay below stays hidden.
-                    os.setxattr(target, OPAQUE_XATTR, b"y")
+                    mark_opaque(target)
                 _set_metadata(target, entry)
                 assert entry.stat is not None
                 directories.append((target, entry.stat))

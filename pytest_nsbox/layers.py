@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import filelock
 
-from . import state
+from . import rootless, state
 from .errors import ImageError, StateError
 from .untar import LayerExtractor, Progress
 
@@ -38,7 +38,10 @@ Opener = Callable[[], IO[bytes]]
 
 
 def default_cache() -> str:
-    return os.environ.get("NSBOX_CACHE") or DEFAULT_CACHE
+    """``$NSBOX_CACHE``; else the host-wide cache for root, the user's own for an ordinary user."""
+    return os.environ.get("NSBOX_CACHE") or (
+        DEFAULT_CACHE if not rootless.active() else str(rootless.cache_home())
+    )
 
 
 class HashingReader(io.RawIOBase):

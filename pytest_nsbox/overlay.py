@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 _OPAQUE_XATTR = "trusted.overlay.opaque"
+# Set by a rootless box helper (zygote_process) in its user namespace: every overlay it mounts
+# there must keep its xattrs in user.overlay.* (trusted.* is out of reach).
+in_user_namespace = False
 
 
 def mount_root(
@@ -34,6 +37,9 @@ def mount_root(
     ``upper`` and ``work`` must share one filesystem, and it may not be an overlay itself.
     ``sources``: where each layer is to be found instead (idmapped mounts of them: userns).
     """
+    if lowers == ["/"] and sources is None and in_user_namespace:
+        _mount_host_root_by_directory(target, upper, work, flags)
+        return
     if sources is not None:
         if len(lowers) > 1 and lowers[-1] == "/":
             sources = [*sources[:-1], _host_root_layer(os.path.dirname(upper), sources[-1])]
@@ -45,11 +51,54 @@ def mount_root(
     # a renamed directory or a chmod is recorded in xattrs that mean nothing outside this
     # overlay, and the upper directory would no longer be a snapshot's exact layer.
     options = f"lowerdir={joined},upperdir={upper},workdir={work},redirect_dir=off,metacopy=off"
-    if sources is not None:
+    if sources is not None or in_user_namespace:
         # In a user namespace the trusted.* xattrs are out of reach: overlay keeps its own
         # (opaque directories) in user.overlay.* instead, and refuses to follow redirects.
         options = options.replace("redirect_dir=off", "redirect_dir=nofollow") + ",userxattr"
     syscalls.mount("nsbox", target, "overlay", flags, options)
+
+
+# Top-level directories of the host that a box never sees: it mounts its own over them.
+_OWN_DIRECTORIES = ("proc", "sys", "dev")
+
+
+def _mount_host_root_by_directory(target: str, upper: str, work: str, flags: int) -> None:
+    """A rootless box of the host's ``/``: one overlay per top-level directory, on a tmpfs.
+
+    Why not one overlay of ``/``: in a user namespace the host's mounts below ``/`` (``/proc``,
+    ``/run/user/...``) are locked to the one above them, and overlay refuses a layer with
+    locked mounts below it (EINVAL, "failed to clone lowerpath"). ``/usr`` or ``/etc`` have
+    none: each gets an overlay of its own, its upper at ``upper/<name>``, so the upper tree is
+    laid out as one overlay's would be (a box's changes read the same). A directory with
+    mounts below it (``/run``, ``/tmp`` on some hosts) stays empty, as it would on a new host.
+    """
+    syscalls.mount("nsbox-root", target, "tmpfs", flags, "mode=0755")
+    for name in sorted(os.listdir("/")):
+        path = f"/{name}"
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            os.symlink(os.readlink(path), f"{target}/{name}")
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            continue
+        os.mkdir(f"{target}/{name}", stat.S_IMODE(info.st_mode))
+        if name in _OWN_DIRECTORIES:
+            continue
+        os.mkdir(f"{upper}/{name}", stat.S_IMODE(info.st_mode))
+        os.mkdir(f"{work}/{name}", 0o755)
+        options = (
+            f"lowerdir={escape_overlay_path(path)},upperdir={upper}/{name},workdir={work}/{name},"
+            "redirect_dir=nofollow,metacopy=off,userxattr"
+        )
+        try:
+            syscalls.mount("nsbox", f"{target}/{name}", "overlay", flags, options)
+        except MountError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EPERM, errno.EACCES):
+                raise
+            os.rmdir(f"{upper}/{name}")  # locked mounts below it, or not ours to read: empty
 
 
 def _host_root_layer(scratch: str, source: str = "/") -> str:

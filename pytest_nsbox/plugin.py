@@ -22,7 +22,14 @@ from .box import Box, before_next_box, forget_hook, stop_all
 from .cgroups import Cgroup
 from .cluster import RESERVED as CLUSTER_RESERVED
 from .cluster import Cluster
-from .errors import ArgumentTypeError, ConfigError, HostUnsupportedError, ImageError, NsboxError
+from .errors import (
+    ArgumentTypeError,
+    ConfigError,
+    HostUnsupportedError,
+    ImageError,
+    NsboxError,
+    RootlessError,
+)
 from .image import load_image, set_progress, split_reference
 from .netpair import NetPair
 from .overlay import OverlayRoot
@@ -379,6 +386,17 @@ def pytest_runtest_makereport(
     are those alive at the failure. A passing test costs a stash look-up.
     """
     test_report = yield
+    if (
+        call.excinfo is not None
+        and call.when in ("setup", "call")
+        and isinstance(call.excinfo.value, RootlessError)
+    ):
+        # An option an ordinary user's boxes cannot have: the test cannot run here, as it
+        # could not on a host without the feature, but it is not the host's fault either, so
+        # --nsbox-strict skips it too, with the reason (README: "Without root").
+        path, line = item.reportinfo()[:2]
+        test_report.outcome = "skipped"
+        test_report.longrepr = (os.fspath(path), (line or 0) + 1, f"nsbox: {call.excinfo.value}")
     if call.when == "call":
         item.stash[CALL_REPORT] = test_report
     if test_report.failed and call.when in ("setup", "call"):

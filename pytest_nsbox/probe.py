@@ -12,7 +12,7 @@ import platform
 import re
 from dataclasses import dataclass
 
-from . import cgroups, devices
+from . import cgroups, devices, rootless
 from .errors import HostUnsupportedError
 
 _CAP_SYS_ADMIN = 21
@@ -92,7 +92,18 @@ def _effective_caps() -> int:
 
 def _check_root() -> Capability:
     if os.geteuid() != 0:
-        return Capability("root", False, f"running as uid {os.geteuid()}; run pytest as root (sudo -E)")
+        blockers = rootless.blockers()
+        if blockers:
+            return Capability(
+                "root",
+                False,
+                f"running as uid {os.geteuid()}, and rootless boxes are blocked: " + "; ".join(blockers),
+            )
+        return Capability(
+            "root",
+            True,
+            f"rootless: uid {os.geteuid()}, boxes in a user namespace ({rootless.id_plan().describe})",
+        )
     if not _effective_caps() & (1 << _CAP_SYS_ADMIN):
         return Capability(
             "root", False, "root without CAP_SYS_ADMIN (an unprivileged container?): run it with --privileged"

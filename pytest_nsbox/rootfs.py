@@ -9,6 +9,7 @@ the host's Python library is out of sight, and a lazy import would fail in the m
 
 from __future__ import annotations
 
+import errno
 import os
 
 from . import capabilities, devices, overlay, syscalls
@@ -223,7 +224,7 @@ def build_root(hint: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]
     #    commands may have. Init keeps all of its own (to start commands as any user, and to
     #    mount the test's tmpfs), which also keeps commands out of it: ptrace, /proc/1/fd and
     #    /proc/1/root need a superset of its capabilities.
-    if not privileged and hint.get("userns"):
+    if not privileged and (hint.get("userns") or overlay.in_user_namespace):
         # A new user namespace starts with a full bounding set, whatever the host's lacks: the
         # zygote's plan (its own sets) would leave those extra capabilities to commands.
         plan = capabilities.capabilities_to_drop(syscalls.last_capability()), syscalls.capability_sets()
@@ -349,13 +350,15 @@ def _build_dev(dev: str) -> None:
             syscalls.mount(f"/dev/{name}", path, None, MS_BIND)
     for name, target in _DEV_LINKS:
         os.symlink(target, f"{dev}/{name}")
-    _mount_dir(
-        "devpts",
-        f"{dev}/pts",
-        "devpts",
-        MS_NOSUID | MS_NOEXEC,
-        "newinstance,ptmxmode=0666,mode=0620,gid=5",
-    )
+    options = "newinstance,ptmxmode=0666,mode=0620"
+    try:
+        _mount_dir("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC, options + ",gid=5")
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        # A rootless box maps one id, or a range without group 5 (tty): devpts refuses a
+        # gid= of an unmapped group, and its terminals keep their owner's group instead.
+        _mount_dir("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC, options)
     _mount_dir("shm", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k")
     _mount_dir("mqueue", f"{dev}/mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 

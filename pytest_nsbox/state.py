@@ -22,9 +22,14 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from . import rootless
 from .errors import StateError, permission_hint
 
-STATE_DIR = Path(os.environ.get("NSBOX_STATE_DIR", "/run/pytest-nsbox"))
+# Root's is shared by every session on the host; an ordinary user's is their own (rootless).
+STATE_DIR = Path(
+    os.environ.get("NSBOX_STATE_DIR")
+    or ("/run/pytest-nsbox" if not rootless.active() else str(rootless.runtime_dir()))
+)
 LOCK_TIMEOUT = 60.0
 
 

@@ -24,6 +24,10 @@ from .errors import ImageError
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
+USER_OPAQUE_XATTR = "user.overlay.opaque"  # the same, for an overlay mounted with userxattr
+# Whether files get the archive's owners. An ordinary user's cache (rootless boxes) cannot:
+# every file is the user's, which is root in their boxes.
+_OWNERS = os.geteuid() == 0
 _XATTR_PAX_PREFIX = "SCHILY.xattr."
 _CHUNK = 1 << 20
 _FREE_SPACE_RESERVE = 64 << 20  # leave this much of the cache's filesystem free
@@ -115,7 +119,7 @@ class LayerExtractor:
         try:
             if name == OPAQUE_MARKER:
                 # The directory hides everything below it in lower layers.
-                os.setxattr(_fd_path(parent), OPAQUE_XATTR, b"y")
+                mark_opaque(_fd_path(parent))
             elif name.startswith(WHITEOUT_PREFIX):
                 # A deletion: overlayfs spells it as a 0:0 character device of the bare name.
                 hidden = name[len(WHITEOUT_PREFIX) :]
@@ -131,6 +135,8 @@ class LayerExtractor:
                 self._set_owner_and_times(parent, name, member)
             elif member.islnk():
                 self._hardlink(parent, name, member)
+            elif (member.ischr() or member.isblk()) and not _OWNERS:
+                pass  # rootless: no device node can be made, and a box has its own /dev
             elif member.ischr() or member.isblk() or member.isfifo():
                 self._clear(parent, name, member.name, keep_dir=False)
                 kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK if member.isblk() else stat.S_IFIFO
@@ -250,7 +256,8 @@ class LayerExtractor:
                     f"{self.what}: member {member.name!r} is cut short; the archive is truncated"
                 )
             self.budget -= written
-            os.fchown(fd, member.uid, member.gid)
+            if _OWNERS:
+                os.fchown(fd, member.uid, member.gid)
             os.fchmod(fd, member.mode & 0o7777)  # after chown, which clears setuid/setgid
             for key, value in _xattrs(member):
                 try:
@@ -290,7 +297,8 @@ class LayerExtractor:
     def _set_owner_and_times(
         self, parent: int, name: str, member: tarfile.TarInfo, mode: bool = False
     ) -> None:
-        os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
+        if _OWNERS:
+            os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
         if mode:
             os.chmod(name, member.mode & 0o7777, dir_fd=parent)  # after chown, which clears setuid
         path = f"{_fd_path(parent)}/{name}"
@@ -320,6 +328,18 @@ class StrictTarInfo(tarfile.TarInfo):
             raise ImageError(
                 f"the archive is cut short or damaged at byte {tarfile_.offset} ({exc}): export it again"
             ) from exc
+
+
+def mark_opaque(path: str) -> None:
+    """Mark a cached layer's directory opaque for every overlay that may stack it.
+
+    Why two xattrs: overlay reads ``trusted.overlay.opaque`` when mounted by the host's root,
+    and ``user.overlay.opaque`` when mounted in a user namespace (``userxattr``: a ``userns``
+    box, or any box of an ordinary user, who cannot set ``trusted.*`` at all).
+    """
+    if os.geteuid() == 0:
+        os.setxattr(path, OPAQUE_XATTR, b"y")
+    os.setxattr(path, USER_OPAQUE_XATTR, b"y")
 
 
 def _xattr_failed(exc: OSError, key: str, member: tarfile.TarInfo) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import cgroups, channel, rootfs
+from . import cgroups, channel, rootfs, rootless
 from .errors import BoxError, ConfigError, HostUnsupportedError
 
 START_TIMEOUT = 30.0
@@ -78,6 +78,7 @@ class Zygote:
                 str(os.getpid()),
                 pdeathsig,
                 json.dumps(cgroups.helper_plan()),
+                *(["rootless"] if rootless.active() else []),
             ],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
@@ -88,6 +89,8 @@ class Zygote:
         )
         theirs.close()
         self._sock = ours
+        if rootless.active():
+            self._map_ids()
         self._lock = threading.Lock()
         self.owner_pid = os.getpid()
         self._sequence = 0
@@ -101,6 +104,30 @@ class Zygote:
         self._mount_poller = select.poll()
         self._mount_poller.register(self._mountinfo, select.POLLPRI)
         self._note_mounts()
+
+    def _map_ids(self) -> None:
+        """Rootless: write the id maps of the user namespace the helper has just made, then
+        let it go on (``zygote_process._enter_user_namespace``)."""
+        try:
+            message = None
+            if channel.wait_readable(self._sock, START_TIMEOUT):
+                message, _fds = channel.recv(self._sock)
+            state = (message or {}).get("userns")
+            if isinstance(state, dict):
+                raise HostUnsupportedError(
+                    rootless.unshare_refused(int(state["errno"]), str(state["strerror"]))
+                )
+            if state != "made":
+                raise BoxError(
+                    f"the nsbox zygote (pid {self.pid}) did not start: {self.log() or 'no answer'}"
+                )
+            rootless.map_ids(self.pid, rootless.id_plan())
+            channel.send(self._sock, {"go": True})
+        except BaseException:
+            self._sock.close()  # EOF: the helper exits
+            self.process.wait()
+            os.close(self._log)
+            raise
 
     @property
     def pid(self) -> int:

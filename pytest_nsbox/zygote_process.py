@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 
-from . import channel, devices, init, rtnl, syscalls
+from . import channel, devices, init, overlay, rtnl, syscalls
 from .errors import permission_hint
 from .syscalls import (
     CLONE_NEWIPC,
@@ -44,8 +44,9 @@ USERNS_SIZE = 65536  # ids a box's user namespace maps (idmap.RANGE_SIZE, which 
 
 
 def main(argv: list[str]) -> None:
-    """Entry point: ``FD PARENT_PID PDEATHSIG CGROUP_PLAN_JSON`` (see ``zygote.Zygote``)."""
+    """Entry point: ``FD PARENT_PID PDEATHSIG CGROUP_PLAN_JSON [rootless]`` (see ``zygote.Zygote``)."""
     fd, parent, pdeathsig = int(argv[1]), int(argv[2]), argv[3] == "1"
+    rootless = len(argv) > 5 and argv[5] == "rootless"
     global _plan
     _plan = Plan(json.loads(argv[4]) if len(argv) > 4 else {})
     # Its command line names the host's interpreter and cgroup paths, its environment is what
@@ -61,8 +62,39 @@ def main(argv: list[str]) -> None:
         syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before the line above: nobody to serve
             os._exit(0)
+    sock = socket.socket(fileno=fd)
+    if rootless:
+        _enter_user_namespace(sock)
     syscalls.release_free_heap()  # before the first fork: every box would carry it
-    _serve(socket.socket(fileno=fd))
+    _serve(sock)
+
+
+def _enter_user_namespace(sock: socket.socket) -> None:
+    """Rootless: make our user namespace, have the host write its id maps (it may run the
+    setuid ``newuidmap``; we, inside, no longer could), and become its root. Every namespace
+    a box is born in is then owned by it, so this process may make them, mount in them and
+    own their files, with no right over the host's.
+    """
+    try:
+        syscalls.unshare(CLONE_NEWUSER)
+    except OSError as exc:
+        channel.send(sock, {"userns": {"errno": exc.errno, "strerror": exc.strerror or str(exc)}})
+        os._exit(0)
+    channel.send(sock, {"userns": "made"})
+    message, _fds = channel.recv(sock)
+    if not message or message.get("go") is not True:
+        os._exit(0)  # the host could not map our ids: it says why
+    try:
+        os.setgroups([])
+    except OSError:
+        pass  # one id mapped: setgroups is denied, and we have no other group anyway
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    # A change of ids makes a process undumpable, and its /proc files root's of the host's
+    # namespace: set_process_name of every box writes /proc/self/mem.
+    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)
+    # Overlay in a user namespace keeps its own xattrs (opaque directories) in user.overlay.*.
+    overlay.in_user_namespace = True
 
 
 class Plan:

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import CgroupError, ConfigError
+from .. import rootless
+from ..errors import CgroupError, ConfigError, RootlessError
 from ..spec import IO_CAPS, LIMITS, parse_limits
-from .base import NAME_PREFIX, CgroupStats, Driver, parse_keyed
+from .base import NAME_PREFIX, CgroupStats, Driver, own_cgroup, parse_keyed
 from .v1 import V1Driver, mounted_controllers
 from .v2 import V2Driver
 
@@ -29,18 +30,62 @@ __all__ = [
     "flush_pending",
     "helper_plan",
     "release",
+    "unavailable",
 ]
 
 
 @functools.cache
 def driver() -> Driver | None:
-    """The cgroup driver of this host, detected once; None where there are no cgroups."""
+    """The cgroup driver of this host, detected once; None where there are no cgroups (or
+    none an ordinary user may use: ``unavailable()`` says why)."""
     hierarchies = mounted_controllers()
     if "pids" in hierarchies or "memory" in hierarchies:
-        return V1Driver(hierarchies)
+        return None if rootless.active() else V1Driver(hierarchies)
     if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        if rootless.active():
+            nest = delegated_nest()
+            return V2Driver(nest=nest) if nest is not None else None
         return V2Driver()
     return None
+
+
+def unavailable() -> str:
+    """Why ``driver()`` is None: what is missing, and what would give boxes cgroups."""
+    if rootless.active():
+        if "pids" in mounted_controllers() or "memory" in mounted_controllers():
+            return (
+                "this host uses cgroup v1, whose hierarchies cannot be handed to an ordinary user: "
+                "limits, pause and io stats of rootless boxes need cgroup v2 with a delegated "
+                "subtree, or pytest run as root"
+            )
+        if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            own = own_cgroup(None)
+            return (
+                f"rootless boxes get cgroups only in a cgroup v2 subtree delegated to uid {os.getuid()}, "
+                f"and this process's cgroup ({own}) is not writable by it: run pytest in one, e.g. "
+                "`systemd-run --user --scope -p Delegate=yes pytest ...`"
+            )
+    return (
+        "this host has no usable cgroups (no v1 pids or memory hierarchy, no cgroup v2); see `nsbox doctor`"
+    )
+
+
+def delegated_nest() -> Path | None:
+    """Where an ordinary user's box cgroups may go: beside our own cgroup when its parent is
+    delegated to us too (systemd's ``Delegate=yes`` units), else below our own cgroup when
+    only it is (our processes then move into a leaf of it). None: neither is writable."""
+    root = Path("/sys/fs/cgroup")
+    own = root / own_cgroup(None).lstrip("/")
+    for candidate in (own.parent, own):
+        if candidate != root and _writable(candidate):
+            return candidate
+    return None
+
+
+def _writable(directory: Path) -> bool:
+    return all(
+        os.access(directory / name, os.W_OK) for name in ("cgroup.procs", "cgroup.subtree_control")
+    ) and os.access(directory, os.W_OK)
 
 
 def helper_plan() -> dict[str, Any]:
@@ -175,6 +220,8 @@ class Cgroup:
         if self.closed:
             raise CgroupError(f"cgroup {self.name} belongs to a stopped box; {what} needs a running one")
         if self.driver is None:
+            if rootless.active():
+                raise RootlessError(f"{what} needs cgroups: {unavailable()}")
             raise CgroupError(f"{what} needs cgroups; this host has none usable (see `nsbox doctor`)")
 
     def remove(self) -> bool:

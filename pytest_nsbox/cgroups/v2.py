@@ -78,13 +78,14 @@ class V2Driver:
 
     version = "v2"
 
-    def __init__(self, root: Path = Path("/sys/fs/cgroup")) -> None:
+    def __init__(self, root: Path = Path("/sys/fs/cgroup"), nest: Path | None = None) -> None:
         self.root = root
-        own = root / own_cgroup(None).lstrip("/")
+        self.own = root / own_cgroup(None).lstrip("/")
         # Our own cgroup holds processes (pytest), so it may not delegate controllers to
         # children ("no internal processes"): nest beside it, in its parent, unless we are at
-        # the root of our view (a container's cgroup namespace, or the real root).
-        self.nest = own if own == root else own.parent
+        # the root of our view (a container's cgroup namespace, or the real root). An ordinary
+        # user's ``nest`` is the subtree delegated to them (``cgroups.delegated_nest``).
+        self.nest = nest if nest is not None else self.own if self.own == root else self.own.parent
         self.parent = self.nest / PARENT_NAME
         self._ready = False
 
@@ -107,15 +108,15 @@ class V2Driver:
         if not missing:
             return
         if (
-            directory == self.root
-            and (directory / "cgroup.type").exists()
-            and read(directory / "cgroup.procs").strip()
-        ):
+            (directory == self.root and (directory / "cgroup.type").exists())
+            or self.root != directory == self.own
+        ) and read(directory / "cgroup.procs").strip():
             # The root of a container's cgroup namespace (the real root has no cgroup.type)
             # holds the container's processes, and a cgroup with processes may not delegate
             # domain controllers. Move them into a leaf first, as Docker-in-Docker entrypoints
             # do. (Enabling threaded pids first would even succeed, and then turn the root
-            # "domain threaded", refusing memory for good.)
+            # "domain threaded", refusing memory for good.) The same for an ordinary user's
+            # own cgroup, when only it is delegated to them (``nest``).
             self._move_processes_to_leaf(directory)
         for controller in missing:
             try:

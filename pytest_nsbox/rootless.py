@@ -1,0 +1,217 @@
+"""Boxes without root: the box helper in a user namespace of the user who runs pytest.
+
+When pytest runs as an ordinary user, the helper (``zygote``) makes a user namespace as it
+starts, in which it is root with every capability over what that namespace owns: the mount,
+pid, uts, ipc, net and time namespaces of every box it forks. The host's kernel still sees
+the user's own ids, so a box can do no more on the host than the user could.
+
+Which ids the namespace maps (``IdPlan``):
+
+- the user's subordinate range from ``/etc/subuid`` and ``/etc/subgid``, written by the
+  setuid helpers ``newuidmap``/``newgidmap`` (Debian's ``uidmap`` package): root in the box
+  is the user, and ids 1..65535 are the range's, so ``su``, ``chown`` and apt's ``_apt``
+  work in a box;
+- otherwise the user's own id alone, which the user may map without help: root in the box is
+  the user, and no other id exists there (``chown`` to another user fails, as in
+  ``unshare --map-root-user``).
+
+Where things go: the image cache under ``$XDG_CACHE_HOME`` (``~/.cache``), the state under
+``$XDG_RUNTIME_DIR`` (``/run/user/UID``; a private directory in ``/tmp`` without one).
+
+Why this module imports nothing of the package but ``errors``: ``state`` and ``layers`` ask
+it where their directories are, and the plugin asks it what this host lacks.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import HostUnsupportedError
+
+RANGE_SIZE = 65536  # ids a rootless box maps when the user has a subordinate range
+
+
+def active() -> bool:
+    """Whether boxes are made rootless: pytest is not root."""
+    return os.geteuid() != 0
+
+
+@dataclass(frozen=True)
+class IdPlan:
+    """How the helper's user namespace maps ids: ``(inside, outside, count)`` lines."""
+
+    uid_lines: tuple[tuple[int, int, int], ...]
+    gid_lines: tuple[tuple[int, int, int], ...]
+    helpers: bool  # written by newuidmap/newgidmap (a subordinate range), not by ourselves
+
+    @property
+    def describe(self) -> str:
+        if self.helpers:
+            start, count = self.uid_lines[1][1], self.uid_lines[1][2]
+            return f"root is uid {os.geteuid()}, ids 1-{count} are {start}-{start + count - 1} (/etc/subuid)"
+        return f"root is uid {os.geteuid()}, no other id (no /etc/subuid range, or no newuidmap)"
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return ""
+
+
+def subordinate_range(kind: str, path: str | None = None) -> tuple[int, int] | None:
+    """The first range of ``/etc/sub{kind}`` (kind "uid" or "gid") for this user, by name or
+    by number, of at least ``RANGE_SIZE - 1`` ids: ``(start, count)``, or None."""
+    names = {_user_name(), str(os.getuid())} - {""}
+    try:
+        with open(path or f"/etc/sub{kind}") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.strip().split(":")
+        if len(fields) != 3 or fields[0] not in names:
+            continue
+        try:
+            start, count = int(fields[1]), int(fields[2])
+        except ValueError:
+            continue
+        if start > 0 and count >= RANGE_SIZE - 1:
+            return start, RANGE_SIZE - 1
+    return None
+
+
+def id_plan() -> IdPlan:
+    """The subordinate ranges through newuidmap/newgidmap when the user has both and the
+    programs are installed; the user's own ids otherwise."""
+    uid, gid = os.geteuid(), os.getegid()
+    uids, gids = subordinate_range("uid"), subordinate_range("gid")
+    if uids and gids and shutil.which("newuidmap") and shutil.which("newgidmap"):
+        return IdPlan(((0, uid, 1), (1, *uids)), ((0, gid, 1), (1, *gids)), helpers=True)
+    return IdPlan(((0, uid, 1),), ((0, gid, 1),), helpers=False)
+
+
+def map_ids(pid: int, plan: IdPlan) -> None:
+    """Write the id maps of process ``pid``, which has just made its user namespace."""
+    if plan.helpers:
+        for program, lines in (("newuidmap", plan.uid_lines), ("newgidmap", plan.gid_lines)):
+            argv = [program, str(pid)] + [str(n) for line in lines for n in line]
+            result = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                why = result.stderr.strip() or f"exit status {result.returncode}"
+                raise HostUnsupportedError(
+                    f"rootless boxes: `{' '.join(argv)}` failed: {why}; "
+                    "check this user's lines in /etc/subuid and /etc/subgid, or remove them to map "
+                    "your own id alone"
+                )
+        return
+    try:
+        # An unprivileged process may map its own ids only, and a group map only once the
+        # namespace may no longer call setgroups (which could drop a group that denies access).
+        _write(f"/proc/{pid}/setgroups", "deny")
+        _write(f"/proc/{pid}/uid_map", "".join(f"{a} {b} {c}\n" for a, b, c in plan.uid_lines))
+        _write(f"/proc/{pid}/gid_map", "".join(f"{a} {b} {c}\n" for a, b, c in plan.gid_lines))
+    except OSError as exc:
+        raise HostUnsupportedError(
+            f"rootless boxes: cannot write the id maps of the box helper (pid {pid}): {exc}"
+        ) from exc
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+def cache_home() -> Path:
+    """``$XDG_CACHE_HOME/pytest-nsbox`` (``~/.cache/pytest-nsbox``): the user's image cache."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pytest-nsbox"
+
+
+def runtime_dir() -> Path:
+    """``$XDG_RUNTIME_DIR/pytest-nsbox``: the user's state (leases, locks), gone at logout;
+    ``/tmp/pytest-nsbox-UID`` without a runtime directory (a CI job, ``su``)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base) and os.access(base, os.W_OK):
+        return Path(base) / "pytest-nsbox"
+    return Path(f"/tmp/pytest-nsbox-{os.getuid()}")
+
+
+# Sysctls that keep an ordinary user from making a user namespace, and the fix for each.
+_SYSCTLS = (
+    (
+        "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+        lambda v: v == "1",
+        "AppArmor restricts unprivileged user namespaces (Ubuntu 23.10+): "
+        "`sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0`, or an AppArmor profile "
+        "allowing `userns` for this Python",
+    ),
+    (
+        "/proc/sys/user/max_user_namespaces",
+        lambda v: v == "0",
+        "user namespaces are switched off (user.max_user_namespaces=0): "
+        "`sudo sysctl user.max_user_namespaces=15000`",
+    ),
+    (
+        "/proc/sys/kernel/unprivileged_userns_clone",
+        lambda v: v == "0",
+        "unprivileged user namespaces are switched off (Debian's kernel.unprivileged_userns_clone=0): "
+        "`sudo sysctl kernel.unprivileged_userns_clone=1`",
+    ),
+)
+
+
+def blockers() -> list[str]:
+    """What on this host keeps an ordinary user from making boxes, each with its fix; empty
+    when nothing is known to. A seccomp profile that forbids ``unshare`` (a container's) shows
+    only when trying: ``unshare_refused`` words that."""
+    found = []
+    for path, blocks, fix in _SYSCTLS:
+        try:
+            with open(path) as handle:
+                value = handle.read().strip()
+        except OSError:
+            continue
+        if blocks(value):
+            found.append(fix)
+    if not os.path.exists("/proc/self/ns/user"):
+        found.append("the kernel has no user namespaces (CONFIG_USER_NS): a kernel with them, or run as root")
+    return found
+
+
+def unshare_refused(err: int, strerror: str) -> str:
+    """Why the helper could not make its user namespace, and what to do."""
+    known = blockers()
+    if known:
+        return "rootless boxes: cannot make a user namespace: " + "; ".join(known)
+    if err == 1:  # EPERM with no sysctl to blame: a seccomp filter (a container's profile)
+        return (
+            f"rootless boxes: unshare(CLONE_NEWUSER) was refused ({strerror}): a seccomp profile "
+            "forbids it here (a container's default?); run the container with a profile that "
+            "allows unshare (podman/docker --security-opt seccomp=unconfined), or run pytest as root"
+        )
+    if err == 28:  # ENOSPC: the per-user count of user namespaces
+        return (
+            f"rootless boxes: unshare(CLONE_NEWUSER) failed ({strerror}): this user has as many user "
+            "namespaces as user.max_user_namespaces allows; raise it with sysctl"
+        )
+    return f"rootless boxes: unshare(CLONE_NEWUSER) failed ({strerror})"
+
+
+__all__ = [
+    "RANGE_SIZE",
+    "IdPlan",
+    "active",
+    "blockers",
+    "cache_home",
+    "id_plan",
+    "map_ids",
+    "runtime_dir",
+    "subordinate_range",
+    "unshare_refused",
+]
