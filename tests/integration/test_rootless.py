@@ -80,7 +80,6 @@ def run_unprivileged(home: Path, source: str, *args: str) -> subprocess.Complete
     runtime = home / "run"
     runtime.mkdir(mode=0o700, exist_ok=True)
     os.chown(runtime, NOBODY, NOBODY)
-    bootstrap = "import site, sys; site.addsitedir(sys.argv.pop(1)); import pytest; sys.exit(pytest.main(sys.argv[1:]))"
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
         "HOME": str(home),
@@ -88,9 +87,16 @@ def run_unprivileged(home: Path, source: str, *args: str) -> subprocess.Complete
         "XDG_CACHE_HOME": str(home / "cache"),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", python, "-c", bootstrap]
-    argv += [sysconfig.get_paths()["purelib"], "-p", "no:cacheprovider", "-q", "-rs", *args, str(home)]
+    argv = [*_as_nobody(python, "import pytest; sys.exit(pytest.main(sys.argv[1:]))")]
+    argv += ["-p", "no:cacheprovider", "-q", "-rs", *args, str(home)]
     return subprocess.run(argv, capture_output=True, text=True, cwd=home, env=env, timeout=240)
+
+
+def _as_nobody(python: str, code: str) -> list[str]:
+    """argv running ``code`` as ``nobody`` with our site directory's packages."""
+    bootstrap = f"import site, sys; site.addsitedir(sys.argv.pop(1)); {code}"
+    setpriv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    return [*setpriv, python, "-c", bootstrap, sysconfig.get_paths()["purelib"]]
 
 
 def _passed(result: subprocess.CompletedProcess[str], count: int) -> str:
@@ -217,16 +223,7 @@ def test_limits_on_a_cgroup_v1_host_skip_naming_v1(home: Path) -> None:
 def test_nsbox_doctor_says_boxes_are_rootless(home: Path) -> None:
     python = _system_python()
     result = subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups",
-            python,
-            "-c",
-            "import site, sys; site.addsitedir(sys.argv[1]); from pytest_nsbox.cli import main; sys.exit(main(['doctor']))",
-            sysconfig.get_paths()["purelib"],
-        ],
+        _as_nobody(python, "from pytest_nsbox.cli import main; sys.exit(main(['doctor']))"),
         capture_output=True,
         text=True,
         cwd=home,
