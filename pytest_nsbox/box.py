@@ -1460,6 +1460,11 @@ def _refuse_what_rootless_lacks(box_id: str, spec: BoxSpec) -> None:
             "which the kernel allows only with CAP_SYS_ADMIN over the host's user namespace",
         ),
         "disks": (bool(spec.disks), "a disk is a loop device, and only root may attach one"),
+        "clock": (
+            bool(spec.clock),
+            "the box helper could make the time namespace but not go back to the host's "
+            "(setns needs CAP_SYS_ADMIN over the host's user namespace)",
+        ),
         "devices": (
             bool(spec.devices),
             "a device node cannot be made in a user namespace, nor a device allowlist set without "

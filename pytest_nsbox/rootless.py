@@ -34,6 +34,10 @@ from pathlib import Path
 from .errors import HostUnsupportedError
 
 RANGE_SIZE = 65536  # ids a rootless box maps when the user has a subordinate range
+NO_BRIDGE = (
+    "{what} needs a bridge and veths in the host's network namespace, which an ordinary user "
+    f"cannot change (pytest runs as uid {os.getuid()}, rootless); run pytest as root for it"
+)
 
 
 def active() -> bool:

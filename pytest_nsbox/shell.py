@@ -97,7 +97,10 @@ def enter(
                 for fd in namespaces:
                     syscalls.setns(fd, 0)
                 if userns:
-                    os.setgroups([])
+                    try:
+                        os.setgroups([])
+                    except PermissionError:
+                        pass  # a rootless box of one id: setgroups is denied, and no group is held
                     os.setresgid(0, 0, 0)
                     os.setresuid(0, 0, 0)
                 shell_pid = os.fork()  # only a child is born in the pid namespace just joined

@@ -10,6 +10,7 @@ import time
 import psutil
 import pytest
 from cleanup import box_dm_devices, box_loop_devices
+from rootless_skips import reason_for
 
 from pytest_nsbox import cgroups, live_boxes, network, probe, state, zygote
 from pytest_nsbox.network import bridge, pool
@@ -26,11 +27,24 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "requires(*capabilities): skip unless this host has them: root, boxes")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A rootless run skips what cannot work without root, each with its reason (``rootless_skips``)."""
+    if os.geteuid() == 0:
+        return
+    for item in items:
+        reason = reason_for(str(item.path), item.name)
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=f"rootless: {reason}"))
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     marker = item.get_closest_marker("requires")
     if marker is None:
         return
     missing = [name for name in marker.args if not _CAPABILITY_CHECKS[name]()]
+    if missing == ["root"] and probe.capabilities() and not probe.missing():
+        # A rootless run: this test does what only root may on the host; it cannot fail here.
+        pytest.skip("rootless: needs root on the host itself (not only in its boxes)")
     if missing:
         reason = f"needs {', '.join(missing)}"
         if missing == ["boxes"] or "boxes" in missing:

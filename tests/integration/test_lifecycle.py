@@ -173,10 +173,21 @@ def test_an_owner_killed_at_any_moment_leaves_no_cgroup_and_no_helper(tmp_path: 
     # Other processes' boxes (xdist workers) come and go meanwhile; a leak is a cgroup that
     # stays empty.
     leaked = _empty_cgroups() - before
-    if leaked:
-        time.sleep(1)
+    deadline = time.monotonic() + 5
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.1)
         leaked &= _empty_cgroups()
-    assert leaked == set()
+    assert leaked == set(), _describe(leaked)
+
+
+def _describe(names: set[str]) -> str:
+    """Where each left cgroup is and how old it is, for the failure report."""
+    backend = cgroups.driver()
+    lines = []
+    for path in backend.existing() if backend else []:
+        if path.name in names:
+            lines.append(f"{path}: made {time.time() - path.stat().st_mtime:.1f}s ago")
+    return "box cgroups left empty:\n" + "\n".join(lines)
 
 
 def _empty_cgroups() -> set[str]:

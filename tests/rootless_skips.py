@@ -1,0 +1,91 @@
+"""What of this suite cannot run rootless (pytest as an ordinary user), and why.
+
+The rootless run (``.ci/rootless``) skips these with their reason, under ``--nsbox-strict``
+too; everything else must pass there. A test that raises ``RootlessError`` skips by itself
+(the plugin does that), so what is listed here is what fails some other way: a test that
+itself does what only root may (mount, make a bridge, read another user's files), or that
+writes where a rootless box of the host's root cannot.
+
+Keys are a test file's name, or ``file::test`` for one test of it.
+"""
+
+from __future__ import annotations
+
+# Why a box of the host's root cannot write its system directories rootless: their files
+# belong to the host's root, which is no id in the user's namespace, so root in the box has
+# no right over them (README: "Without root").
+HOST_ROOT_WRITES = (
+    "writes into the system directories of a box of the host's root, whose files belong to the "
+    "host's root, unmapped in a rootless box's user namespace"
+)
+BRIDGES = "needs bridges and veths in the host's network namespace, which only root may change"
+HOST_MOUNTS = "mounts filesystems on the host itself, which only root may"
+IDMAPPED = (
+    "checks userns=True's idmapped id ranges, which are root's to lease; every rootless box is in "
+    "a user namespace already (test_rootless.py)"
+)
+NO_CGROUPS = (
+    "needs box cgroups (freezer, limits), which a rootless run has only in a delegated cgroup v2 subtree"
+)
+
+SKIPS: dict[str, str] = {
+    # The README's samples and the examples change system files of the host's root.
+    "test_readme.py": HOST_ROOT_WRITES,
+    "test_examples.py": HOST_ROOT_WRITES,
+    "test_isolation.py": HOST_ROOT_WRITES,
+    "test_files.py": HOST_ROOT_WRITES,
+    "test_report.py": HOST_ROOT_WRITES,
+    "test_waits.py": HOST_ROOT_WRITES,
+    "test_plugin_hooks.py": HOST_ROOT_WRITES,
+    "test_plugin_report.py": HOST_ROOT_WRITES,
+    "test_plugin_scopes.py": HOST_ROOT_WRITES,
+    "test_plugin_templates.py": HOST_ROOT_WRITES,
+    "test_snapshot.py": HOST_ROOT_WRITES,
+    "test_image_save.py": HOST_ROOT_WRITES,
+    "test_keep.py": HOST_ROOT_WRITES,
+    "test_devices.py": (
+        "checks device nodes and setuid programs of a box of the host's root; in a user namespace no "
+        "device node can be made, and the host's files are not the box's"
+    ),
+    "test_hardening.py": (
+        "checks what a privileged box of the host may do (mknod, every capability, unmasked /proc), "
+        "which a user namespace never allows"
+    ),
+    "test_exec.py::test_not_executable_is_explained": HOST_ROOT_WRITES,
+    "test_images.py": (
+        "checks exact owners and device nodes of unpacked layers, which an ordinary user's cache "
+        "cannot hold (its files are the user's)"
+    ),
+    "test_lifecycle.py::test_an_image_on_a_filesystem_mounted_after_the_helper_started": HOST_MOUNTS,
+    "test_image_tools.py": "runs podman, skopeo and buildah with a private store kept as root",
+    # Networking.
+    "test_network.py": BRIDGES,
+    "test_network_prebuilt.py": BRIDGES,
+    "test_network_xdist.py": BRIDGES,
+    "test_cluster.py": BRIDGES,
+    "test_cluster_links.py": BRIDGES,
+    "test_plugin_cluster.py": BRIDGES,
+    "test_replicated_kv.py": BRIDGES,
+    "test_gc.py": "makes and removes bridges of its own on the host, which only root may",
+    "test_crash.py": "kills pytest holding a bridged, cgroup-limited box: " + BRIDGES,
+    "test_disks.py": "attaches loop devices, which only root may",
+    "test_userns.py": IDMAPPED,
+    "test_plugin_userns.py": IDMAPPED,
+    "test_pause.py": NO_CGROUPS,
+    "test_clock.py": "clock= boxes are refused rootless (RootlessError); these check their offsets",
+    "test_plugin_clock.py": "clock= boxes are refused rootless (RootlessError); these check their offsets",
+    # Unit tests that mount, or change capabilities, on the host.
+    "test_overlay.py": HOST_MOUNTS,
+    "test_syscalls.py::test_mount_on_a_missing_target_raises_mount_error_naming_it": HOST_MOUNTS,
+    "test_syscalls.py::test_mount_of_an_unknown_filesystem_type_hints_at_modprobe": HOST_MOUNTS,
+    "test_syscalls.py::test_set_capability_sets_changes_the_inheritable_set": "changes capabilities root holds",
+    "test_syscalls.py::test_drop_from_bounding_set_drops_for_good": "changes capabilities root holds",
+    "test_init_helpers.py": HOST_MOUNTS,
+    "test_shell_helpers.py::test_a_pty_pair_from_a_devpts": "opens the host's devpts as root would",
+}
+
+
+def reason_for(path: str, name: str) -> str | None:
+    """Why the test ``name`` of file ``path`` cannot run rootless, or None."""
+    base = path.rsplit("/", 1)[-1]
+    return SKIPS.get(f"{base}::{name.split('[', 1)[0]}") or SKIPS.get(base)
