@@ -27,6 +27,7 @@ IDMAPPED = (
 NO_CGROUPS = (
     "needs box cgroups (freezer, limits), which a rootless run has only in a delegated cgroup v2 subtree"
 )
+CAPABILITIES = "changes capabilities root holds"
 
 SKIPS: dict[str, str] = {
     # The README's samples and the examples change system files of the host's root.
@@ -78,8 +79,8 @@ SKIPS: dict[str, str] = {
     "test_overlay.py": HOST_MOUNTS,
     "test_syscalls.py::test_mount_on_a_missing_target_raises_mount_error_naming_it": HOST_MOUNTS,
     "test_syscalls.py::test_mount_of_an_unknown_filesystem_type_hints_at_modprobe": HOST_MOUNTS,
-    "test_syscalls.py::test_set_capability_sets_changes_the_inheritable_set": "changes capabilities root holds",
-    "test_syscalls.py::test_drop_from_bounding_set_drops_for_good": "changes capabilities root holds",
+    "test_syscalls.py::test_set_capability_sets_changes_the_inheritable_set": CAPABILITIES,
+    "test_syscalls.py::test_drop_from_bounding_set_drops_for_good": CAPABILITIES,
     "test_init_helpers.py": HOST_MOUNTS,
     "test_shell_helpers.py::test_a_pty_pair_from_a_devpts": "opens the host's devpts as root would",
 }
