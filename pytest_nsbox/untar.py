@@ -331,15 +331,15 @@ class StrictTarInfo(tarfile.TarInfo):
 
 
 def mark_opaque(path: str) -> None:
-    """Mark a cached layer's directory opaque for every overlay that may stack it.
+    """Mark a cached layer's directory opaque for the overlays that stack it.
 
-    Why two xattrs: overlay reads ``trusted.overlay.opaque`` when mounted by the host's root,
-    and ``user.overlay.opaque`` when mounted in a user namespace (``userxattr``: a ``userns``
-    box, or any box of an ordinary user, who cannot set ``trusted.*`` at all).
+    Root's cache gets ``trusted.overlay.opaque``, which overlay reads when the host's root
+    mounts it. An ordinary user's (rootless boxes) gets ``user.overlay.opaque``: the user cannot
+    set ``trusted.*``, and their boxes mount overlay in a user namespace (``userxattr``), which
+    reads ``user.overlay.*`` only. Why not both in root's cache: a box of the host's root would
+    see the ``user.*`` mark as an ordinary attribute of the directory (and its snapshots keep it).
     """
-    if os.geteuid() == 0:
-        os.setxattr(path, OPAQUE_XATTR, b"y")
-    os.setxattr(path, USER_OPAQUE_XATTR, b"y")
+    os.setxattr(path, OPAQUE_XATTR if os.geteuid() == 0 else USER_OPAQUE_XATTR, b"y")
 
 
 def _xattr_failed(exc: OSError, key: str, member: tarfile.TarInfo) -> None:
