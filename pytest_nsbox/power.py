@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 import signal
 
+from . import cgroups, rootless
 from .cgroups import Cgroup
-from .errors import BoxError, CgroupError
+from .errors import BoxError, CgroupError, RootlessError
 
 PAUSED_HINT = "resume() it first, or use `with box.paused():` around what must happen while it is paused"
 
@@ -30,6 +31,10 @@ def paused_error(box_id: str, what: str) -> BoxError:
 def freeze(cgroup: Cgroup, box_id: str) -> None:
     """Freeze the box's cgroup; a clear ``BoxError`` where the host has no freezer."""
     if cgroup.driver is None:
+        if rootless.active():
+            raise RootlessError(
+                f"box {box_id} cannot be paused: pausing needs a cgroup freezer: {cgroups.unavailable()}"
+            )
         raise BoxError(
             f"box {box_id} cannot be paused: this host has no usable cgroups, so no freezer "
             "(see the `freezer` line of `nsbox doctor`)"

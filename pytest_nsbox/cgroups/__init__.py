@@ -150,6 +150,8 @@ class Cgroup:
         if self.closed:
             raise CgroupError(f"cgroup {self.name} belongs to a stopped box; limits can no longer be set")
         if self.driver is None:
+            if rootless.active():
+                raise RootlessError(f"limits need cgroups: {unavailable()}")
             raise CgroupError("this host has no usable cgroups, so limits cannot be set (see `nsbox doctor`)")
         self.driver.apply(self.dirs, parsed, self.block_devices)
         return self

@@ -9,11 +9,11 @@ import time
 import pytest
 
 from pytest_nsbox import Box, CgroupError, ConfigError, report
-from pytest_nsbox.cgroups import driver
+from pytest_nsbox.cgroups import driver, unavailable
 
 pytestmark = pytest.mark.requires("boxes")
 
-needs_cgroups = pytest.mark.skipif(driver() is None, reason="this host has no usable cgroups")
+needs_cgroups = pytest.mark.skipif(driver() is None, reason=unavailable())
 
 
 @needs_cgroups

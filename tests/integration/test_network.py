@@ -609,6 +609,8 @@ def _nft_nat_missing() -> str | None:
     has the ip family (Debian's user-mode-linux kernel has only the bridge family)."""
     if shutil.which("nft") is None:
         return "nat=True needs the nft program (nftables)"
+    if os.geteuid() != 0:
+        return "rootless: nat=True needs root (its rules live in the host's network namespace)"
     probe = subprocess.run(
         ["unshare", "--net", "nft", "add", "table", "ip", "nsbox_probe"], capture_output=True, text=True
     )
