@@ -7,7 +7,7 @@ Run from the repository root, as root, after ``benchmarks/setup.sh``::
     python benchmarks/run.py --only lifecycle scale --json out.json
 
 Sections (``--only`` takes these names), in the order they run: lifecycle, run, server, costs,
-cluster, scale, image, workload, prepared.
+rootless, cluster, scale, image, workload, prepared.
 Each prints a table of medians, p95s and ratios measured in the same run, interleaved; the
 targets the project set itself are printed last. See benchmarks/README.md for how to read it.
 Exit status: 0, or 1 if a section failed (a peer that cannot run is a note, not a failure) or
@@ -33,6 +33,7 @@ import images
 import lifecycle
 import prepared
 import psutil
+import rootless
 import scale
 import workload
 from context import Context
@@ -47,6 +48,7 @@ SECTIONS: dict[str, SectionRun] = {
     "run": features.run_round_trip,
     "server": features.server,
     "costs": features.costs,
+    "rootless": rootless.run,
     "cluster": cluster.run,
     # Before image and workload: a row of boxes measures drift, and those two leave the kernel
     # freeing and writing back a gigabyte or so for a while after they end.
