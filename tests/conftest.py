@@ -31,8 +31,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """A rootless run skips what cannot work without root, each with its reason (``rootless_skips``)."""
     if os.geteuid() == 0:
         return
+    have_cgroups = cgroups.driver() is not None
     for item in items:
-        reason = reason_for(str(item.path), item.name)
+        reason = reason_for(str(item.path), item.name, have_cgroups)
         if reason is not None:
             item.add_marker(pytest.mark.skip(reason=f"rootless: {reason}"))
 

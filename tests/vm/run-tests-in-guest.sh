@@ -16,6 +16,8 @@
 #   NSBOX_VM_MEM      guest memory in MiB (2048)
 #   NSBOX_VM_CGROUP   the guest cgroup pytest runs in (/system.slice/pytest-nsbox.service; / = root)
 #   NSBOX_VM_CGROUPNS 1: pytest gets a cgroup namespace rooted there, as in a Docker container
+#   NSBOX_VM_ROOTLESS 1: pytest runs as an ordinary user (uid 1000, a /etc/subuid range) whose
+#                     cgroup subtree is delegated to it, as systemd's user@.service has
 #   NSBOX_VM_TMP      what the guest's /tmp is: disk (ext4, the default) or tmpfs
 #   NSBOX_VM_REBUILD  1: rebuild the image and the dependencies even if they are current
 #   NSBOX_VM_PYTHON   host Python whose pip fetches the dependencies (python3)
@@ -28,6 +30,7 @@ VM_TIMEOUT=${NSBOX_VM_TIMEOUT:-900}
 VM_MEM=${NSBOX_VM_MEM:-2048}
 VM_CGROUP=${NSBOX_VM_CGROUP:-/system.slice/pytest-nsbox.service}
 VM_CGROUPNS=${NSBOX_VM_CGROUPNS:-0}
+VM_ROOTLESS=${NSBOX_VM_ROOTLESS:-0}
 VM_TMP=${NSBOX_VM_TMP:-disk}
 PYTHON=${NSBOX_VM_PYTHON:-python3}
 PYTEST_ARGS=("$@")
@@ -41,6 +44,7 @@ GUEST_PACKAGES=(
 	coreutils mawk grep sed tar hostname libc-bin # stat/dd/df, awk, getent/ldd
 	nftables # nat=True loads its rules with nft (this kernel's nf_tables lacks the ip family: those skip)
 	e2fsprogs # disks= makes its ext4 filesystems with mkfs.ext4
+	uidmap # rootless boxes map a /etc/subuid range with newuidmap/newgidmap
 )
 # pip (before 24) takes each --platform literally: list every manylinux tag glibc 2.36 satisfies.
 GUEST_PYTHON_TAGS=(--python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none)
@@ -177,7 +181,8 @@ ln -s "$VM_DIR/site" "$WORK/site"
 mkdir "$WORK/out" "$WORK/uml"
 cp "$HERE/guest-init" "$WORK/out/guest-init"
 {
-	printf 'WORK=%q\nCGROUP=%q\nCGROUPNS=%q\nTMP_FS=%q\n' "$WORK" "$VM_CGROUP" "$VM_CGROUPNS" "$VM_TMP"
+	printf 'WORK=%q\nCGROUP=%q\nCGROUPNS=%q\nTMP_FS=%q\nROOTLESS=%q\n' \
+		"$WORK" "$VM_CGROUP" "$VM_CGROUPNS" "$VM_TMP" "$VM_ROOTLESS"
 	printf 'PYTEST_ARGS=('
 	printf '%q ' "${PYTEST_ARGS[@]}"
 	printf ')\n'
