@@ -1449,15 +1449,10 @@ def _refuse_what_rootless_lacks(box_id: str, spec: BoxSpec) -> None:
     in would give the box the user's access to it, not the device allowlist's).
     """
     reasons = {
-        "network='bridge'": (
-            spec.network == "bridge",
-            "a bridged box needs a veth and a bridge in the host's network namespace, which an "
-            "ordinary user cannot change; rootless boxes have their own loopback only",
-        ),
-        "publish": (
-            bool(spec.publish),
-            "forwarding a host port into the box needs its network namespace joined from the host, "
-            "which the kernel allows only with CAP_SYS_ADMIN over the host's user namespace",
+        "nat": (
+            spec.nat,
+            "NAT to the outside needs rules in the host's network namespace, which an ordinary user "
+            "cannot change; a rootless session's bridge lives in a namespace of its own, with no way out",
         ),
         "disks": (bool(spec.disks), "a disk is a loop device, and only root may attach one"),
         "clock": (

@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from . import rootless, state, zygote
 from . import spec as specs
+from . import state, zygote
 from .box import Box, stop_each
-from .errors import ConfigError, NetworkError, NsboxError, RootlessError
+from .errors import ConfigError, NetworkError, NsboxError
 from .network import bridge, faults, hosts, peer_shaping, pool
 from .network.shaping import Shape, parse_shape
 from .spec import BoxSpec, ImageSource
@@ -169,8 +169,6 @@ class Cluster:
         (the box helper is asked for as many as there are nodes as the first one starts, and
         keeps that many waiting for the next cluster), and each start is a few milliseconds.
         The hosts files are written once all nodes have their addresses."""
-        if rootless.active():
-            raise RootlessError(rootless.NO_BRIDGE.format(what="a cluster"))
         if self._began is not None:
             raise NsboxError("this cluster was already started; make a new Cluster")
         self._began = time.monotonic()

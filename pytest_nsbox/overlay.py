@@ -37,8 +37,8 @@ def mount_root(
     ``upper`` and ``work`` must share one filesystem, and it may not be an overlay itself.
     ``sources``: where each layer is to be found instead (idmapped mounts of them: userns).
     """
-    if lowers == ["/"] and sources is None and in_user_namespace:
-        _mount_host_root_by_directory(target, upper, work, flags)
+    if lowers and lowers[-1] == "/" and sources is None and in_user_namespace:
+        _mount_host_root_by_directory(target, lowers[:-1], upper, work, flags)
         return
     if sources is not None:
         if len(lowers) > 1 and lowers[-1] == "/":
@@ -62,7 +62,7 @@ def mount_root(
 _OWN_DIRECTORIES = ("proc", "sys", "dev")
 
 
-def _mount_host_root_by_directory(target: str, upper: str, work: str, flags: int) -> None:
+def _mount_host_root_by_directory(target: str, above: list[str], upper: str, work: str, flags: int) -> None:
     """A rootless box of the host's ``/``: one overlay per top-level directory, on a tmpfs.
 
     Why not one overlay of ``/``: in a user namespace the host's mounts below ``/`` (``/proc``,
@@ -71,6 +71,8 @@ def _mount_host_root_by_directory(target: str, upper: str, work: str, flags: int
     none: each gets an overlay of its own, its upper at ``upper/<name>``, so the upper tree is
     laid out as one overlay's would be (a box's changes read the same). A directory with
     mounts below it (``/run``, ``/tmp`` on some hosts) stays empty, as it would on a new host.
+    ``above``: layers over the host's root (top first: a restarted box's changes, snapshots),
+    each stacked over the directory of the same name.
     """
     syscalls.mount("nsbox-root", target, "tmpfs", flags, "mode=0755")
     for name in sorted(os.listdir("/")):
@@ -89,8 +91,12 @@ def _mount_host_root_by_directory(target: str, upper: str, work: str, flags: int
             continue
         os.mkdir(f"{upper}/{name}", stat.S_IMODE(info.st_mode))
         os.mkdir(f"{work}/{name}", 0o755)
+        # Only layers that changed the directory: the cache may lie under it (~/.cache in
+        # /home), and overlay refuses a layer nested in another (ELOOP).
+        layers = [f"{layer}/{name}" for layer in above if _nonempty_dir(f"{layer}/{name}")] + [path]
+        joined = ":".join(escape_overlay_path(layer) for layer in layers)
         options = (
-            f"lowerdir={escape_overlay_path(path)},upperdir={upper}/{name},workdir={work}/{name},"
+            f"lowerdir={joined},upperdir={upper}/{name},workdir={work}/{name},"
             "redirect_dir=nofollow,metacopy=off,userxattr"
         )
         try:
@@ -99,6 +105,14 @@ def _mount_host_root_by_directory(target: str, upper: str, work: str, flags: int
             if exc.errno not in (errno.EINVAL, errno.EPERM, errno.EACCES):
                 raise
             os.rmdir(f"{upper}/{name}")  # locked mounts below it, or not ours to read: empty
+
+
+def _nonempty_dir(path: str) -> bool:
+    try:
+        with os.scandir(path) as entries:
+            return any(True for _ in entries)
+    except OSError:
+        return False
 
 
 def _host_root_layer(scratch: str, source: str = "/") -> str:

@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from . import cgroups, devmapper, idmap
+from . import cgroups, devmapper, idmap, rootless
 from .errors import NsboxError
 from .network.names import BRIDGE_PREFIXES
 from .state import STATE_DIR
@@ -48,6 +48,8 @@ def _network_state_exists() -> bool:
     directory listings; the sweep itself imports pyroute2, a third of a second)."""
     if any(path.exists() for path in (STATE_DIR / "network.json", STATE_DIR / "nat.json")):
         return True
+    if rootless.active():
+        return False  # a rootless session's bridges live in its own namespace, and die with it
     try:
         return any(name.startswith(BRIDGE_PREFIXES) for name in os.listdir("/sys/class/net"))
     except OSError:

@@ -34,10 +34,6 @@ from pathlib import Path
 from .errors import HostUnsupportedError
 
 RANGE_SIZE = 65536  # ids a rootless box maps when the user has a subordinate range
-NO_BRIDGE = (
-    "{what} needs a bridge and veths in the host's network namespace, which an ordinary user "
-    f"cannot change (pytest runs as uid {os.getuid()}, rootless); run pytest as root for it"
-)
 
 
 def active() -> bool:
@@ -144,6 +140,27 @@ def runtime_dir() -> Path:
     if base and os.path.isdir(base) and os.access(base, os.W_OK):
         return Path(base) / "pytest-nsbox"
     return Path(f"/tmp/pytest-nsbox-{os.getuid()}")
+
+
+_helper_pid = 0  # this process's box helper, whose network namespace is the session's
+
+
+def note_helper(pid: int) -> None:
+    """The box helper (``zygote``) records itself as it starts: its namespace is the session's."""
+    global _helper_pid
+    _helper_pid = pid
+
+
+def session_interfaces() -> set[str]:
+    """The interfaces of the session's network namespace (the helper's ``/proc/PID/net/dev``:
+    our own sysfs shows the host's); empty before a helper started, as then none exist."""
+    if not _helper_pid:
+        return set()
+    try:
+        with open(f"/proc/{_helper_pid}/net/dev") as handle:
+            return {line.split(":", 1)[0].strip() for line in handle.readlines()[2:]}
+    except OSError:
+        return set()
 
 
 # Sysctls that keep an ordinary user from making a user namespace, and the fix for each.

@@ -57,8 +57,12 @@ class Socket:
     """A route-netlink socket of the network namespace it was opened in (whatever the thread
     does later); ``with Socket() as nl: nl.request(...)``."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    def __init__(self, sock: socket.socket | None = None) -> None:
+        """``sock``: a route-netlink socket opened elsewhere (by a rootless session's box
+        helper, in the session's namespace), taken over; else one of our namespace."""
+        if sock is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        self.sock = sock
         self.sock.bind((0, 0))
         self.sequence = 0
 

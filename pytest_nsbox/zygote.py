@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from . import cgroups, channel, rootfs, rootless
-from .errors import BoxError, ConfigError, HostUnsupportedError
+from .errors import BoxError, ConfigError, HostUnsupportedError, NetworkError
 
 START_TIMEOUT = 30.0
 # The key of a request for a box made for its options (its clocks), which no waiting box fits.
 _MADE = "made for its options"
+_SOCKET = "a socket"  # the key of a request for a socket in a network namespace (rootless)
 # Waiting boxes kept, one per root (image and privilege) recently asked for: a suite that
 # alternates among four images, templates or snapshots finds a box ready for each.
 MAX_WAITING = 4
@@ -91,6 +92,7 @@ class Zygote:
         self._sock = ours
         if rootless.active():
             self._map_ids()
+            rootless.note_helper(self.process.pid)
         self._lock = threading.Lock()
         self.owner_pid = os.getpid()
         self._sequence = 0
@@ -99,6 +101,7 @@ class Zygote:
         self._pending: dict[int, tuple[str, int]] = {}
         self._waiting: dict[str, list[_Announced]] = {}  # least recently asked-for root first
         self._made: dict[int, _Announced] = {}  # boxes made for their options, by sequence
+        self._sockets: dict[int, socket.socket | str] = {}  # sockets asked for (or why not), by sequence
         self._generation = 0  # how many changes of the host's mounts we have seen
         self._mountinfo = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
         self._mount_poller = select.poll()
@@ -268,6 +271,14 @@ class Zygote:
                 raise OSError(errno.EPIPE, "the zygote closed its socket")
             sequence = int(message.get("seq", 0))
             key, generation = self._pending.pop(sequence, ("", 0))
+            if key == _SOCKET:
+                if len(fds) == 1 and "error" not in message:
+                    self._sockets[sequence] = socket.socket(fileno=fds[0])
+                else:
+                    for fd in fds:
+                        os.close(fd)
+                    self._sockets[sequence] = str(message.get("error", {}).get("message", "no socket"))
+                continue
             if "error" in message or len(fds) != 1 or not key:
                 for fd in fds:
                     os.close(fd)
@@ -303,6 +314,23 @@ class Zygote:
         box cloned before would see a stale copy (say, no image directory on a filesystem
         mounted since)."""
         return bool(self._mount_poller.poll(0))
+
+    def socket_in(self, pid: int, family: int, kind: int, proto: int = 0) -> socket.socket:
+        """A socket made by the helper in the network namespace of box init ``pid`` (0: the
+        session's own), for a rootless host, which may not join it (see
+        ``zygote_process._open_socket``). Raises ``NetworkError`` if it could not be made."""
+        try:
+            with self._lock:
+                message = {"op": "socket", "pid": pid, "family": family, "type": kind, "proto": proto}
+                sequence = self._ask(message, _SOCKET)
+                while sequence not in self._sockets:
+                    self._collect(block=True)
+                made = self._sockets.pop(sequence)
+        except OSError as exc:
+            raise BoxError(f"the nsbox zygote (pid {self.pid}) is gone: {self.log() or exc}") from exc
+        if isinstance(made, str):
+            raise NetworkError(made)
+        return made
 
     def forget(self, pid: int) -> None:
         """Leave the box of init ``pid`` alone from now on (it is being kept)."""

@@ -95,6 +95,10 @@ def _enter_user_namespace(sock: socket.socket) -> None:
     syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)
     # Overlay in a user namespace keeps its own xattrs (opaque directories) in user.overlay.*.
     overlay.in_user_namespace = True
+    # The session's own network namespace: the bridges of its bridged boxes and their veths'
+    # host ends live here, where we may change anything; the host's is out of our reach.
+    syscalls.unshare(CLONE_NEWNET)
+    syscalls.set_link_up("lo")
 
 
 class Plan:
@@ -230,6 +234,8 @@ def _serve(sock: socket.socket) -> None:
                 _clone_warm(sock, dict(message["hint"]), int(message["seq"]))
             elif op == "forget":
                 _forget(int(message["pid"]))
+            elif op == "socket":  # rootless: the host's way into a namespace it may not join
+                _open_socket(sock, message)
 
     def reap() -> None:
         with _sigterm_held:
@@ -571,6 +577,37 @@ def _idmap_refused(lower: str, exc: OSError) -> str:
         "(ext4, xfs, btrfs, tmpfs from 6.3; not 9p, hostfs or NFS). Put the image cache "
         "(--nsbox-cache) on such a filesystem, or run without userns"
     )
+
+
+def _open_socket(zygote_sock: socket.socket, message: dict[str, Any]) -> None:
+    """Open a socket in the network namespace of box init ``pid`` (0: our own, the session's)
+    and hand it to the host.
+
+    Why: a rootless host may not join a box's network namespace (setns needs CAP_SYS_ADMIN
+    over its own user namespace too), but a socket keeps the namespace it was made in, and a
+    netlink socket the rights of whoever opened it: ours, root over every namespace we made.
+    """
+    pid, seq = int(message["pid"]), int(message["seq"])
+    own = target = -1
+    try:
+        if pid:
+            target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            syscalls.setns(target, CLONE_NEWNET)
+        try:
+            made = socket.socket(int(message["family"]), int(message["type"]), int(message["proto"]))
+        finally:
+            if pid:
+                syscalls.setns(own, CLONE_NEWNET)
+    except OSError as exc:
+        where = f"process {pid}'s network namespace" if pid else "the session's network namespace"
+        _announce(zygote_sock, {"error": {"message": f"cannot open a socket in {where}: {exc}"}, "seq": seq})
+        return
+    finally:
+        for fd in (own, target):
+            if fd >= 0:
+                os.close(fd)
+    _announce(zygote_sock, {"socket": True, "seq": seq}, made)
 
 
 def _make_veth(pid: int) -> list[Any]:

@@ -6,7 +6,6 @@ program, `nft` (see nat.py for why).
 
 from __future__ import annotations
 
-import os
 import time
 
 from ..state import STATE_DIR
@@ -55,6 +54,6 @@ def _settle(timeout: float = 3.0) -> None:
     with pool.locked_all() as pools:
         cooling = [name for entry in pools for name in entry.cooling_interfaces()]
     deadline = time.monotonic() + timeout
-    while any(os.path.exists(f"/sys/class/net/{name}") for name in cooling) and time.monotonic() < deadline:
+    while any(pool.interface_exists(name) for name in cooling) and time.monotonic() < deadline:
         time.sleep(0.02)
     reclaim.sweep()

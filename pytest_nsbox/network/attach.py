@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,7 +145,7 @@ def finish(
 def _enslave(attachment: Attachment, bridge_index: int) -> None:
     """Put the host end on the bridge and bring it up: one netlink request."""
     try:
-        with rtnl.Socket() as nl:
+        with rtnl.Socket(netns.host_socket()) as nl:
             nl.set_link(attachment.host_index, up=True, master=bridge_index)
     except OSError as exc:
         raise NetworkError(
@@ -205,10 +204,9 @@ def move(
     again, with the address it holds the lease of and its old hardware address (so that its
     peers' ARP caches stay right); returns what its init configures ``eth0`` with. ``rejoin()``
     once the box is ready."""
-    try:
-        bridge_index = socket.if_nametoindex(attachment.bridge)
-    except OSError:
-        raise NetworkError(f"box {attachment.box_id}: its bridge {attachment.bridge} is gone") from None
+    bridge_index = netns.interface_index(attachment.bridge)
+    if bridge_index is None:
+        raise NetworkError(f"box {attachment.box_id}: its bridge {attachment.bridge} is gone")
     with pool.locked(attachment.subnet) as entry:
         entry.note_interface(attachment.address, str(veth[0]))
     attachment.host_interface, attachment.host_index = str(veth[0]), int(veth[1])

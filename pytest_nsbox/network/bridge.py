@@ -16,7 +16,7 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .. import state
+from .. import rootless, state
 from ..errors import NetworkError
 from . import netns, pool
 from .names import MARK, PRIVATE_PREFIX, SHARED_PREFIX, shared_name
@@ -164,7 +164,11 @@ def join_shared(entry: pool.Pool, ipr: IPRoute | None = None) -> int:
 
 
 def netns_index_alive(name: str, index: int) -> bool:
-    """Whether interface ``name`` still has ``index`` (read from sysfs: no netlink round trip)."""
+    """Whether interface ``name`` still has ``index`` (read from sysfs: no netlink round trip).
+    Rootless, the bridge is in the session's own network namespace, which only this process
+    changes: it is there as long as we did not delete it."""
+    if rootless.active():
+        return True
     try:
         with open(f"/sys/class/net/{name}/ifindex") as handle:
             return int(handle.read()) == index

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .. import interrupts, state, syscalls
+from .. import interrupts, rootless, state, syscalls, zygote
 from ..errors import NetworkError
 
 if TYPE_CHECKING:
@@ -25,9 +25,14 @@ if TYPE_CHECKING:
 
 @contextlib.contextmanager
 def host() -> Iterator[IPRoute]:
-    """An ``IPRoute`` of the host's namespace, closed afterwards."""
+    """An ``IPRoute`` of the host's namespace, closed afterwards. Rootless: of the session's
+    own namespace instead, where its bridges live (see ``zygote_process._open_socket``)."""
     from pyroute2 import IPRoute
 
+    if rootless.active():
+        with _through_helper(0) as ipr:
+            yield ipr
+        return
     ipr = IPRoute()
     try:
         yield ipr
@@ -41,6 +46,12 @@ def inside(pid: int, start: int | None = None) -> Iterator[IPRoute]:
     ``start``, only if ``pid`` is still that process (not a later one that reuses its pid)."""
     from pyroute2 import IPRoute
 
+    if rootless.active():
+        if start is not None and state.process_start(pid) != start:
+            raise NetworkError(f"process {pid} is gone: its box has stopped")
+        with _through_helper(pid) as ipr:
+            yield ipr
+        return
     ipr = _in_namespace_of(pid, IPRoute, start)
     try:
         yield ipr
@@ -50,7 +61,49 @@ def inside(pid: int, start: int | None = None) -> Iterator[IPRoute]:
 
 def socket_inside(pid: int, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
     """A socket that lives in ``pid``'s network namespace (to reach a box's own loopback)."""
+    if rootless.active():
+        return zygote.get().socket_in(pid, family, kind)
     return _in_namespace_of(pid, lambda: socket.socket(family, kind))
+
+
+@contextlib.contextmanager
+def _through_helper(pid: int) -> Iterator[IPRoute]:
+    """Rootless: an ``IPRoute`` over a netlink socket the box helper opened in the namespace
+    of ``pid`` (0: the session's). The kernel checks a netlink request against the rights of
+    whoever opened the socket: the helper's, root over every namespace of the session."""
+    from pyroute2 import IPRoute
+
+    sock = zygote.get().socket_in(pid, socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
+    try:
+        ipr = IPRoute(fileno=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the descriptor is pyroute2's now: its close() closes it
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def host_socket() -> socket.socket | None:
+    """A route-netlink socket of the host's namespace for ``rtnl.Socket``: None (it opens its
+    own), or rootless, one the box helper opened in the session's namespace."""
+    if rootless.active():
+        return zygote.get().socket_in(0, socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    return None
+
+
+def interface_index(name: str) -> int | None:
+    """The index of interface ``name`` of the host's namespace (rootless: the session's), or None."""
+    if rootless.active():
+        with host() as ipr:
+            found = ipr.link_lookup(ifname=name)
+        return int(found[0]) if found else None
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
 
 
 def _in_namespace_of(pid: int, make: Any, start: int | None = None) -> Any:

@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from .. import state
+from .. import rootless, state
 from ..errors import ConfigError, NetworkError
 
 DOCUMENT = "network"
@@ -46,6 +46,8 @@ def parse_subnet(value: object, what: str = "subnet") -> ipaddress.IPv4Network:
 
 
 def interface_exists(name: str) -> bool:
+    if rootless.active():
+        return name in rootless.session_interfaces()
     return os.path.exists(f"/sys/class/net/{name}")
 
 

@@ -178,8 +178,8 @@ def test_what_rootless_boxes_cannot_have_skips_naming_why_even_when_strict(home:
         import pytest
         from pytest_nsbox import Box, RootlessError
 
-        @pytest.mark.nsbox(network="bridge")
-        def test_bridged(nsbox):
+        @pytest.mark.nsbox(network="bridge", nat=True)
+        def test_nat(nsbox):
             raise AssertionError("never reached")
 
         def test_disk(nsbox_factory):
@@ -194,8 +194,48 @@ def test_what_rootless_boxes_cannot_have_skips_naming_why_even_when_strict(home:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "2 skipped" in result.stdout and "1 passed" in result.stdout, output
-    assert "network='bridge': pytest runs as uid 65534 (rootless), and a bridged box needs a veth" in output
+    assert "nat: pytest runs as uid 65534 (rootless), and NAT to the outside needs rules" in output
     assert "disks: pytest runs as uid 65534 (rootless), and a disk is a loop device" in output
+
+
+def test_bridged_boxes_of_a_rootless_session_reach_each_other_and_publish_reaches_the_host(
+    home: Path,
+) -> None:
+    """The bridge lives in the session's own network namespace: nothing of it on the host."""
+    before = set(os.listdir("/sys/class/net"))
+    result = run_unprivileged(
+        home,
+        """
+        import socket
+        import pytest
+
+        def test_pair(netpair):
+            netpair.b.spawn(["python3", "-m", "http.server", "8000"])
+            netpair.b.wait_for_port(8000)
+            fetch = f"import urllib.request; print(urllib.request.urlopen('http://{netpair.b.ip}:8000/').status)"
+            assert netpair.a.run(["python3", "-c", fetch]).stdout == "200\\n"
+
+        def test_cut(nsbox_cluster):
+            cluster = nsbox_cluster(["n1", "n2"])
+            probe = "import socket; s = socket.socket(); s.settimeout(1); print(s.connect_ex(('n2', 9)))"
+            assert cluster["n1"].run(["python3", "-c", probe]).stdout == "111\\n"  # refused: reached
+            cluster.partition(["n1"], ["n2"])
+            assert cluster["n1"].run(["python3", "-c", probe]).stdout != "111\\n"  # no answer: cut
+            cluster.heal()
+            assert cluster["n1"].run(["python3", "-c", probe]).stdout == "111\\n"
+
+        @pytest.mark.nsbox(publish={18781: 8000})
+        def test_published(nsbox):
+            nsbox.spawn(["python3", "-m", "http.server", "8000"])
+            nsbox.wait_for_port(8000)
+            with socket.create_connection(("127.0.0.1", 18781), timeout=5) as conn:
+                conn.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+                assert conn.recv(12) == b"HTTP/1.0 200"
+        """,
+        "--nsbox-strict",
+    )
+    _passed(result, 3)
+    assert set(os.listdir("/sys/class/net")) - before == set()
 
 
 @pytest.mark.skipif(
