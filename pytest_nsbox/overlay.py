@@ -70,7 +70,8 @@ def _mount_host_root_by_directory(target: str, above: list[str], upper: str, wor
     locked mounts below it (EINVAL, "failed to clone lowerpath"). ``/usr`` or ``/etc`` have
     none: each gets an overlay of its own, its upper at ``upper/<name>``, so the upper tree is
     laid out as one overlay's would be (a box's changes read the same). A directory with
-    mounts below it (``/run``, ``/tmp`` on some hosts) stays empty, as it would on a new host.
+    mounts below it (``/usr`` with ``/usr/lib/modules`` mounted, ``/run``) is bound read-only
+    instead, mounts and all.
     ``above``: layers over the host's root (top first: a restarted box's changes, snapshots),
     each stacked over the directory of the same name.
     """
@@ -104,7 +105,26 @@ def _mount_host_root_by_directory(target: str, above: list[str], upper: str, wor
         except MountError as exc:
             if exc.errno not in (errno.EINVAL, errno.EPERM, errno.EACCES):
                 raise
-            os.rmdir(f"{upper}/{name}")  # locked mounts below it, or not ours to read: empty
+            os.rmdir(f"{upper}/{name}")
+            if exc.errno == errno.EINVAL and len(layers) == 1:
+                _bind_read_only(path, f"{target}/{name}")
+
+
+def _bind_read_only(source: str, target: str) -> None:
+    """The host's directory with the mounts below it (a recursive bind: a user namespace may
+    copy a tree of locked mounts whole, not in part), read-only: unlike an overlay, a bind
+    writes through to the host. Not ours to see (EPERM): the directory stays empty."""
+    try:
+        syscalls.mount(source, target, None, syscalls.MS_BIND | syscalls.MS_REC)
+    except MountError:
+        return
+    # mount_setattr, not a remount: it changes read-only alone, where a remount must repeat
+    # every flag the host's mount has locked (atime, nosuid, ...) or be refused.
+    fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        syscalls.mount_setattr_fd(fd, syscalls.MOUNT_ATTR_RDONLY, 0)
+    finally:
+        os.close(fd)
 
 
 def _nonempty_dir(path: str) -> bool:
