@@ -101,7 +101,16 @@ def _mount_host_root_by_directory(target: str, above: list[str], upper: str, wor
             "redirect_dir=nofollow,metacopy=off,userxattr"
         )
         try:
-            syscalls.mount("nsbox", f"{target}/{name}", "overlay", flags, options)
+            try:
+                syscalls.mount("nsbox", f"{target}/{name}", "overlay", flags, options)
+            except MountError as exc:
+                if exc.errno != errno.ELOOP or len(layers) == 1:
+                    raise
+                # The layers above lie inside the host's directory (the user's cache in /tmp
+                # or /home): overlay refuses to stack a layer on its own parent. The box's
+                # changes win; what else the host has there stays out of the box.
+                options = options.replace(f":{escape_overlay_path(path)},", ",", 1)
+                syscalls.mount("nsbox", f"{target}/{name}", "overlay", flags, options)
         except MountError as exc:
             if exc.errno not in (errno.EINVAL, errno.EPERM, errno.EACCES):
                 raise

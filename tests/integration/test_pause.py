@@ -14,7 +14,7 @@ from collections.abc import Callable
 import psutil
 import pytest
 
-from pytest_nsbox import Box, BoxError, BoxProcess
+from pytest_nsbox import Box, BoxError, BoxProcess, RootlessError
 
 pytestmark = pytest.mark.requires("boxes")
 
@@ -183,8 +183,12 @@ def test_a_host_without_cgroups_names_the_doctor_freezer_line() -> None:
     with Box() as box:
         real, box.cgroup = box.cgroup, cgroups.Cgroup("none", None, [])  # as on a host without
         try:
-            with pytest.raises(BoxError, match=r"`freezer` line of `nsbox doctor`"):
-                box.pause()
+            if os.geteuid() != 0:  # rootless: what is missing is a delegated cgroup v2 subtree
+                with pytest.raises(RootlessError, match="pausing needs a cgroup freezer"):
+                    box.pause()
+            else:
+                with pytest.raises(BoxError, match=r"`freezer` line of `nsbox doctor`"):
+                    box.pause()
             assert not box.is_paused
         finally:
             box.cgroup = real
