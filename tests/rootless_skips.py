@@ -85,6 +85,7 @@ SKIPS: dict[str, str] = {
         "session's bridge goes with its network namespace"
     ),
     "test_disks.py": "attaches loop devices, which only root may",
+    "test_disk_faults.py": "puts device-mapper targets under loop devices, which only root may",
     "test_userns.py": IDMAPPED,
     "test_plugin_userns.py": IDMAPPED,
     "test_clock.py": "clock= boxes are refused rootless (RootlessError); these check their offsets",
