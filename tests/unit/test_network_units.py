@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from forking import in_child
 
-from pytest_nsbox import state
+from pytest_nsbox import state, zygote
 from pytest_nsbox.errors import ConfigError, NetworkError, StateError
 from pytest_nsbox.network import hosts, pool
 from pytest_nsbox.network.shaping import End, Link, Shape, _netem_options, parse_rate, parse_shape
@@ -111,7 +111,15 @@ def test_a_large_pool_hands_out_distinct_addresses() -> None:
         subnet.take(ME, "more")
 
 
+def _lo_exists_where_boxes_interfaces_are() -> None:
+    """Rootless, a box's veth lives in the session's network namespace, the box helper's:
+    start it, so that its loopback is the interface every host has."""
+    if os.geteuid() != 0:
+        zygote.get()
+
+
 def test_give_back_cools_an_address_whose_interface_still_exists() -> None:
+    _lo_exists_where_boxes_interfaces_are()
     subnet = _pool()
     lingering, gone, unnamed = (subnet.take(ME, name) for name in ("a", "b", "c"))
     subnet.note_interface(lingering, "lo")  # an interface every host has
@@ -148,6 +156,7 @@ def test_users_are_counted_once_and_removed() -> None:
 
 
 def test_reclaim_frees_what_dead_owners_left() -> None:
+    _lo_exists_where_boxes_interfaces_are()
     dead = _dead_owner()
     subnet = _pool()
     alive_address = subnet.take(ME, "alive")
