@@ -10,6 +10,7 @@ import functools
 import os
 import platform
 import re
+import shutil
 from dataclasses import dataclass
 
 from . import cgroups, devices, rootless
@@ -45,6 +46,7 @@ def capabilities() -> tuple[Capability, ...]:
         _check_freezer(),
         _check_time_namespace(),
         _check_userns(),
+        _check_rootless(),
         _check_netem(),
         _check_nft(),
         _check_loop(),
@@ -268,6 +270,19 @@ def _check_userns() -> Capability:
             "userns", True, "user namespaces and idmapped layers: userns=True boxes", required=False
         )
     return Capability("userns", False, f"{gap}: userns=True boxes cannot be made", required=False)
+
+
+def _check_rootless() -> Capability:
+    """Whether pytest run by an ordinary user can make boxes here, and with how many ids;
+    else every known blocker with its fix (README: "Without root")."""
+    blockers = rootless.blockers()
+    if blockers:
+        return Capability("rootless", False, "; ".join(blockers), required=False)
+    if shutil.which("newuidmap") and shutil.which("newgidmap"):
+        ids = "65,536 ids for users with a /etc/subuid range (newuidmap), one id otherwise"
+    else:
+        ids = "one id each (install uidmap, for newuidmap and 65,536 ids with a /etc/subuid range)"
+    return Capability("rootless", True, f"ordinary users get rootless boxes: {ids}", required=False)
 
 
 def _kernel_option(name: str) -> str | None:

@@ -14,7 +14,7 @@ from pytest_nsbox import probe
 
 CAPABILITY_NAMES = (
     *("linux", "root", "namespaces", "overlayfs", "kernel", "architecture"),
-    *("cgroups", "devices", "freezer", "time namespace", "userns", "netem", "nft"),
+    *("cgroups", "devices", "freezer", "time namespace", "userns", "rootless", "netem", "nft"),
     *("loop", "mkfs.ext4", "mkfs.xfs", "mkfs.btrfs", "devmapper"),
 )
 
