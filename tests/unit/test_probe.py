@@ -16,7 +16,7 @@ from pytest_nsbox.probe import Capability
 
 EXPECTED_NAMES = [
     *("linux", "root", "namespaces", "overlayfs", "kernel", "architecture"),
-    *("cgroups", "devices", "freezer", "time namespace", "userns", "netem", "nft"),
+    *("cgroups", "devices", "freezer", "time namespace", "userns", "rootless", "netem", "nft"),
     *("loop", "mkfs.ext4", "mkfs.xfs", "mkfs.btrfs", "devmapper"),
 ]
 
@@ -36,6 +36,7 @@ def test_cgroups_the_device_allowlist_and_the_network_extras_are_optional() -> N
         "freezer",
         "time namespace",
         "userns",
+        "rootless",
         "netem",
         "nft",
         "loop",
