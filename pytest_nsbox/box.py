@@ -248,7 +248,7 @@ class Box:
             config: dict[str, Any] = {
                 "id": self.id,
                 "hostname": self.spec.hostname,
-                "lowers": list(image.lowers),
+                "lowers": _rootless_lowers(list(image.lowers)),
                 "image_env": image.config.env_dict(),
                 "workdir": image.config.workdir,
                 "user": image.config.user,
@@ -436,7 +436,7 @@ class Box:
             self._paused = False
             self._cut_power()
             self.image = image
-            self._config = {**self._config, "lowers": list(image.lowers)}
+            self._config = {**self._config, "lowers": _rootless_lowers(list(image.lowers))}
             try:
                 if attachment is None:
                     cgroup_error = self._boot()
@@ -1472,3 +1472,12 @@ def _refuse_what_rootless_lacks(box_id: str, spec: BoxSpec) -> None:
                 f"box {box_id}: {option}: pytest runs as uid {os.getuid()} (rootless), and {why}; "
                 "run pytest as root for it"
             )
+
+
+def _rootless_lowers(lowers: list[str]) -> list[str]:
+    """A rootless box of the host's root gets the user's skeleton of its directories just
+    above it, so that root in the box may add files there (``rootless.host_skeleton``)."""
+    if not rootless.active() or not lowers or lowers[-1] != "/":
+        return lowers
+    skeleton = rootless.host_skeleton()
+    return lowers if skeleton is None else [*lowers[:-1], skeleton, lowers[-1]]

@@ -94,7 +94,7 @@ def _mount_host_root_by_directory(target: str, above: list[str], upper: str, wor
         os.mkdir(f"{work}/{name}", 0o755)
         # Only layers that changed the directory: the cache may lie under it (~/.cache in
         # /home), and overlay refuses a layer nested in another (ELOOP).
-        layers = [f"{layer}/{name}" for layer in above if _nonempty_dir(f"{layer}/{name}")] + [path]
+        layers = [f"{layer}/{name}" for layer in above if _stacks_on(layer, name)] + [path]
         joined = ":".join(escape_overlay_path(layer) for layer in layers)
         options = (
             f"lowerdir={joined},upperdir={upper}/{name},workdir={work}/{name},"
@@ -136,10 +136,12 @@ def _bind_read_only(source: str, target: str) -> None:
         os.close(fd)
 
 
-def _nonempty_dir(path: str) -> bool:
+def _stacks_on(layer: str, name: str) -> bool:
+    """Whether ``layer`` has a directory ``name`` to stack over the host's ``/name``: one that
+    holds something, or any at all where the layer does not lie inside ``/name``."""
     try:
-        with os.scandir(path) as entries:
-            return any(True for _ in entries)
+        with os.scandir(f"{layer}/{name}") as entries:
+            return any(True for _ in entries) or not layer.startswith(f"/{name}/")
     except OSError:
         return False
 

@@ -24,6 +24,7 @@ it where their directories are, and the plugin asks it what this host lacks.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import shutil
@@ -140,6 +141,89 @@ def runtime_dir() -> Path:
     if base and os.path.isdir(base) and os.access(base, os.W_OK):
         return Path(base) / "pytest-nsbox"
     return Path(f"/tmp/pytest-nsbox-{os.getuid()}")
+
+
+# Host directories a rootless box of the host's root may add files to (see host_skeleton).
+SKELETON_TREES = ("etc", "var", "opt", "srv", "usr/local", "mnt", "media")
+_SKELETON_MAX = 20000  # directories at most: the walk and the copy stay tens of milliseconds
+
+
+def host_skeleton() -> str | None:
+    """A layer of empty directories mirroring the host's ``/etc``, ``/var``, ``/opt``, ...,
+    owned by the user, to stack over the host's root in a rootless box.
+
+    Why: the host root's directories belong to an id the user's namespace does not have, so
+    root in the box could create nothing in them (``/etc/app``, ``/var/lib/app``, ``/opt``).
+    Overlay takes a merged directory's owner from its topmost layer: with this one on top,
+    they are the box root's, and the box writes new files there (into its own upper layer).
+    Existing host files stay read-only. Built once per set of directories (a walk of about
+    2,000 directories), kept in the user's cache; None if it cannot be made.
+    """
+    entries: list[tuple[str, int]] = []
+    cache = cache_home()
+    for tree in SKELETON_TREES:
+        top = f"/{tree}"
+        if str(cache.resolve()).startswith(f"/{tree.split('/')[0]}/"):
+            continue  # the layer would lie inside the directory it covers: overlay refuses that
+        try:
+            device = os.lstat(top).st_dev
+        except OSError:
+            continue
+        for directory, names, _files in os.walk(top):
+            try:
+                info = os.lstat(directory)
+            except OSError:
+                names[:] = []
+                continue
+            if info.st_dev != device or len(entries) >= _SKELETON_MAX:
+                names[:] = []  # another filesystem (a container store, a share): not ours to mirror
+                continue
+            entries.append((directory.lstrip("/"), info.st_mode & 0o7777))
+    if not entries:
+        return None
+    digest = hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
+    final = cache / f"host-skeleton-{digest}"
+    if final.is_dir():
+        return str(final)
+    building = cache / f"host-skeleton-{digest}.{os.getpid()}.tmp"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        _remove_tree(building)
+        building.mkdir(mode=0o755)
+        modes = {relative: mode for relative, mode in entries}
+        for parts in {
+            Path(relative).parts[:i] for relative in modes for i in range(1, len(Path(relative).parts))
+        }:
+            modes.setdefault(str(Path(*parts)), os.lstat("/" + str(Path(*parts))).st_mode & 0o7777)
+        for relative in sorted(modes):  # parents first, all writable while we fill them
+            (building / relative).mkdir(mode=0o700, exist_ok=True)
+        for relative in sorted(modes, reverse=True):  # then their modes, children first
+            (building / relative).chmod(modes[relative])
+        os.rename(building, final)
+    except FileExistsError:
+        _remove_tree(building)  # another process of ours was first
+    except OSError:
+        _remove_tree(building)
+        return None
+    except BaseException:
+        _remove_tree(building)
+        raise
+    for old in cache.glob("host-skeleton-*"):
+        if old != final and not old.name.endswith(".tmp"):
+            _remove_tree(old)
+    return str(final)
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree of a skeleton, whose directories may be read-only (the host's modes)."""
+    if not path.exists():
+        return
+    for directory, _names, _files in os.walk(path):
+        try:
+            os.chmod(directory, 0o700)
+        except OSError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 _helper_pid = 0  # this process's box helper, whose network namespace is the session's

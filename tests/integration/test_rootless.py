@@ -139,6 +139,29 @@ def test_an_ordinary_users_box_is_root_inside_and_that_user_outside(home: Path) 
     assert not any(p.info["uids"].real == NOBODY for p in psutil.process_iter(["uids"]) if p.info["uids"])
 
 
+def test_a_box_of_the_hosts_root_adds_files_to_its_directories_but_never_changes_the_hosts(
+    home: Path,
+) -> None:
+    """The host root's directories are the box root's (the user's skeleton layer above them);
+    its files stay the host's, read-only, and nothing reaches the host."""
+    result = run_unprivileged(
+        home,
+        """
+        def test_writes(nsbox):
+            nsbox.run("mkdir -p /etc/app /var/lib/app /opt/app && echo ok > /var/lib/app/state", check=True)
+            assert nsbox.read_text("/var/lib/app/state") == "ok\\n"
+            assert nsbox.run("stat -c %u /etc").stdout == "0\\n"  # the box's root owns it
+            refused = nsbox.run("echo changed > /etc/passwd")
+            assert refused.returncode != 0 and "Permission denied" in refused.stderr
+            changes = nsbox.root.diff()
+            assert {"/etc/app", "/var/lib/app/state", "/opt/app"} <= set(changes.added)
+        """,
+        "--nsbox-strict",
+    )
+    _passed(result, 1)
+    assert not Path("/var/lib/app/state").exists() and not Path("/etc/app").exists()
+
+
 def test_an_image_is_unpacked_into_the_users_cache_and_keeps_its_deletions(
     home: Path, shell_entries_once: list
 ) -> None:
