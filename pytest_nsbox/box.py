@@ -330,7 +330,7 @@ class Box:
         root_fd = os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._files = BoxFiles(root_fd, self.userns_ids)
         self.root = OverlayRoot(
-            lowers=tuple(config["lowers"]),
+            lowers=tuple(layer for layer in config["lowers"] if not rootless.is_skeleton(layer)),
             upper=f"/proc/{self.pid}/fd/{ready['scratch_fd']}/upper",
             merged=f"/proc/{self.pid}/root",
             made_by_box=frozenset(ready.get("made", ())),
@@ -1479,5 +1479,6 @@ def _rootless_lowers(lowers: list[str]) -> list[str]:
     above it, so that root in the box may add files there (``rootless.host_skeleton``)."""
     if not rootless.active() or not lowers or lowers[-1] != "/":
         return lowers
+    lowers = [layer for layer in lowers if not rootless.is_skeleton(layer)]
     skeleton = rootless.host_skeleton()
     return lowers if skeleton is None else [*lowers[:-1], skeleton, lowers[-1]]

@@ -214,6 +214,12 @@ def host_skeleton() -> str | None:
     return str(final)
 
 
+def is_skeleton(layer: str) -> bool:
+    """Whether ``layer`` is a ``host_skeleton``: never one of an image's layers (a snapshot or
+    a template of a rootless box records the host's root without it)."""
+    return os.path.basename(layer).startswith("host-skeleton-")
+
+
 def _remove_tree(path: Path) -> None:
     """rmtree of a skeleton, whose directories may be read-only (the host's modes)."""
     if not path.exists():
