@@ -278,6 +278,9 @@ def _check_rootless() -> Capability:
     blockers = rootless.blockers()
     if blockers:
         return Capability("rootless", False, "; ".join(blockers), required=False)
+    refused = rootless.try_user_namespace()
+    if refused:
+        return Capability("rootless", False, refused, required=False)
     if shutil.which("newuidmap") and shutil.which("newgidmap"):
         ids = "65,536 ids for users with a /etc/subuid range (newuidmap), one id otherwise"
     else:

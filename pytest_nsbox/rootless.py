@@ -295,6 +295,27 @@ def blockers() -> list[str]:
     return found
 
 
+def try_user_namespace() -> str | None:
+    """Make a user namespace in a throwaway process (util-linux ``unshare``); None if it
+    worked (or cannot be tried), else why not: what only trying shows, such as a container's
+    seccomp profile that forbids ``unshare``."""
+    program = shutil.which("unshare")
+    if program is None:
+        return None
+    try:
+        result = subprocess.run([program, "--user", "true"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode == 0:
+        return None
+    stderr = result.stderr.strip()
+    if "Operation not permitted" in stderr:
+        return unshare_refused(1, "Operation not permitted")
+    if "No space left" in stderr:
+        return unshare_refused(28, "No space left on device")
+    return f"rootless boxes: `unshare --user true` failed: {stderr or result.returncode}"
+
+
 def unshare_refused(err: int, strerror: str) -> str:
     """Why the helper could not make its user namespace, and what to do."""
     known = blockers()

@@ -68,3 +68,18 @@ def test_the_users_directories_follow_xdg(tmp_path: Path, monkeypatch: pytest.Mo
     assert rootless.runtime_dir() == tmp_path / "pytest-nsbox"
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "not-there"))
     assert rootless.runtime_dir() == Path(f"/tmp/pytest-nsbox-{os.getuid()}")
+
+
+def test_a_refused_user_namespace_is_found_by_trying_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in a container whose seccomp profile forbids unshare: only trying shows it."""
+    fake = tmp_path / "unshare"
+    fake.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(rootless, "blockers", lambda: [])
+    refused = rootless.try_user_namespace()
+    assert refused is not None and "seccomp" in refused
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    assert rootless.try_user_namespace() is None
