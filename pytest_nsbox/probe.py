@@ -148,9 +148,8 @@ def _check_arch() -> Capability:
 def _check_cgroups() -> Capability:
     backend = cgroups.driver()
     if backend is None:
-        return Capability(
-            "cgroups", False, "none usable: boxes run, but limits cannot be set", required=False
-        )
+        detail = cgroups.unavailable() if rootless.active() else "none usable"
+        return Capability("cgroups", False, f"{detail}: boxes run, but limits cannot be set", required=False)
     where = getattr(backend, "parent", None) or next(iter(getattr(backend, "parents", {}).values()), "")
     return Capability("cgroups", True, f"{backend.version}; box cgroups under {where}", required=False)
 
@@ -225,6 +224,10 @@ def has_time_namespace() -> bool:
 
 
 def _check_time_namespace() -> Capability:
+    if rootless.active():
+        return Capability(
+            "time namespace", False, "rootless: clock= boxes need pytest run as root", required=False
+        )
     if has_time_namespace():
         return Capability("time namespace", True, "/proc/self/ns/time: clock= offsets", required=False)
     detail = "the kernel has no time namespaces (CONFIG_TIME_NS, Linux 5.6): clock= boxes cannot be made"
@@ -264,6 +267,10 @@ def require_userns() -> None:
 
 
 def _check_userns() -> Capability:
+    if rootless.active():
+        return Capability(
+            "userns", True, "rootless: every box is in a user namespace already", required=False
+        )
     gap = userns_gap()
     if gap is None:
         return Capability(
@@ -333,6 +340,10 @@ def _check_nft() -> Capability:
 
 def _check_loop() -> Capability:
     """Loop devices carry ``disks=``: a file on the host as a block device."""
+    if rootless.active():
+        return Capability(
+            "loop", False, "rootless: disks= need pytest run as root (loop devices)", required=False
+        )
     if os.path.exists("/dev/loop-control"):
         return Capability("loop", True, "/dev/loop-control", required=False)
     detail = "no /dev/loop-control: disks= cannot be made (modprobe loop; CONFIG_BLK_DEV_LOOP)"
