@@ -115,7 +115,9 @@ def _mount_host_root_by_directory(target: str, above: list[str], upper: str, wor
             if exc.errno not in (errno.EINVAL, errno.EPERM, errno.EACCES):
                 raise
             os.rmdir(f"{upper}/{name}")
-            if exc.errno == errno.EINVAL and len(layers) == 1:
+            if exc.errno == errno.EINVAL:
+                # Mounts below it: the host's directory as it is, without the layers above
+                # (a box's changes there, the skeleton's owners), rather than none of it.
                 _bind_read_only(path, f"{target}/{name}")
 
 
