@@ -89,13 +89,7 @@ class Image(ImageSource):
         cache key uses it). An image over a directory is identified by the directory's path:
         its content is not hashed.
         """
-        data = {
-            "base_dir": self.base_dir,
-            "layers": list(self.diff_ids),
-            "env": list(self.config.env),
-            "workdir": self.config.workdir,
-            "user": self.config.user,
-        }
+        data = {"base_dir": self.base_dir, "layers": list(self.diff_ids), **self.config.identity()}
         return "sha256:" + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def save(self, path: str | os.PathLike[str], format: str = "docker", *, tag: str | None = None) -> str:
@@ -211,7 +205,7 @@ def _import(
             "ref": tag or "",
             "stamp": list(stamp),
             "layers": diff_ids,
-            "config": {"env": list(config.env), "workdir": config.workdir, "user": config.user},
+            "config": config.to_index(),
             "tags": list(contents.tags),
         }
         store.write_index(key, entry)
@@ -229,8 +223,7 @@ def _from_index(reference: str, store: LayerStore, key: str, stamp: tuple[int, .
     if not all(store.has_layer(d) for d in diff_ids):
         return None  # pruned or damaged since: import again
     store.touch_index(key)
-    raw = entry.get("config", {})
-    config = ImageConfig(tuple(raw.get("env", ())), raw.get("workdir", ""), raw.get("user", ""))
+    config = ImageConfig.from_index(entry.get("config", {}))
     tags = tuple(str(t) for t in entry["tags"])
     return _image(reference, store, diff_ids, config, tags)
 

@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any, Protocol
 
 from .errors import ArgumentTypeError, ConfigError, ImageError
@@ -33,15 +33,142 @@ DIR_TRANSPORT_VERSION = b"Directory Transport Version:"
 
 
 @dataclass(frozen=True)
+class Healthcheck:
+    """An image's HEALTHCHECK: the command and its timing, as ``docker build`` records it.
+
+    ``test`` is the config's ``Test`` list: ``["CMD", prog, args...]``, ``["CMD-SHELL", line]``
+    or ``["NONE"]`` (checks switched off). Times are seconds; zero means Docker's default.
+    """
+
+    test: tuple[str, ...]
+    interval: float = 0.0
+    timeout: float = 0.0
+    start_period: float = 0.0
+    retries: int = 0
+
+    @classmethod
+    def from_config(cls, raw: Any) -> Healthcheck | None:
+        if not isinstance(raw, dict) or not isinstance(raw.get("Test"), list) or not raw["Test"]:
+            return None
+
+        def seconds(name: str) -> float:
+            value = raw.get(name) or 0
+            return value / 1e9 if isinstance(value, (int, float)) and value > 0 else 0.0
+
+        retries = raw.get("Retries") or 0
+        return cls(
+            tuple(str(part) for part in raw["Test"]),
+            seconds("Interval"),
+            seconds("Timeout"),
+            seconds("StartPeriod"),
+            retries if isinstance(retries, int) and retries > 0 else 0,
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        raw: dict[str, Any] = {"Test": list(self.test)}
+        for name, value in (
+            ("Interval", self.interval),
+            ("Timeout", self.timeout),
+            ("StartPeriod", self.start_period),
+        ):
+            if value:
+                raw[name] = int(value * 1e9)
+        if self.retries:
+            raw["Retries"] = self.retries
+        return raw
+
+
+@dataclass(frozen=True)
 class ImageConfig:
-    """What the image says about running commands: environment, working dir, user."""
+    """What the image says about running it: environment, working dir and user for every
+    command, and for its service (``Box.start_service``) the entrypoint and command, the stop
+    signal, the healthcheck and the ports it exposes.
+
+    ``entrypoint`` and ``cmd`` are None when the image does not set them (an empty list set
+    by the image is kept as ``()``: ``docker run`` treats the two differently).
+    """
 
     env: tuple[str, ...] = ()
     workdir: str = ""
     user: str = ""
+    entrypoint: tuple[str, ...] | None = None
+    cmd: tuple[str, ...] | None = None
+    stop_signal: str = ""
+    healthcheck: Healthcheck | None = None
+    exposed_ports: tuple[str, ...] = ()
 
     def env_dict(self) -> dict[str, str]:
         return dict(item.split("=", 1) for item in self.env if "=" in item)
+
+    @classmethod
+    def from_config(cls, settings: Any) -> ImageConfig:
+        """The ``config`` object of an OCI/Docker image config (``Env``, ``Cmd``, ...)."""
+        if not isinstance(settings, dict):
+            return cls()
+
+        def strings(name: str) -> tuple[str, ...] | None:
+            value = settings.get(name)
+            if value is None:
+                return None
+            if isinstance(value, str):  # schema quirk: a bare string where a list belongs
+                return (value,)
+            if not isinstance(value, list):
+                raise ImageError(f"the image config's {name} is {type(value).__name__}, not a list")
+            return tuple(str(part) for part in value)
+
+        ports = settings.get("ExposedPorts") or {}
+        return cls(
+            strings("Env") or (),
+            str(settings.get("WorkingDir") or ""),
+            str(settings.get("User") or ""),
+            strings("Entrypoint"),
+            strings("Cmd"),
+            str(settings.get("StopSignal") or ""),
+            Healthcheck.from_config(settings.get("Healthcheck")),
+            tuple(sorted(str(port) for port in ports)) if isinstance(ports, dict) else (),
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        """The ``config`` object an image config holds for these settings (what was unset is
+        left out, so an image that sets only env, workdir and user saves as it did before)."""
+        raw: dict[str, Any] = {"Env": list(self.env), "WorkingDir": self.workdir, "User": self.user}
+        if self.entrypoint is not None:
+            raw["Entrypoint"] = list(self.entrypoint)
+        if self.cmd is not None:
+            raw["Cmd"] = list(self.cmd)
+        if self.stop_signal:
+            raw["StopSignal"] = self.stop_signal
+        if self.healthcheck is not None:
+            raw["Healthcheck"] = self.healthcheck.to_config()
+        if self.exposed_ports:
+            raw["ExposedPorts"] = {port: {} for port in self.exposed_ports}
+        return raw
+
+    def to_index(self) -> dict[str, Any]:
+        """The form the cache's index keeps (read back by ``from_index``)."""
+        entry: dict[str, Any] = {"env": list(self.env), "workdir": self.workdir, "user": self.user}
+        service = {k: v for k, v in self.to_config().items() if k not in ("Env", "WorkingDir", "User")}
+        if service:
+            entry["service"] = service
+        return entry
+
+    @classmethod
+    def from_index(cls, raw: Any) -> ImageConfig:
+        if not isinstance(raw, dict):
+            return cls()
+        service = raw.get("service") or {}
+        found = cls.from_config(service if isinstance(service, dict) else {})
+        return replace(
+            found,
+            env=tuple(raw.get("env", ())),
+            workdir=str(raw.get("workdir", "")),
+            user=str(raw.get("user", "")),
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """What of the config counts in an image's identity: env, workdir and user always, the
+        service settings only when the image has some (so older identities stay as they were)."""
+        return self.to_index()
 
 
 @dataclass
@@ -359,9 +486,10 @@ def parse_config(label: str, config_raw: bytes) -> ImageConfig:
         settings = json.loads(config_raw).get("config") or {}
     except (ValueError, AttributeError) as exc:
         raise ImageError(f"{label}: the image config is not valid JSON; the archive is damaged") from exc
-    return ImageConfig(
-        tuple(settings.get("Env") or ()), settings.get("WorkingDir") or "", settings.get("User") or ""
-    )
+    try:
+        return ImageConfig.from_config(settings)
+    except ImageError as exc:
+        raise ImageError(f"{label}: {exc}; the image is damaged") from exc
 
 
 def _matches(names: list[str], tag: str) -> bool:

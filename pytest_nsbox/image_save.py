@@ -230,7 +230,7 @@ def _config(config: ImageConfig, diff_ids: list[str]) -> bytes:
             "architecture": host_architecture(),
             "os": "linux",
             "created": CREATED,
-            "config": {"Env": list(config.env), "WorkingDir": config.workdir, "User": config.user},
+            "config": config.to_config(),
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
             "history": [{"created": CREATED, "created_by": "pytest-nsbox Image.save"} for _ in diff_ids],
         }

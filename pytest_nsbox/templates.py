@@ -201,11 +201,7 @@ class Template(ImageSource):
             "layers": list(image.diff_ids),
             "base_dir": image.base_dir,
             "snapshots": image.snapshots,
-            "config": {
-                "env": list(image.config.env),
-                "workdir": image.config.workdir,
-                "user": image.config.user,
-            },
+            "config": image.config.to_index(),
             "tags": [tag],
             "built": time.time(),
             "build_seconds": round(seconds, 3),
@@ -312,8 +308,7 @@ def _image_of(entry: dict[str, Any], store: LayerStore, name: str) -> Image | No
     lowers = list(dict.fromkeys(store.layer_path(d) for d in reversed(diff_ids)))
     if base_dir:
         lowers.append(base_dir)
-    raw = entry.get("config", {})
-    config = ImageConfig(tuple(raw.get("env", ())), raw.get("workdir", ""), raw.get("user", ""))
+    config = ImageConfig.from_index(entry.get("config", {}))
     return Image(
         f"template {name}",
         tuple(lowers),
