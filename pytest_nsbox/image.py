@@ -26,8 +26,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from . import image_dir, image_docker, image_oci, image_rootfs
+from . import image_dir, image_docker, image_oci, image_registry, image_rootfs
+from . import reference as references
 from .errors import ImageError
 from .image_files import (
     Directory,
@@ -132,6 +134,9 @@ def load_image(
         if not isinstance(image, Image):
             raise ImageError(f"{reference!r} resolved to {image!r}, not an Image")
         return image
+    sink = progress if progress is not None else _default_progress
+    if references.is_registry_reference(reference):
+        return pull(reference, cache, sink)
     path, tag = split_reference(reference)
     try:
         info = os.stat(path)
@@ -149,7 +154,6 @@ def load_image(
         root = os.path.abspath(path)  # a root filesystem directory, used as it is
         image = Image(reference, (root,), base_dir=root)
     else:
-        sink = progress if progress is not None else _default_progress
         image = _import(reference, path, tag, stamp, LayerStore(cache), sink)
     with _loaded_lock:
         _loaded[memo_key] = (stamp, image)
@@ -190,15 +194,7 @@ def _import(
         report = _Reporter(os.path.basename(path), progress)
         with open_files(path, os.path.join(store.root, "tmp")) as files:
             contents = read_image(files, tag)
-            diff_ids: list[str] = []
-            report.layers = len(contents.layers)
-            for number, layer in enumerate(contents.layers, 1):
-                report.layer(number)
-                info = store.ensure_layer(
-                    layer.diff_id, layer.open, layer.what, layer.blob_digest, report.bytes
-                )
-                diff_ids.append(info.diff_id)
-            report.done()
+            diff_ids = _store_layers(contents, store, report)
         config = contents.config
         entry = {
             "source": os.path.realpath(path),
@@ -210,6 +206,123 @@ def _import(
         }
         store.write_index(key, entry)
     return _image(reference, store, diff_ids, config, contents.tags)
+
+
+def _store_layers(
+    contents: ImageContents, store: LayerStore, report: _Reporter, damaged: str | None = None
+) -> list[str]:
+    """Unpack the layers a source yields into the cache (each checked against its digests as
+    it streams; a cached one is not read at all); their diff_ids, bottom first. A download that
+    broke off is tried again, twice."""
+    diff_ids: list[str] = []
+    report.layers = len(contents.layers)
+    extra = {"damaged": damaged} if damaged else {}
+    for number, layer in enumerate(contents.layers, 1):
+        report.layer(number)
+        if layer.diff_id is not None and store.has_layer(layer.diff_id):
+            report.cached += 1
+        for attempt in range(3):
+            try:
+                info = store.ensure_layer(
+                    layer.diff_id, layer.open, layer.what, layer.blob_digest, report.bytes, **extra
+                )
+                break
+            except ImageError as exc:
+                if attempt == 2 or not image_registry.is_transient(exc):
+                    raise
+                report.say(f"{layer.what}: {exc}; trying again")
+        diff_ids.append(info.diff_id)
+    report.done()
+    return diff_ids
+
+
+# ------------------------------------------------------------------------------ registries
+
+_PULL_DAMAGED = "the download was discarded: pull again (if it repeats, the registry or a proxy alters it)"
+
+
+def pull(reference: str, cache: str | None = None, progress: ProgressReport | None = None) -> Image:
+    """The image ``docker://...`` names, from the cache when its tag was resolved in this run
+    (or ever, offline, or by digest), else from the registry.
+
+    ``nsbox pull REF`` calls this to fill the cache ahead of time.
+    """
+    ref = references.parse(reference)
+    store = LayerStore(cache)
+    memo_key = (reference, store.root)
+    with _loaded_lock:
+        known = _loaded.get(memo_key)
+        if known is not None and all(map(os.path.isdir, known[1].lowers)):
+            return known[1]
+    key = image_registry.index_keys(ref)[0]
+    image = _pinned(reference, ref, store, key)
+    if image is None:
+        with store.lock("registry-" + hashlib.sha256(key.encode()).hexdigest()[:24]):
+            image = _pinned(reference, ref, store, key)  # another worker resolved it meanwhile
+            if image is None:
+                image = _pull_new(reference, ref, store, key, progress)
+    with _loaded_lock:
+        _loaded[memo_key] = ((), image)
+    return image
+
+
+def _pinned(reference: str, ref: references.RegistryReference, store: LayerStore, key: str) -> Image | None:
+    """The cached image for ``ref`` when no registry needs asking: pinned by digest, resolved
+    earlier in this run, or --nsbox-offline (which errs when the cache does not have it)."""
+    settings = image_registry.settings
+    entry = store.read_index(key)
+    image = _registry_image(reference, store, entry)
+    if image is None:
+        if settings.offline:
+            raise image_registry.offline_miss(ref, store.root)
+        return None
+    assert entry is not None
+    if ref.digest or settings.offline or entry.get("run") == settings.run_id:
+        store.touch_index(key)
+        return image
+    return None
+
+
+def _registry_image(reference: str, store: LayerStore, entry: dict[str, Any] | None) -> Image | None:
+    if entry is None or not isinstance(entry.get("layers"), list):
+        return None
+    diff_ids = [str(d) for d in entry["layers"]]
+    if not all(store.has_layer(d) for d in diff_ids):
+        return None
+    config = ImageConfig.from_index(entry.get("config", {}))
+    return _image(reference, store, diff_ids, config, tuple(str(t) for t in entry.get("tags", ())))
+
+
+def _pull_new(
+    reference: str,
+    ref: references.RegistryReference,
+    store: LayerStore,
+    key: str,
+    progress: ProgressReport | None,
+) -> Image:
+    settings = image_registry.settings
+    entry = store.read_index(key)
+    cached = _registry_image(reference, store, entry)
+    if cached is not None and entry is not None:
+        # Pinned by an earlier run: ask whether the tag still names that digest (a HEAD,
+        # which Docker Hub does not count against its rate limit).
+        digest = image_registry.resolve_digest(ref)
+        if digest is not None and digest == entry.get("digest"):
+            store.write_index(key, entry | {"run": settings.run_id})
+            return cached
+    pulled = image_registry.pull_contents(ref)
+    for other in image_registry.index_keys(ref, pulled.digest)[1:]:
+        known = store.read_index(other)
+        found = _registry_image(reference, store, known)
+        if found is not None and known is not None:  # the tag came back to a digest we have
+            store.write_index(key, known | {"run": settings.run_id, "tags": list(pulled.contents.tags)})
+            return found
+    report = _Reporter(str(ref), progress, verb="pulling", done_verb="pulled")
+    diff_ids = _store_layers(pulled.contents, store, report, damaged=_PULL_DAMAGED)
+    entry = image_registry.entry_for(pulled, diff_ids, pulled.contents.config)
+    for index_key in image_registry.index_keys(ref, pulled.digest):
+        store.write_index(index_key, entry)
+    return _image(reference, store, diff_ids, pulled.contents.config, pulled.contents.tags)
 
 
 def _from_index(reference: str, store: LayerStore, key: str, stamp: tuple[int, ...]) -> Image | None:
@@ -241,15 +354,19 @@ class _Reporter:
     """The lines of an import that runs: one as it starts, then at most one a second while
     layers unpack (so a long import does not look hung), and one when it is done."""
 
-    def __init__(self, name: str, sink: ProgressReport | None) -> None:
+    def __init__(
+        self, name: str, sink: ProgressReport | None, verb: str = "importing", done_verb: str = "imported"
+    ) -> None:
         self.name, self.sink = name, sink
+        self.verb, self.done_verb = verb, done_verb
         self.layers = 0
         self.number = 0
         self.total = 0
+        self.cached = 0
         self.started = self.last = time.monotonic()
-        self._say(f"importing {name} ...")
+        self.say(f"{verb} {name} ...")
 
-    def _say(self, line: str) -> None:
+    def say(self, line: str) -> None:
         if self.sink is not None:
             self.sink(line)
 
@@ -261,12 +378,16 @@ class _Reporter:
         now = time.monotonic()
         if now - self.last >= 1.0:
             self.last = now
-            self._say(f"importing {self.name}: layer {self.number}/{self.layers}, {self.total / 1e6:.0f} MB")
+            self.say(f"{self.verb} {self.name}: layer {self.number}/{self.layers}, {self.total / 1e6:.0f} MB")
 
     def done(self) -> None:
         elapsed = time.monotonic() - self.started
         layers = f"{self.layers} layer{'' if self.layers == 1 else 's'}"
-        self._say(f"imported {self.name}: {layers}, {self.total / 1e6:.1f} MB unpacked, in {elapsed:.1f}s")
+        if self.cached:
+            layers += f" ({self.cached} already cached)"
+        self.say(
+            f"{self.done_verb} {self.name}: {layers}, {self.total / 1e6:.1f} MB unpacked, in {elapsed:.1f}s"
+        )
 
 
 # ------------------------------------------------------------------------------ dispatch

@@ -34,7 +34,7 @@ INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 )
-_LAYER_TYPES = {
+LAYER_TYPES = {
     "application/vnd.oci.image.layer.v1.tar",
     "application/vnd.oci.image.layer.v1.tar+gzip",
     "application/vnd.oci.image.layer.v1.tar+zstd",
@@ -45,7 +45,7 @@ _LAYER_TYPES = {
 # Layers a registry does not serve ("foreign", "non-distributable", e.g. Windows base layers):
 # the same tar, with urls to fetch it from. When the writer put the blob in the archive anyway,
 # it unpacks like any layer; when not, nothing is downloaded.
-_FOREIGN_LAYER_TYPES = {
+FOREIGN_LAYER_TYPES = {
     "application/vnd.oci.image.layer.nondistributable.v1.tar",
     "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
@@ -138,13 +138,13 @@ def manifest_layers(
         media_type = layer.get("mediaType", "")
         digest = layer.get("digest", "")
         name = blob_path(label, digest)
-        if media_type in _FOREIGN_LAYER_TYPES and name not in files.names():
+        if media_type in FOREIGN_LAYER_TYPES and name not in files.names():
             raise ImageError(
                 f"{label}: layer {digest} is a non-distributable (foreign) layer that the archive "
                 "does not hold, and this tool downloads nothing; export the image with its foreign "
                 "layers included (skopeo copy and podman save include them when they have them)"
             )
-        if media_type not in _LAYER_TYPES and media_type not in _FOREIGN_LAYER_TYPES:
+        if media_type not in LAYER_TYPES and media_type not in FOREIGN_LAYER_TYPES:
             raise ImageError(
                 f"{label}: layer {digest} has media type {media_type!r}, which is not a layer this "
                 "tool can unpack (encrypted or unknown layers are not supported); export the image "

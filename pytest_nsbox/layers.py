@@ -44,6 +44,9 @@ def default_cache() -> str:
     )
 
 
+_DAMAGED = "the archive is damaged or was altered: export it again"
+
+
 class HashingReader(io.RawIOBase):
     """A read-only stream that hashes what passes through it (and counts it)."""
 
@@ -134,11 +137,13 @@ class LayerStore:
         what: str,
         blob_digest: str | None = None,
         progress: Progress | None = None,
+        damaged: str = _DAMAGED,
     ) -> LayerInfo:
         """The layer's directory, extracting it first unless it is cached already.
 
         ``diff_id`` None (a plain rootfs tarball has no config to name it) means: extract, and
-        name the layer by the digest found.
+        name the layer by the digest found. ``damaged`` ends the error a digest mismatch
+        raises: what the user should do (export the archive again, pull again).
         """
         if diff_id is not None and self.has_layer(diff_id):
             return self._info(diff_id)
@@ -146,7 +151,7 @@ class LayerStore:
         with self.lock(f"layer-{name}"):
             if diff_id is not None and self.has_layer(diff_id):
                 return self._info(diff_id)  # another process extracted it while we waited
-            return self._extract(diff_id, open_blob, what, blob_digest, progress)
+            return self._extract(diff_id, open_blob, what, blob_digest, progress, damaged)
 
     def _extract(
         self,
@@ -155,6 +160,7 @@ class LayerStore:
         what: str,
         blob_digest: str | None,
         progress: Progress | None,
+        damaged: str = _DAMAGED,
     ) -> LayerInfo:
         work = self.work_dir("layer")
         try:
@@ -169,13 +175,12 @@ class LayerStore:
             found = uncompressed.hexdigest()
             if diff_id is not None and found != diff_id:
                 raise ImageError(
-                    f"{what}: the layer's content has digest {found}, but the image says {diff_id}; "
-                    "the archive is damaged or was altered: export it again"
+                    f"{what}: the layer's content has digest {found}, but the image says {diff_id}; {damaged}"
                 )
             if blob_digest is not None and compressed.hexdigest() != blob_digest:
                 raise ImageError(
                     f"{what}: the blob has digest {compressed.hexdigest()}, but its name or manifest "
-                    f"says {blob_digest}; the archive is damaged: export it again"
+                    f"says {blob_digest}; {damaged}"
                 )
             diff_id = found
             if self.has_layer(diff_id):  # a rootfs tarball whose layer we already had

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from . import hookspecs, interrupts, network, probe, reaper, report, templates
+from . import hookspecs, interrupts, network, probe, reaper, reference, report, templates
 from .box import Box, before_next_box, forget_hook, stop_all
 from .cgroups import Cgroup
 from .cluster import RESERVED as CLUSTER_RESERVED
@@ -160,10 +160,13 @@ def pytest_configure(config: pytest.Config) -> None:
     defaults: dict[str, Any] = {}
     image = _path_option(config, "nsbox_image")
     if image is not None:
-        path, tag = split_reference(image)
-        if not os.path.exists(path):
-            raise pytest.UsageError(f"--nsbox-image / nsbox_image: {path!r} does not exist")
-        defaults["image"] = os.path.abspath(path) + (f"#{tag}" if tag else "")  # tests may chdir
+        if reference.is_registry_reference(image):
+            defaults["image"] = image
+        else:
+            path, tag = split_reference(image)
+            if not os.path.exists(path):
+                raise pytest.UsageError(f"--nsbox-image / nsbox_image: {path!r} does not exist")
+            defaults["image"] = os.path.abspath(path) + (f"#{tag}" if tag else "")  # tests may chdir
     cache = _path_option(config, "nsbox_cache")
     if cache is not None:
         defaults["cache"] = os.path.abspath(cache)
@@ -360,7 +363,9 @@ def _path_option(config: pytest.Config, name: str) -> str | None:
     if not value:
         return None
     base = config.inipath.parent if config.inipath else config.rootpath
-    return str(value) if os.path.isabs(value) else str(base / value)
+    if os.path.isabs(value) or reference.is_registry_reference(value):
+        return str(value)
+    return str(base / value)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

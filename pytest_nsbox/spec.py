@@ -24,6 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from . import reference
 from .errors import ArgumentTypeError, ConfigError
 
 HOSTNAME_MAX = 64  # HOST_NAME_MAX: sethostname(2) refuses longer names with EINVAL.
@@ -240,13 +241,17 @@ class BoxSpec:
 def _image(value: object, what: str) -> str | ImageSource | None:
     if isinstance(value, ImageSource):
         return value
+    if reference.is_registry_reference(value):
+        reference.parse(str(value), what)  # a malformed name fails here, before any box
+        return str(value)
     if isinstance(value, (str, os.PathLike)) or value is None:
         return _path_or_none(value, what)
     hint = ""
     if callable(value):
         hint = " (a function: decorate it with @pytest_nsbox.template to make it an image)"
     raise ArgumentTypeError(
-        f"{what}: expected an image path, an Image (Box.snapshot()) or a template, "
+        f"{what}: expected an image path, a docker://HOST/NAME:TAG reference, an Image (Box.snapshot()) "
+        "or a template, "
         f"got {type(value).__name__} {value!r}{hint}"
     )
 

@@ -282,7 +282,10 @@ def test_image_and_cache_accept_path_like(tmp_path: pathlib.Path) -> None:
 def test_image_and_cache_must_be_non_empty_paths(option: str, value: object) -> None:
     message = config_error(**{option: value})
     if option == "image" and value != "":
-        expected = "expected an image path, an Image (Box.snapshot()) or a template, got"
+        expected = (
+            "expected an image path, a docker://HOST/NAME:TAG reference, an Image (Box.snapshot()) "
+            "or a template, got"
+        )
         assert message == f"{MARKER}: image: {expected} {type(value).__name__} {value!r}"
     else:
         assert message == f"{MARKER}: {option}: expected a path, got {value!r}"
