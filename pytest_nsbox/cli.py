@@ -1,5 +1,5 @@
 """The ``nsbox`` command: ``doctor`` (can this host make boxes?), ``images`` (the layer cache),
-``gc`` (what killed runs left behind)."""
+``pull`` (fill it from a registry ahead of time), ``gc`` (what killed runs left behind)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import argparse
 import sys
 import time
 
-from . import kept, probe, reaper, state
+from . import image_registry, kept, probe, reaper, reference, state
 from .box import Box
 from .errors import NsboxError
+from .image import pull
 from .layers import LayerStore, default_cache
 
 
@@ -29,6 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     images.add_argument(
         "--days", type=float, default=7.0, help="with --prune: 'recent' means this many days (default 7)"
+    )
+    pull = commands.add_parser(
+        "pull",
+        help="pull images by reference (docker://HOST/NAME:TAG) into the layer cache, for offline runs",
+    )
+    pull.add_argument("references", nargs="+", metavar="REF", help="docker://[HOST/]NAME[:TAG][@DIGEST]")
+    pull.add_argument("--cache", metavar="DIR", help=f"the cache directory (default {default_cache()})")
+    pull.add_argument(
+        "--mirror",
+        action="append",
+        default=[],
+        metavar="URL|HOST=URL",
+        help="a registry mirror to ask first (as --nsbox-registry-mirror); repeatable",
     )
     gc = commands.add_parser(
         "gc", help="remove what killed pytest-nsbox processes left: cgroups, leases, bridges, NAT rules"
@@ -54,7 +68,31 @@ def main(argv: list[str] | None = None) -> int:
         return doctor_command(try_box=not args.no_box)
     if args.command == "images":
         return images_command(args.cache, args.prune, args.days)
+    if args.command == "pull":
+        return pull_command(args.references, args.cache, args.mirror)
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def pull_command(refs: list[str], cache: str | None, mirrors: list[str]) -> int:
+    """Pull each reference (a tag is asked of its registry again); exit status 1 if one fails."""
+    failed = 0
+    try:
+        image_registry.configure(mirrors=mirrors)
+    except NsboxError as exc:
+        print(f"nsbox pull: {exc}", file=sys.stderr)
+        return 2
+    for ref in refs:
+        if not reference.is_registry_reference(ref):
+            ref = reference.PREFIX + ref  # `nsbox pull redis:7` means what docker pull means
+        try:
+            image = pull(ref, cache, progress=print)
+        except NsboxError as exc:
+            print(f"nsbox pull: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        entry = LayerStore(cache).read_index(image_registry.index_keys(reference.parse(ref))[0]) or {}
+        print(f"{ref}: {entry.get('digest', '?')} ({len(image.diff_ids)} layers) in {LayerStore(cache).root}")
+    return 1 if failed else 0
 
 
 def doctor_command(try_box: bool = True) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from . import hookspecs, interrupts, network, probe, reaper, reference, report, templates
+from . import hookspecs, image_registry, interrupts, network, probe, reaper, reference, report, templates
 from .box import Box, before_next_box, forget_hook, stop_all
 from .cgroups import Cgroup
 from .cluster import RESERVED as CLUSTER_RESERVED
@@ -104,11 +104,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--nsbox-image",
-        metavar="PATH[#TAG]",
+        metavar="PATH[#TAG]|docker://REF",
         default=None,
         help="image every box boots (docker/podman save archive, OCI archive or layout, rootfs "
-        "tarball or directory; #repo:tag picks one of several). Default: the host's own /. "
-        "ini: nsbox_image",
+        "tarball or directory; #repo:tag picks one of several; or docker://HOST/NAME:TAG, pulled "
+        "from its registry). Default: the host's own /. ini: nsbox_image",
     )
     group.addoption(
         "--nsbox-cache",
@@ -143,6 +143,38 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         "nsbox_userns", type="bool", default=False, help="every box gets userns=True (see --nsbox-userns)"
     )
+    group.addoption(
+        "--nsbox-registry-mirror",
+        action="append",
+        metavar="URL|HOST=URL",
+        default=None,
+        help="ask this registry mirror (a pull-through cache) before Docker Hub, or, as HOST=URL, "
+        "before the registry HOST; repeatable, tried in order. ini: nsbox_registry_mirrors",
+    )
+    parser.addini(
+        "nsbox_registry_mirrors",
+        type="linelist",
+        default=[],
+        help="registry mirrors (see --nsbox-registry-mirror)",
+    )
+    group.addoption(
+        "--nsbox-offline",
+        action="store_true",
+        default=None,
+        help="never reach a registry: docker:// images come from the cache alone (fill it with "
+        "`nsbox pull REF`), and a missing one is an error. ini: nsbox_offline",
+    )
+    parser.addini(
+        "nsbox_offline", type="bool", default=False, help="no registry access (see --nsbox-offline)"
+    )
+    group.addoption(
+        "--nsbox-template-cache",
+        metavar="docker://HOST/REPO",
+        default=None,
+        help="share built templates through this registry repository: look a template up there by "
+        "its cache key before building it, push it after a build. ini: nsbox_template_cache",
+    )
+    parser.addini("nsbox_template_cache", type="string", default="", help="registry repository of templates")
     parser.addini("nsbox_image", type="string", default="", help="image every box boots (see --nsbox-image)")
     parser.addini("nsbox_cache", type="string", default="", help="image layer cache directory")
     parser.addini(
@@ -213,7 +245,23 @@ def _configure_templates(config: pytest.Config, default_image: str | None) -> No
     def report_line(line: str) -> None:
         _say(config, line)
 
-    templates.configure(default_image=default_image, rebuild=rebuild, run_id=run_id, report_line=report_line)
+    template_cache = config.getoption("nsbox_template_cache") or config.getini("nsbox_template_cache") or None
+    mirrors = config.getoption("nsbox_registry_mirror") or config.getini("nsbox_registry_mirrors") or []
+    offline = config.getoption("nsbox_offline")
+    offline = bool(config.getini("nsbox_offline") if offline is None else offline)
+    try:
+        if template_cache is not None:
+            reference.parse(template_cache, "--nsbox-template-cache / nsbox_template_cache")
+        image_registry.configure(mirrors=list(mirrors), offline=offline, run_id=run_id)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    templates.configure(
+        default_image=default_image,
+        rebuild=rebuild,
+        run_id=run_id or image_registry.settings.run_id,
+        report_line=report_line,
+        template_cache=template_cache,
+    )
 
 
 def _say(config: pytest.Config, line: str) -> None:
@@ -236,7 +284,14 @@ def _say(config: pytest.Config, line: str) -> None:
 # before any plugin has added its options: there, the value of ``--nsbox-image /x/img.tar``
 # (with a space, not ``=``) is a free argument, and as it names a file, pytest counts it as a
 # test path. Nothing a plugin does runs early enough to prevent that; it can only notice.
-_VALUE_OPTIONS = ("--nsbox-image", "--nsbox-cache", "--nsbox-subnet", "--nsbox-keep")
+_VALUE_OPTIONS = (
+    "--nsbox-image",
+    "--nsbox-cache",
+    "--nsbox-subnet",
+    "--nsbox-keep",
+    "--nsbox-registry-mirror",
+    "--nsbox-template-cache",
+)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -27,6 +27,11 @@ reads, or files it was not told about: list them in ``inputs`` or use ``--nsbox-
 Several pytest-xdist workers or sessions asking for the same template wait on one file lock:
 one builds, the others find its image. The index entry is written only after the image is
 whole, so a build killed midway leaves nothing a later run would use.
+
+With a template cache (``--nsbox-template-cache docker://HOST/REPO``), a key missing from the
+local cache is looked up in that registry repository (tag ``<name>-<key>``) before building,
+and a build is pushed there: the shards of a CI run on many machines build each template once
+in total, and a developer's machine pulls what CI built. A push that fails warns; the run goes on.
 """
 
 from __future__ import annotations
@@ -39,17 +44,24 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, overload
 
-from . import report
+from . import registry_push, report
 from .box import Box
-from .errors import ArgumentTypeError, ConfigError, TemplateError
+from .errors import ArgumentTypeError, ConfigError, ImageError, NsboxError, TemplateError
 from .image import Image, ImageConfig, load_image
 from .layers import LayerStore
+from .registry_http import RegistryError
 from .spec import BoxSpec, ImageSource
 
-__all__ = ["Template", "configure", "template"]
+__all__ = ["Template", "TemplateCacheWarning", "configure", "template"]
+
+
+class TemplateCacheWarning(UserWarning):
+    """A template could not be pushed to the template cache (the run goes on without it)."""
+
 
 INDEX_PREFIX = "template:"
 _KEY_VERSION = 1  # bump when the key's recipe changes: old entries then simply miss
@@ -69,6 +81,7 @@ class _Settings:
         self.rebuild = False
         self.run_id = uuid.uuid4().hex
         self.report: ReportLine | None = None
+        self.template_cache: str | None = None
 
 
 _settings = _Settings()
@@ -80,12 +93,18 @@ def configure(
     rebuild: bool = False,
     run_id: str | None = None,
     report_line: ReportLine | None = None,
+    template_cache: str | None = None,
 ) -> None:
-    """Set by the pytest plugin at the start of a session (``Box`` alone needs none of it)."""
+    """Set by the pytest plugin at the start of a session (``Box`` alone needs none of it).
+
+    ``template_cache`` (``docker://HOST/REPO``) is a registry repository templates are shared
+    through: looked up by key before a build, pushed to after one.
+    """
     _settings.default_image = default_image
     _settings.rebuild = rebuild
     _settings.run_id = run_id or uuid.uuid4().hex
     _settings.report = report_line
+    _settings.template_cache = template_cache
 
 
 class Template(ImageSource):
@@ -160,7 +179,12 @@ class Template(ImageSource):
             if found is not None:
                 return found
             store.sweep_unfinished()  # what a build killed midway left
-            return self._build(store, base, index_key, key)
+            shared = None if _settings.rebuild else self._from_registry(store, index_key, key)
+            if shared is not None:
+                return shared
+            image = self._build(store, base, index_key, key)
+            self._share(image, store, key)
+            return image
 
     def _from_index(self, store: LayerStore, index_key: str) -> Image | None:
         entry = store.read_index(index_key)
@@ -173,6 +197,68 @@ class Template(ImageSource):
             return None  # a layer was pruned since: build again
         store.touch_index(index_key)
         return image
+
+    def remote_reference(self, key: str) -> str | None:
+        """Where the template cache keeps this template for ``key`` (None: no template cache)."""
+        if not _settings.template_cache:
+            return None
+        repository = _settings.template_cache.split("@")[0]
+        if ":" in repository.split("/")[-1]:
+            repository = repository.rsplit(":", 1)[0]  # a tag given with the repository: ours wins
+        return f"{repository}:{_tag_name(self.name)[:40]}-{key}"
+
+    def _from_registry(self, store: LayerStore, index_key: str, key: str) -> Image | None:
+        remote = self.remote_reference(key)
+        if remote is None:
+            return None
+        say = _settings.report
+        try:
+            pulled = load_image(remote, store.root)
+        except ImageError as exc:
+            if not (isinstance(exc, RegistryError) and exc.status == 404) and say is not None:
+                say(f"template {self.name}: not taken from the template cache ({exc}); building")
+            return None
+        entry = {
+            "kind": "template",
+            "name": self.name,
+            "source": f"template {self.name}",
+            "pulled_from": remote,
+            "layers": list(pulled.diff_ids),
+            "base_dir": "",
+            "snapshots": 1,
+            "config": pulled.config.to_index(),
+            "tags": [f"localhost/nsbox-template-{_tag_name(self.name)}:{key[:12]}"],
+            "built": time.time(),
+            "run": _settings.run_id,
+            "own_layer": store.layer_path(pulled.diff_ids[-1]) if pulled.diff_ids else "",
+        }
+        store.write_index(index_key, entry)
+        if say is not None:
+            say(f"template {self.name}: pulled from {remote}")
+        return _image_of(entry, store, self.name)
+
+    def _share(self, image: Image, store: LayerStore, key: str) -> None:
+        """Push a fresh build to the template cache; a failure warns and the run goes on."""
+        remote = self.remote_reference(key)
+        if remote is None:
+            return
+        say = _settings.report
+        problem = None
+        if image.base_dir:
+            problem = f"it is built over the directory {image.base_dir}, which is this machine's alone"
+        else:
+            try:
+                registry_push.push(image, remote, os.path.join(store.root, "tmp"))
+            except (NsboxError, OSError) as exc:
+                problem = str(exc)
+        if problem is None:
+            if say is not None:
+                say(f"template {self.name}: pushed to {remote}")
+            return
+        message = f"template {self.name}: not pushed to the template cache {remote}: {problem}"
+        warnings.warn(message, TemplateCacheWarning, stacklevel=2)
+        if say is not None:
+            say(message)
 
     def _build(self, store: LayerStore, base: Image, index_key: str, key: str) -> Image:
         say = _settings.report
