@@ -32,6 +32,7 @@ import features
 import images
 import lifecycle
 import prepared
+import pull
 import psutil
 import rootless
 import scale
@@ -54,6 +55,7 @@ SECTIONS: dict[str, SectionRun] = {
     # freeing and writing back a gigabyte or so for a while after they end.
     "scale": scale.run,
     "image": images.run,
+    "pull": pull.run,
     "workload": workload.run,
     # Last: it writes and removes a few gigabytes (snapshots, copies, inner test runs), and its
     # inner pytest runs start helpers of their own.
@@ -174,6 +176,15 @@ def targets(sections: dict[str, Section]) -> list[Target]:
                 False,
             )
         )
+    found.append(
+        ratio_target(
+            "pull from a local registry / skopeo copy to dir:",
+            median_of(sections.get("pull"), pull.PULL_ROW),
+            median_of(sections.get("pull"), pull.SKOPEO_ROW),
+            1.2,
+            True,
+        )
+    )
     return (
         found
         + cluster_targets(sections.get("cluster"))

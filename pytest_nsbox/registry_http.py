@@ -204,8 +204,32 @@ def certs_dirs() -> list[str]:
     return dirs
 
 
+# Loading the system's CAs takes 15-20 ms: a context is made once per host and set of CA files
+# (a file added to certs.d, or a changed SSL_CERT_FILE, makes a new one).
+_contexts: dict[tuple[object, ...], tuple[ssl.SSLContext, list[str]]] = {}
+# Loopback registries found to speak no TLS: not tried in TLS again by this process.
+_plain_hosts: set[str] = set()
+
+
 def tls_context(host: str) -> tuple[ssl.SSLContext, list[str]]:
     """The TLS context for ``host`` (``name:port``) and the CA files it trusts beyond the system's."""
+    files = []
+    for base in certs_dirs():
+        directory = os.path.join(base, host)
+        try:
+            for name in sorted(os.listdir(directory)):
+                path = os.path.join(directory, name)
+                files.append((path, os.stat(path).st_mtime_ns))
+        except OSError:
+            continue
+    key = (host, tuple(files), os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    known = _contexts.get(key)
+    if known is None:
+        known = _contexts[key] = _new_context(host)
+    return known
+
+
+def _new_context(host: str) -> tuple[ssl.SSLContext, list[str]]:
     context = ssl.create_default_context()
     loaded: list[str] = []
     for base in certs_dirs():
@@ -303,6 +327,8 @@ class RegistryClient:
         self.prefix = parsed.path.rstrip("/")
         self.registry = registry
         self.may_downgrade = "://" not in base and is_loopback(self.host)
+        if self.may_downgrade and self.host in _plain_hosts:
+            self.scheme = "http"
         self.push = push
         self.offline = offline
         self._search: CredentialSearch | None = None
@@ -459,6 +485,7 @@ class RegistryClient:
             connection.close()
             if host == self.host and self.may_downgrade and self.scheme == "https":
                 self.scheme = "http"  # a loopback registry without TLS, as Docker allows
+                _plain_hosts.add(host)
                 return self._send("http", host, method, target, headers, body)
             raise RegistryError(self._tls_problem(host, exc)) from exc
         except socket.gaierror as exc:
