@@ -57,7 +57,7 @@ def start_registry(directory: Path, stack: ExitStack) -> str:
         f"    rootdirectory: {directory / 'data'}\n"
         f"http:\n  addr: 127.0.0.1:{port}\n"
     )
-    log = open(directory / "registry.log", "wb")  # noqa: SIM115 - closed by the stack
+    log = open(directory / "registry.log", "wb")
     stack.callback(log.close)
     process = subprocess.Popen(
         ["docker-registry", "serve", str(config)],
@@ -82,9 +82,8 @@ def start_registry(directory: Path, stack: ExitStack) -> str:
             return f"127.0.0.1:{port}"
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"docker-registry did not start: {(directory / 'registry.log').read_text()}"
-                )
+                log_text = (directory / "registry.log").read_text()
+                raise RuntimeError(f"docker-registry did not start: {log_text}") from None
             time.sleep(0.05)
 
 

@@ -32,8 +32,8 @@ import features
 import images
 import lifecycle
 import prepared
-import pull
 import psutil
+import pull
 import rootless
 import scale
 import workload
