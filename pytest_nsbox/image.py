@@ -320,8 +320,12 @@ def _pull_new(
     report = _Reporter(str(ref), progress, verb="pulling", done_verb="pulled")
     diff_ids = _store_layers(pulled.contents, store, report, damaged=_PULL_DAMAGED)
     entry = image_registry.entry_for(pulled, diff_ids, pulled.contents.config)
-    for index_key in image_registry.index_keys(ref, pulled.digest):
-        store.write_index(index_key, entry)
+    keys = image_registry.index_keys(ref, pulled.digest)
+    for index_key in keys:
+        # The digest's entry names the image by digest (nsbox images lists each once).
+        by_digest = index_key != keys[0] or not ref.tag
+        source = f"{references.PREFIX}{ref.name}@{pulled.digest}" if by_digest else entry["source"]
+        store.write_index(index_key, entry | {"source": source})
     return _image(reference, store, diff_ids, pulled.contents.config, pulled.contents.tags)
 
 

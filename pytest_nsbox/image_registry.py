@@ -340,8 +340,8 @@ def index_keys(ref: RegistryReference, digest: str | None = None) -> list[str]:
 
 def entry_for(pulled: Pulled, layers: list[str], config: ImageConfig) -> dict[str, Any]:
     return {
+        "kind": "registry",
         "source": str(pulled.reference),
-        "ref": pulled.reference.tag or "",
         "digest": pulled.digest,
         "layers": layers,
         "config": config.to_index(),

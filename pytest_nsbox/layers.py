@@ -341,6 +341,9 @@ class LayerStore:
 def _entry_name(entry: dict[str, Any]) -> str:
     if entry.get("kind") == "template":
         return f"template {entry.get('name')} (key {str(entry.get('key', '')).split(':', 1)[-1][:12]})"
+    if entry.get("kind") == "registry":
+        source, digest = str(entry.get("source")), str(entry.get("digest", ""))
+        return f"image {source}" + ("" if digest in source else f" ({digest[:19]})")
     return f"image {entry.get('source')}{'#' + entry['ref'] if entry.get('ref') else ''}"
 
 
