@@ -387,7 +387,7 @@ class _Reporter:
     def done(self) -> None:
         elapsed = time.monotonic() - self.started
         layers = f"{self.layers} layer{'' if self.layers == 1 else 's'}"
-        if self.cached:
+        if self.cached and self.verb == "pulling":  # (an import's line keeps its documented form)
             layers += f" ({self.cached} already cached)"
         self.say(
             f"{self.done_verb} {self.name}: {layers}, {self.total / 1e6:.1f} MB unpacked, in {elapsed:.1f}s"
