@@ -10,6 +10,7 @@ import time
 import psutil
 import pytest
 from cleanup import box_dm_devices, box_loop_devices
+from local_registry import registry, secure_registry  # noqa: F401 - fixtures for every test
 from rootless_skips import reason_for
 
 from pytest_nsbox import cgroups, live_boxes, network, probe, state, zygote
