@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 import urllib.parse
@@ -42,8 +43,7 @@ def push(image: Saveable, target: str, scratch: str | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="push-", dir=scratch) as work:
         archive = image.save(os.path.join(work, "image.tar"), "oci")
         layout = os.path.join(work, "layout")
-        with tarfile.open(archive) as tar:
-            tar.extractall(layout, filter="data")
+        _unpack(archive, layout)
         os.unlink(archive)
         with open(os.path.join(layout, "index.json")) as handle:
             descriptor = json.load(handle)["manifests"][0]
@@ -62,6 +62,22 @@ def push(image: Saveable, target: str, scratch: str | None = None) -> str:
         )
         _expect(client, answer, (201, 200), f"{ref}: storing the manifest")
     return str(descriptor["digest"])
+
+
+def _unpack(archive: str, layout: str) -> None:
+    """The OCI archive ``Image.save`` just wrote, as files (regular files only: it has nothing
+    else; names are checked all the same, as for any archive)."""
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            name = os.path.normpath(member.name)
+            if not member.isfile() or name.startswith(("/", "..")):
+                continue
+            target = os.path.join(layout, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            source = tar.extractfile(member)
+            assert source is not None
+            with source, open(target, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
 
 
 def _scope(ref: references.RegistryReference) -> str:

@@ -249,8 +249,10 @@ class Template(ImageSource):
         else:
             try:
                 registry_push.push(image, remote, os.path.join(store.root, "tmp"))
-            except (NsboxError, OSError) as exc:
-                problem = str(exc)
+            except Exception as exc:  # a push is a bonus: whatever goes wrong, the run goes on
+                problem = (
+                    str(exc) if isinstance(exc, (NsboxError, OSError)) else f"{type(exc).__name__}: {exc}"
+                )
         if problem is None:
             if say is not None:
                 say(f"template {self.name}: pushed to {remote}")
