@@ -25,7 +25,21 @@ from typing import Any
 
 import psutil
 
-from . import cgroups, channel, idmap, kept, power, probe, rootless, state, syscalls, teardown, waits, zygote
+from . import (
+    cgroups,
+    channel,
+    idmap,
+    kept,
+    power,
+    probe,
+    rootless,
+    service,
+    state,
+    syscalls,
+    teardown,
+    waits,
+    zygote,
+)
 from . import network as networking
 from .boxfs import BoxFiles
 from .devices import box_devices
@@ -102,7 +116,7 @@ class Box:
         tmpfs: Mapping[str, Any] | None = None,
         subnet: str | None = None,
         nat: bool = False,
-        publish: Mapping[int, int] | None = None,
+        publish: Mapping[int, int] | str | None = None,
         devices: Sequence[str] | None = None,
         no_new_privileges: bool = False,
         logs: Sequence[str] | None = None,
@@ -172,6 +186,7 @@ class Box:
         self._after_restart: list[Callable[[Box], None]] = []
         self._disks: dict[str, Disk] = {}
         self._idmap: idmap.Lease | None = None  # the host ids of a userns box, while it runs
+        self.service: BoxProcess | None = None  # what start_service() started
 
     @property
     def hostname(self) -> str:
@@ -301,7 +316,20 @@ class Box:
             if self.spec.nat:
                 assert self.network is not None
                 networking.nat.enable(self.network)
-            for host_port, box_port in self.spec.publish.items():
+            published = dict(self.spec.publish)
+            if self.spec.publish_exposed:
+                ports = service.exposed_tcp_ports(image.config, image.reference)
+                if not ports:
+                    raise ConfigError(
+                        f"box {self.id}: publish='exposed': the image {image.reference} exposes no TCP "
+                        "port (no ExposedPorts); publish them by number: publish={host_port: box_port}"
+                    )
+                for box_port in ports:
+                    if box_port not in published.values():
+                        self._published[box_port] = networking.Forwarder(
+                            self.id, self._require_pid(), 0, box_port
+                        )
+            for host_port, box_port in published.items():
                 self._published[box_port] = networking.Forwarder(
                     self.id, self._require_pid(), host_port, box_port
                 )
@@ -872,6 +900,93 @@ class Box:
         process = self._start_command(cmd, request)
         self._last_spawned = process
         return process
+
+    def start_service(self, args: Sequence[str] | None = None) -> BoxProcess:
+        """Start what the image says it runs, as ``docker run IMAGE [ARGS]`` would: its
+        Entrypoint followed by ``args``, or by its Cmd when ``args`` is None, with the image's
+        Env, WorkingDir and User (those of every command). The process's ``stop()`` and
+        ``terminate()`` send the image's StopSignal (``SIGQUIT`` for nginx), as ``docker stop``.
+
+        It becomes ``box.service`` and the process the waits watch (``wait_healthy``,
+        ``wait_for_port``): a service that dies ends the wait at once, with its output.
+        """
+        self._require_awake("start_service()")
+        image = self.image or HOST_ROOT
+        argv = service.command(image.config, args, image.reference)
+        process = self.spawn(argv)
+        process.stop_signal = service.stop_signal(image.config)
+        self.service = process
+        return process
+
+    def wait_healthy(self, timeout: float | None = None) -> RunResult:
+        """Run the image's HEALTHCHECK every interval until it passes; returns that check.
+
+        The first check runs at once, then one each ``Interval`` of the image (30 s when it
+        sets none), each cut off after its ``Timeout``. Failures during ``StartPeriod`` do not
+        count, as in Docker. ``timeout`` defaults to the time Docker takes to call the
+        container unhealthy: StartPeriod + Retries x (Interval + Timeout). Gives up with
+        ``WaitTimeoutError`` holding the last check's status and output, with
+        ``ProcessExitedError`` at once if the service (``start_service``) dies, and with
+        ``BoxError`` at once if the image has no HEALTHCHECK.
+        """
+        self._require_awake("wait_healthy()")
+        image = self.image or HOST_ROOT
+        plan = service.health_plan(image.config.healthcheck, image.reference)
+        seconds = timeout_seconds(timeout, "wait_healthy(): timeout", optional=True)
+        if seconds is None:
+            seconds = plan.start_period + plan.retries * (plan.interval + plan.timeout)
+        request = command_request(plan.argv, source="wait_healthy()")
+        watched = self.service if self.service is not None and self.service.returncode is None else None
+        began = watched.started if watched is not None else time.monotonic()
+        deadline = time.monotonic() + seconds
+        checks: list[BoxProcess] = []
+        failures = [0]
+        next_check = [0.0]
+
+        def check() -> RunResult | None:
+            now = time.monotonic()
+            if now < next_check[0]:
+                return None
+            next_check[0] = now + plan.interval
+            attempt = self._start_command(plan.argv, request, record=False)
+            checks[:] = [attempt]
+            try:
+                attempt.wait(min(plan.timeout, max(deadline - time.monotonic(), ATTEMPT_GRACE)))
+            except subprocess.TimeoutExpired:
+                attempt.kill(signal.SIGKILL, group=True)
+                attempt.wait(STOP_TIMEOUT)
+            result = attempt.result()
+            if result.returncode == 0:
+                return result
+            if time.monotonic() - began >= plan.start_period:
+                failures[0] += 1
+            return None
+
+        def timed_out() -> str:
+            text = (
+                f"box {self.id}: the image's healthcheck ({plan.text}) did not pass within {seconds:g}s: "
+                f"{failures[0]} failed check(s) after the start period (Docker calls a container "
+                f"unhealthy after {plan.retries})"
+            )
+            if not checks:
+                return text
+            last = checks[0]
+            output = last._output_tail()
+            text += f"; the last check {last.outcome()}"
+            return text + (f", with this output:\n{output}" if output else ", without output")
+
+        try:
+            return waits.until(
+                check,
+                seconds,
+                watched=watched,
+                waiting_for="its healthcheck to pass",
+                timed_out=timed_out,
+                interval=min(plan.interval, 0.1),
+            )
+        finally:
+            if checks:
+                self._remember(checks[0])
 
     def _start_command(
         self, cmd: str | Sequence[Any], request: CommandRequest, *, record: bool = True

@@ -17,7 +17,18 @@ from typing import Any
 
 import pytest
 
-from . import hookspecs, image_registry, interrupts, network, probe, reaper, reference, report, templates
+from . import (
+    hookspecs,
+    image_registry,
+    interrupts,
+    network,
+    probe,
+    reaper,
+    reference,
+    report,
+    service,
+    templates,
+)
 from .box import Box, before_next_box, forget_hook, stop_all
 from .cgroups import Cgroup
 from .cluster import RESERVED as CLUSTER_RESERVED
@@ -30,7 +41,7 @@ from .errors import (
     NsboxError,
     RootlessError,
 )
-from .image import load_image, set_progress, split_reference
+from .image import HOST_ROOT, load_image, set_progress, split_reference
 from .netpair import NetPair
 from .overlay import OverlayRoot
 from .spec import BoxSpec, parse_limits
@@ -63,13 +74,15 @@ _BOX_FIXTURES = frozenset(
 _MARKER_HELP = (
     "nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None, cache=None, "
     "network='none'|'bridge', limits=None, nat=False, publish=None, subnet=None, devices=None, "
-    "no_new_privileges=False, logs=None, disks=None, clock=None, userns=False): configure the "
+    "no_new_privileges=False, logs=None, disks=None, clock=None, userns=False, service=False): configure the "
     "test's nsbox, e.g. tmpfs={'/data': '16M'} for a size-capped scratch dir, "
     "disks={'/data': '64M'} for a real ext4 filesystem on a loop device, "
     "limits={'pids': 10, 'memory': '64M', 'cpus': 0.5}, network='bridge' for eth0 with an address, "
     "logs=['/srv/app/*.log'] for their last lines in a failure report (default: what it wrote under "
     "/var/log), clock={'monotonic': '+400d', 'boottime': '+400d'} for a box whose uptime is 400 days, "
-    "userns=True for a box whose root is an unprivileged range of host ids"
+    "userns=True for a box whose root is an unprivileged range of host ids, "
+    "service=True to start the image's service (Entrypoint + Cmd) and wait until it is healthy, "
+    "publish='exposed' for each of the image's ExposedPorts on a free host port (box.host_port(PORT))"
 )
 
 
@@ -826,9 +839,33 @@ def nsbox(request: pytest.FixtureRequest, _nsbox_registry: BoxRegistry) -> Box:
                 f"@pytest.mark.nsbox takes keyword arguments only, got {marker.args!r}", pytrace=False
             )
         options = dict(marker.kwargs)
+    run_service = options.pop("service", False)
+    if not isinstance(run_service, bool):
+        pytest.fail(
+            f"@pytest.mark.nsbox(...): service: expected True or False, got {run_service!r}", pytrace=False
+        )
     # The marker is checked before the host: a typo must not hide behind a skip.
     defaults = request.config.stash.get(DEFAULTS, {})
-    return _nsbox_registry.start(_spec("@pytest.mark.nsbox(...)", {**defaults, **options}), request)
+    box = _nsbox_registry.start(_spec("@pytest.mark.nsbox(...)", {**defaults, **options}), request)
+    if run_service:
+        _bring_up_service(box)
+    return box
+
+
+SERVICE_TIMEOUT = 60.0
+
+
+def _bring_up_service(box: Box) -> None:
+    """``service=True``: start the image's service, then wait until its healthcheck passes, or,
+    for an image without one, until each of its exposed TCP ports listens (at most
+    ``SERVICE_TIMEOUT`` for the ports; the healthcheck's own timing for a healthcheck)."""
+    process = box.start_service()
+    config = (box.image or HOST_ROOT).config
+    if config.healthcheck is not None and config.healthcheck.test[:1] != ("NONE",):
+        box.wait_healthy()
+        return
+    for port in service.exposed_tcp_ports(config, (box.image or HOST_ROOT).reference):
+        box.wait_for_port(port, SERVICE_TIMEOUT, process=process)
 
 
 @pytest.fixture

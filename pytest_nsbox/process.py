@@ -152,6 +152,7 @@ class BoxProcess:
         self._fds: tuple[int, int] | None = (stdout_fd, stderr_fd)
         self._output: tuple[bytes, bytes] = (b"", b"")
         self._host_pid: int | None = None
+        self.stop_signal = int(_signal.SIGTERM)  # what terminate() and stop() send first
 
     def __repr__(self) -> str:
         state = "running" if self.returncode is None else f"returncode={self.returncode}"
@@ -203,8 +204,20 @@ class BoxProcess:
         return sent
 
     def terminate(self) -> bool:
-        """SIGTERM, as ``subprocess.Popen.terminate``."""
-        return self.kill(_signal.SIGTERM)
+        """SIGTERM, as ``subprocess.Popen.terminate`` (the image's StopSignal for a service)."""
+        return self.kill(self.stop_signal)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """As ``docker stop``: the stop signal (SIGTERM, or the image's StopSignal for a
+        service), then SIGKILL to its process group if it is still running after ``timeout``
+        seconds; returns its exit status (negative: the signal that ended it)."""
+        if self.returncode is None:
+            self.kill(self.stop_signal)
+            try:
+                return self.wait(timeout)
+            except CommandTimeoutError:
+                self.kill(_signal.SIGKILL, group=True)
+        return self.wait()
 
     send_signal = kill
 

@@ -148,11 +148,14 @@ class BoxSpec:
     disks: Mapping[str, DiskSpec | DiskSource] = field(default_factory=lambda: MappingProxyType({}))
     clock: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     userns: bool = False
+    # publish="exposed": each of the image's ExposedPorts on a free host port (with ``publish``
+    # holding none); not an option of its own: given as publish="exposed".
+    publish_exposed: bool = False
 
     @classmethod
     def create(cls, source: str = "Box()", **options: Any) -> BoxSpec:
         """Validate ``options`` and build a spec; errors name ``source`` and the bad option."""
-        known = set(cls.__dataclass_fields__)
+        known = set(cls.__dataclass_fields__) - {"publish_exposed"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(
@@ -181,6 +184,7 @@ class BoxSpec:
             subnet=_subnet(values.get("subnet"), f"{source}: subnet"),
             nat=_nat(values.get("nat", False), values.get("network", "none"), f"{source}: nat"),
             publish=_publish(values.get("publish"), f"{source}: publish"),
+            publish_exposed=values.get("publish") == "exposed",
             devices=_devices(values.get("devices"), f"{source}: devices"),
             no_new_privileges=_bool(values.get("no_new_privileges", False), f"{source}: no_new_privileges"),
             logs=_logs(values.get("logs"), f"{source}: logs"),
@@ -210,6 +214,7 @@ class BoxSpec:
                 tuple(sorted(self.disks.items(), key=lambda item: item[0])),
                 tuple(sorted(self.clock.items())),
                 self.userns,
+                self.publish_exposed,
             )
         )
 
@@ -226,7 +231,7 @@ class BoxSpec:
             "tmpfs": dict(self.tmpfs),
             "subnet": self.subnet,
             "nat": self.nat,
-            "publish": dict(self.publish),
+            "publish": "exposed" if self.publish_exposed else dict(self.publish),
             "devices": list(self.devices),
             "no_new_privileges": self.no_new_privileges,
             "logs": None if self.logs is None else list(self.logs),
@@ -307,10 +312,13 @@ def _nat(value: object, network: object, what: str) -> bool:
 
 
 def _publish(value: object, what: str) -> Mapping[int, int]:
-    if value is None:
+    if value is None or value == "exposed":  # "exposed": the image's ports, known at the start
         return MappingProxyType({})
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{what}: expected {{host_port: box_port}}, e.g. {{8080: 80}}, got {value!r}")
+        raise ConfigError(
+            f"{what}: expected {{host_port: box_port}}, e.g. {{8080: 80}}, or 'exposed' (each of the "
+            f"image's ExposedPorts on a free host port), got {value!r}"
+        )
     ports: dict[int, int] = {}
     for host_port, box_port in value.items():
         for port in (host_port, box_port):
