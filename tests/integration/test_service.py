@@ -2,7 +2,7 @@
 image's Env, WorkingDir, User and StopSignal; ``wait_healthy`` runs its HEALTHCHECK;
 ``publish="exposed"`` maps its ExposedPorts.
 
-The service image is written by the test (``imagebuilder``): a shell script as Entrypoint that
+The service image is written by the test (``serviceimage``): a shell script as Entrypoint that
 prints what it was given (argv, working directory, user, environment), writes a ready file
 after a moment, and traps its stop signal. podman runs the same archive for the comparison.
 """
@@ -15,71 +15,20 @@ from pathlib import Path
 
 import pytest
 from containertools import PrivateTools, need
-from imagebuilder import Dir, Entry, File, ImageSpec, write_docker_save_legacy
+from imagebuilder import write_docker_save_legacy
+from serviceimage import service_spec
 
 from pytest_nsbox import Box, BoxError, ConfigError, WaitTimeoutError
 from pytest_nsbox.errors import ArgumentTypeError, ProcessExitedError
 
 pytestmark = pytest.mark.requires("boxes")
 
-SERVICE = b"""#!/bin/sh
-echo "argv=$0 $*"
-echo "cwd=$(pwd)"
-echo "user=$(id -u):$(id -g)"
-echo "greeting=$GREETING"
-echo "path=$PATH"
-case "$1" in
-    once) exit 0 ;;
-    die) echo "bad config" >&2; exit 3 ;;
-esac
-trap 'echo "got QUIT"; exit 3' QUIT
-trap 'echo "got TERM"; exit 0' TERM
-sleep 0.5
-touch /tmp/ready
-while :; do sleep 0.1; done
-"""
-
-HOUR = 3600 * 10**9
-
-
-def service_layers(shell: list[Entry]) -> list[list[Entry]]:
-    sleep = Path(shutil.which("sleep") or "/bin/sleep").read_bytes()
-    passwd = b"root:x:0:0:root:/root:/bin/sh\nsvc:x:1000:1000:svc:/srv:/bin/sh\n"
-    return [
-        shell,
-        [
-            Dir("usr/local/bin"),
-            File("usr/local/bin/svc", SERVICE, mode=0o755),
-            File("bin/sleep", sleep, mode=0o755),
-            File("etc/passwd", passwd),
-            File("etc/group", b"root:x:0:\nsvc:x:1000:\n"),
-            Dir("srv", uid=1000, gid=1000),
-            Dir("tmp", mode=0o1777),
-        ],
-    ]
-
-
-def service_spec(shell: list[Entry], healthcheck: dict[str, object] | None, **config: object) -> ImageSpec:
-    extra: dict[str, object] = {"StopSignal": "SIGQUIT", "ExposedPorts": {"8080/tcp": {}, "53/udp": {}}}
-    if healthcheck is not None:
-        extra["Healthcheck"] = healthcheck
-    settings: dict[str, object] = {
-        "entrypoint": ["/usr/local/bin/svc"],
-        "cmd": ["--port", "8080"],
-        "env": ["PATH=/usr/local/bin:/bin", "GREETING=hello there"],
-        "workdir": "/srv",
-        "user": "svc",
-        **config,
-    }
-    return ImageSpec(service_layers(shell), tag="localhost/nsbox-service:1", extra_config=extra, **settings)  # type: ignore[arg-type]
-
-
 READY = {"Test": ["CMD-SHELL", "test -f /tmp/ready"], "Interval": 10**8, "Timeout": 2 * 10**9, "Retries": 3}
 
 
 @pytest.fixture
-def service_image(tmp_path: Path, shell_layer: list[Entry]) -> str:
-    return str(write_docker_save_legacy(tmp_path / "service.tar", [service_spec(shell_layer, READY)]))
+def service_image(tmp_path: Path) -> str:
+    return str(write_docker_save_legacy(tmp_path / "service.tar", [service_spec(READY)]))
 
 
 @pytest.fixture
@@ -138,11 +87,9 @@ def test_stop_sends_the_images_stop_signal(service_image: str, image_cache: str)
         assert process.stdout.rstrip().endswith("got QUIT"), "StopSignal SIGQUIT, as docker stop sends"
 
 
-def test_a_check_that_never_passes_fails_with_its_output(
-    tmp_path: Path, shell_layer: list[Entry], image_cache: str
-) -> None:
+def test_a_check_that_never_passes_fails_with_its_output(tmp_path: Path, image_cache: str) -> None:
     never = {"Test": ["CMD-SHELL", "echo not yet; test -f /tmp/never"], "Interval": 10**8, "Retries": 2}
-    image = write_docker_save_legacy(tmp_path / "never.tar", [service_spec(shell_layer, never)])
+    image = write_docker_save_legacy(tmp_path / "never.tar", [service_spec(never)])
     with Box(image=str(image), cache=image_cache) as box:
         box.start_service()
         with pytest.raises(WaitTimeoutError, match=r"(?s)did not pass within 2s.*unhealthy after 2.*not yet"):
@@ -158,17 +105,13 @@ def test_a_service_that_dies_ends_the_wait_at_once_with_its_output(
             box.wait_healthy(timeout=60)
 
 
-def test_an_image_without_a_healthcheck_or_a_service_says_so(
-    tmp_path: Path, shell_layer: list[Entry], image_cache: str
-) -> None:
-    plain = write_docker_save_legacy(tmp_path / "plain.tar", [service_spec(shell_layer, None)])
+def test_an_image_without_a_healthcheck_or_a_service_says_so(tmp_path: Path, image_cache: str) -> None:
+    plain = write_docker_save_legacy(tmp_path / "plain.tar", [service_spec(None)])
     with Box(image=str(plain), cache=image_cache) as box:
         box.start_service()
         with pytest.raises(BoxError, match=r"has no HEALTHCHECK.*wait_for_port"):
             box.wait_healthy()
-    bare = write_docker_save_legacy(
-        tmp_path / "bare.tar", [service_spec(shell_layer, None, entrypoint=None, cmd=None)]
-    )
+    bare = write_docker_save_legacy(tmp_path / "bare.tar", [service_spec(None, entrypoint=None, cmd=None)])
     with Box(image=str(bare), cache=image_cache) as box:
         with pytest.raises(BoxError, match="neither Entrypoint nor Cmd"):
             box.start_service()
