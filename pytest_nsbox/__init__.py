@@ -25,6 +25,7 @@ from .errors import (
     NetworkError,
     NsboxError,
     ProcessExitedError,
+    RegistryError,
     RootlessError,
     StateError,
     SyscallError,
@@ -32,12 +33,13 @@ from .errors import (
     WaitTimeoutError,
 )
 from .image import Image, ImageConfig
+from .image_files import Healthcheck
 from .netpair import NetPair
 from .network import Link
 from .overlay import Changes, OverlayRoot
 from .process import BoxProcess, CommandFailedError, CommandTimeoutError, RunResult
 from .spec import BoxSpec
-from .templates import Template, template
+from .templates import Template, TemplateCacheWarning, template
 
 __version__ = "0.1.0"
 
@@ -55,6 +57,7 @@ __all__ = [
     "CommandTimeoutError",
     "ConfigError",
     "Disk",
+    "Healthcheck",
     "HostUnsupportedError",
     "Image",
     "ImageConfig",
@@ -66,11 +69,13 @@ __all__ = [
     "NsboxError",
     "OverlayRoot",
     "ProcessExitedError",
+    "RegistryError",
     "RootlessError",
     "RunResult",
     "StateError",
     "SyscallError",
     "Template",
+    "TemplateCacheWarning",
     "TemplateError",
     "WaitTimeoutError",
     "live_boxes",

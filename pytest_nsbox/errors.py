@@ -10,7 +10,8 @@ derives from it, so code written against ``subprocess`` or ``os`` keeps working:
     ├── HostUnsupportedError             this host cannot make boxes; names the missing capability
     │   └── RootlessError                  a box option an ordinary user's boxes cannot have, and why
     ├── ImageError                       an image that cannot be used, and why
-    │   └── TemplateError                  a template's setup failed: its error and its box
+    │   ├── TemplateError                  a template's setup failed: its error and its box
+    │   └── RegistryError                  a registry refused, was unreachable or sent bad data
     ├── SyscallError (OSError)           a kernel call failed: operation, arguments, errno name
     │   └── MountError                   mount/umount/pivot_root, with source, target and flags
     ├── CgroupError                      a cgroup file that could not be read or written
@@ -56,6 +57,7 @@ __all__ = [
     "NetworkError",
     "NsboxError",
     "ProcessExitedError",
+    "RegistryError",
     "RootlessError",
     "StateError",
     "SyscallError",
@@ -108,6 +110,18 @@ class ImageError(NsboxError):
 
 class TemplateError(ImageError):
     """A template's setup function failed: the message holds its error and its box's report."""
+
+
+class RegistryError(ImageError):
+    """A registry refused (401, 404: the message lists the tags it has or the logins tried),
+    could not be reached, or sent what does not match its digest.
+
+    ``status`` is the HTTP status when there was an answer, else 0.
+    """
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class SyscallError(NsboxError, OSError):

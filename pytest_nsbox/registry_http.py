@@ -38,7 +38,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from .errors import ImageError
+from .errors import RegistryError
 from .reference import DOCKER_HUB, DOCKER_HUB_AUTH_KEYS
 
 __all__ = ["Credential", "RegistryClient", "RegistryError", "Response", "find_credential"]
@@ -48,17 +48,6 @@ _TIMEOUT = 30.0
 _ATTEMPTS = 4
 _TRANSIENT_STATUS = (429, 500, 502, 503, 504)
 _REDIRECTS = (301, 302, 303, 307, 308)
-
-
-class RegistryError(ImageError):
-    """A registry refused, could not be reached, or answered what this tool cannot use.
-
-    ``status`` is the HTTP status when there was an answer (404, 401, ...), else 0.
-    """
-
-    def __init__(self, message: str, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class TransientError(RegistryError):

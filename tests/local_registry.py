@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from pytest_nsbox.plugin import STRICT
+
 Request = tuple[str, str, int]  # method, path (without the query), status
 
 _LINE = re.compile(
@@ -250,8 +252,8 @@ def _need_tools(config: pytest.Config) -> None:
     if missing:
         packages = "docker-registry skopeo openssl apache2-utils"
         reason = f"{', '.join(missing)} not installed (Debian: apt-get install {packages})"
-        if config.getoption("nsbox_strict", None) and os.geteuid() == 0:
-            pytest.fail(f"--nsbox-strict: {reason}")
+        if config.stash.get(STRICT, False):  # --nsbox-strict or the ini's nsbox_strict
+            pytest.fail(f"--nsbox-strict: {reason}", pytrace=False)
         pytest.skip(reason)
 
 

@@ -23,8 +23,11 @@ ARCHIVE_VARIABLE = "NSBOX_TEST_DEBIAN_ARCHIVE"
 TAG = "debian:bookworm"
 
 
-def write_docker_save(rootfs_tar: Path, archive: Path, tag: str) -> None:
-    """Wrap a root filesystem tarball as a one-layer ``docker save`` archive (legacy layout)."""
+def write_docker_save(
+    rootfs_tar: Path, archive: Path, tag: str, settings: dict[str, object] | None = None
+) -> None:
+    """Wrap a root filesystem tarball as a one-layer ``docker save`` archive (legacy layout);
+    ``settings`` replace the config's run settings (Cmd, Entrypoint, ExposedPorts, ...)."""
     digest = hashlib.sha256()
     with open(rootfs_tar, "rb") as handle:
         while chunk := handle.read(1 << 20):
@@ -36,6 +39,7 @@ def write_docker_save(rootfs_tar: Path, archive: Path, tag: str) -> None:
         "config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
             "Cmd": ["bash"],
+            **(settings or {}),
         },
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
     }
@@ -74,20 +78,49 @@ def debian_archive(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_debian_archive(tmp_path_factory.mktemp("debian")))
 
 
-def build_debian_archive(directory: Path) -> Path:
-    """Debian 12 minbase from Debian's packages, wrapped as a one-layer docker-save archive."""
+def build_debian_archive(
+    directory: Path,
+    packages: tuple[str, ...] = (),
+    tag: str = TAG,
+    settings: dict[str, object] | None = None,
+) -> Path:
+    """Debian 12 minbase from Debian's packages (and ``packages``), wrapped as a one-layer
+    docker-save archive tagged ``tag`` whose config has ``settings``."""
     rootfs = directory / "rootfs.tar"
     options = ["--quiet", "--variant=minbase", "--mode=root", "--format=tar"]
+    if packages:
+        options.append("--include=" + ",".join(packages))
     subprocess.run(
         ["mmdebstrap", *options, "bookworm", str(rootfs)],
         check=True,
         timeout=1200,
         stdin=subprocess.DEVNULL,
     )
-    archive = directory / "debian-bookworm.tar"
-    write_docker_save(rootfs, archive, TAG)
+    archive = directory / f"{tag.replace(':', '-').replace('/', '-')}.tar"
+    write_docker_save(rootfs, archive, tag, settings)
     rootfs.unlink()
     return archive
+
+
+# What the official redis image's config says, less its entrypoint script: redis-server on
+# 6379 for every interface (protected mode off, as the official image runs it without a config).
+REDIS_SETTINGS: dict[str, object] = {
+    "Cmd": ["redis-server", "--protected-mode", "no"],
+    "ExposedPorts": {"6379/tcp": {}},
+    "WorkingDir": "/var/lib/redis",
+    "User": "redis",
+}
+
+
+@pytest.fixture(scope="session")
+def redis_archive(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Debian 12 with redis-server, configured as the redis image is (built once per run)."""
+    if os.geteuid() != 0:
+        pytest.skip("building the Debian image needs root")
+    if shutil.which("mmdebstrap") is None:
+        pytest.skip("building the Debian image needs mmdebstrap: apt-get install mmdebstrap")
+    directory = tmp_path_factory.mktemp("redis")
+    return str(build_debian_archive(directory, ("redis-server",), "library/redis:7", REDIS_SETTINGS))
 
 
 @pytest.fixture(scope="session")
