@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from .registry_http import RegistryClient, RegistryError, Response, TransientErr
 __all__ = ["Pulled", "RegistryError", "configure", "pull_contents", "settings"]
 
 ACCEPT = ", ".join((*INDEX_TYPES, *MANIFEST_TYPES))
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 _MANIFEST_MAX = 4 << 20  # a manifest or config larger than this is no image's
 
 
@@ -191,13 +193,33 @@ def _document(
 
 
 def _pull_from(client: RegistryClient, ref: RegistryReference) -> Pulled:
+    try:
+        return _read_manifests(client, ref)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        # JSON of the wrong shape (a list where an object belongs, a number for a digest, ...).
+        raise RegistryError(
+            f"{ref}: the registry's manifest or config has an unexpected shape ({type(exc).__name__}: "
+            f"{exc}); the image in the registry is damaged, or this is not an image"
+        ) from exc
+
+
+def _digest(ref: RegistryReference, value: object, what: str) -> str:
+    """``value`` if it is a sha256 digest (what goes into a URL and is checked), else an error."""
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise RegistryError(f"{ref}: {what} is named {value!r}, not a sha256 digest this tool can check")
+    return value
+
+
+def _read_manifests(client: RegistryClient, ref: RegistryReference) -> Pulled:
     document, media_type, top = _document(client, ref, ref.reference, ref.digest)
     if media_type in INDEX_TYPES or (isinstance(document, dict) and "manifests" in document):
         chosen = pick_platform(str(ref), document.get("manifests") or [])
-        digest = str(chosen.get("digest", ""))
+        digest = _digest(ref, chosen.get("digest"), "this platform's manifest")
         document, media_type, _ = _document(client, ref, digest, digest)
     manifest = check_manifest(str(ref), document, media_type or None, "the manifest")
-    config_digest = str((manifest.get("config") or {}).get("digest", ""))
+    config_digest = _digest(ref, (manifest.get("config") or {}).get("digest"), "its config")
     config_raw = _blob_bytes(client, ref, config_digest, "config")
     _check_platform(ref, config_raw)
     expected = diff_ids(str(ref), config_raw)
@@ -209,7 +231,8 @@ def _pull_from(client: RegistryClient, ref: RegistryReference) -> Pulled:
         )
     sources = []
     for layer, diff_id in zip(layers, expected, strict=True):
-        blob = str(layer.get("digest", ""))
+        blob = _digest(ref, layer.get("digest"), "a layer")
+        _digest(ref, diff_id, "a layer's diff_id")
         kind = layer.get("mediaType", "")
         if kind in FOREIGN_LAYER_TYPES:
             raise RegistryError(

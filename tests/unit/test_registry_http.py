@@ -5,6 +5,7 @@ another host (a CDN), a loop of redirects. The real registry is in ``integration
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from pytest_nsbox import reference
-from pytest_nsbox.errors import ConfigError
+from pytest_nsbox.errors import ConfigError, ImageError
 from pytest_nsbox.registry_http import RegistryClient, RegistryError, Response, find_credential
 
 Handler = Callable[[BaseHTTPRequestHandler], None]
@@ -239,3 +240,58 @@ def test_references_mean_what_docker_takes_them_to(text, registry, repository, t
 def test_malformed_references_are_refused_with_the_rule(text: str) -> None:
     with pytest.raises(ConfigError, match=r"docker://\[HOST\[:PORT\]/\]NAME|longer than 255 characters"):
         reference.parse(text)
+
+
+def manifest_server(serve, manifest: object, config: object | None = None) -> str:
+    """A registry whose one image has ``manifest`` (and ``config`` as its config blob)."""
+    config_raw = json.dumps(config or {}).encode()
+
+    def handle(handler: BaseHTTPRequestHandler) -> None:
+        if "/manifests/" in handler.path:
+            reply(handler, 200, json.dumps(manifest).encode(), Content_Type=OCI_MANIFEST)
+        elif "/blobs/" in handler.path:
+            reply(handler, 200, config_raw)
+        else:
+            reply(handler, 404, b'{"errors": [{"code": "NAME_UNKNOWN"}]}')
+
+    return serve(handle).host
+
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.mark.parametrize(
+    ("manifest", "problem"),
+    [
+        (["not", "an", "object"], "not an image manifest"),
+        (
+            {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {"digest": "sha256:../../x"}},
+            "not a sha256",
+        ),
+        ({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {"digest": 7}}, "not a sha256"),
+        ({"schemaVersion": 1, "name": "x"}, "schema 1"),
+        ({"schemaVersion": 2, "mediaType": "text/html"}, "unknown media type"),
+    ],
+)
+def test_a_hostile_or_broken_manifest_is_refused_by_name(serve, manifest: object, problem: str) -> None:
+    from pytest_nsbox import image_registry
+
+    host = manifest_server(serve, manifest)
+    with pytest.raises(ImageError, match=problem):
+        image_registry.pull_contents(reference.parse(f"docker://{host}/app:1"))
+
+
+def test_a_layer_digest_that_could_steer_the_url_is_refused(serve) -> None:
+    from pytest_nsbox import image_registry
+
+    config = {"architecture": "amd64", "os": "linux", "rootfs": {"diff_ids": ["sha256:" + "a" * 64]}}
+    config_digest = "sha256:" + hashlib.sha256(json.dumps(config).encode()).hexdigest()
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"digest": config_digest},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": "sha256:../../../v2/x"}],
+    }
+    host = manifest_server(serve, manifest, config)
+    with pytest.raises(RegistryError, match=r"a layer is named 'sha256:\.\./\.\./\.\./v2/x'"):
+        image_registry.pull_contents(reference.parse(f"docker://{host}/app:1"))
