@@ -66,6 +66,9 @@ SKIPS: dict[str, str] = {
     ),
     "test_lifecycle.py::test_an_image_on_a_filesystem_mounted_after_the_helper_started": HOST_MOUNTS,
     "test_image_tools.py": "runs podman, skopeo and buildah with a private store kept as root",
+    "test_service.py::test_start_service_runs_what_podman_run_runs": (
+        "runs podman with a private store kept as root, in a mount namespace only root may make"
+    ),
     # Networking: bridged boxes, pairs and clusters work rootless; these look from the host.
     "test_network.py::test_nine_bridged_boxes_all_reach_each_other_and_the_host_reaches_them": SESSION_NETNS,
     "test_network.py::test_a_bridged_box_link_cuts_it_off_from_the_host": SESSION_NETNS,
