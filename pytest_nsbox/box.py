@@ -251,6 +251,7 @@ class Box:
                 _refuse_what_rootless_lacks(self.id, self.spec)
             image = load_image(self.spec.image, self.spec.cache)
             self.image = image
+            exposed = self._exposed_ports(image) if self.spec.publish_exposed else []
             if self.spec.limits and cgroups.driver() is None:
                 if rootless.active():
                     raise RootlessError(
@@ -317,18 +318,11 @@ class Box:
                 assert self.network is not None
                 networking.nat.enable(self.network)
             published = dict(self.spec.publish)
-            if self.spec.publish_exposed:
-                ports = service.exposed_tcp_ports(image.config, image.reference)
-                if not ports:
-                    raise ConfigError(
-                        f"box {self.id}: publish='exposed': the image {image.reference} exposes no TCP "
-                        "port (no ExposedPorts); publish them by number: publish={host_port: box_port}"
+            for box_port in exposed:
+                if box_port not in published.values():
+                    self._published[box_port] = networking.Forwarder(
+                        self.id, self._require_pid(), 0, box_port
                     )
-                for box_port in ports:
-                    if box_port not in published.values():
-                        self._published[box_port] = networking.Forwarder(
-                            self.id, self._require_pid(), 0, box_port
-                        )
             for host_port, box_port in published.items():
                 self._published[box_port] = networking.Forwarder(
                     self.id, self._require_pid(), host_port, box_port
@@ -337,6 +331,16 @@ class Box:
             self.stop()
             raise
         return self
+
+    def _exposed_ports(self, image: Image) -> list[int]:
+        """``publish="exposed"``: the image's exposed TCP ports, checked before the box boots."""
+        ports = service.exposed_tcp_ports(image.config, image.reference)
+        if not ports:
+            raise ConfigError(
+                f"box {self.id}: publish='exposed': the image {image.reference} exposes no TCP port "
+                "(no ExposedPorts); publish them by number: publish={host_port: box_port}"
+            )
+        return ports
 
     def _boot(self, network: Callable[[list[Any]], dict[str, Any]] | None = None) -> str:
         """Have the zygote fork an init for ``self._config`` and take hold of it; returns why
@@ -908,13 +912,20 @@ class Box:
         ``terminate()`` send the image's StopSignal (``SIGQUIT`` for nginx), as ``docker stop``.
 
         It becomes ``box.service`` and the process the waits watch (``wait_healthy``,
-        ``wait_for_port``): a service that dies ends the wait at once, with its output.
+        ``wait_for_port``): a service that dies ends the wait at once, with its output. A box
+        runs one service at a time, as a container does: stop it before starting another.
         """
         self._require_awake("start_service()")
         image = self.image or HOST_ROOT
         argv = service.command(image.config, args, image.reference)
+        stop_signal = service.stop_signal(image.config)  # a bad StopSignal fails before anything runs
+        if self.service is not None and self.service.poll() is None:
+            raise BoxError(
+                f"box {self.id}: start_service(): its service {self.service.args!r} (pid {self.service.pid} "
+                "in the box) is still running; stop it first: box.service.stop()"
+            )
         process = self.spawn(argv)
-        process.stop_signal = service.stop_signal(image.config)
+        process.stop_signal = stop_signal
         self.service = process
         return process
 
@@ -969,11 +980,12 @@ class Box:
                 f"unhealthy after {plan.retries})"
             )
             if not checks:
-                return text
+                return text + service.output_note(watched)
             last = checks[0]
             output = last._output_tail()
             text += f"; the last check {last.outcome()}"
-            return text + (f", with this output:\n{output}" if output else ", without output")
+            text += f", with this output:\n{output}" if output else ", without output"
+            return text + service.output_note(watched)
 
         try:
             return waits.until(

@@ -103,8 +103,10 @@ class ImageConfig:
     @classmethod
     def from_config(cls, settings: Any) -> ImageConfig:
         """The ``config`` object of an OCI/Docker image config (``Env``, ``Cmd``, ...)."""
-        if not isinstance(settings, dict):
+        if settings is None:
             return cls()
+        if not isinstance(settings, dict):
+            raise ImageError(f"the image config's config is {type(settings).__name__}, not an object")
 
         def strings(name: str) -> tuple[str, ...] | None:
             value = settings.get(name)
@@ -156,8 +158,8 @@ class ImageConfig:
     def from_index(cls, raw: Any) -> ImageConfig:
         if not isinstance(raw, dict):
             return cls()
-        service = raw.get("service") or {}
-        found = cls.from_config(service if isinstance(service, dict) else {})
+        service = raw.get("service")
+        found = cls.from_config(service if isinstance(service, dict) else None)
         return replace(
             found,
             env=tuple(raw.get("env", ())),

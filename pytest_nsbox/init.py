@@ -329,6 +329,9 @@ def resolve_user(user: Any) -> tuple[int | None, int | None, list[int] | None, s
 
     Names are looked up in the box's own ``/etc/passwd`` and ``/etc/group``, parsed here
     rather than through NSS, which may try to load libraries the image does not have.
+    The rules are runc's (``GetExecUser``), which Docker and podman use for ``USER`` and
+    ``--user``: a uid not in ``/etc/passwd`` runs with gid 0 and ``HOME=/``, and a user given
+    with its group gets that group alone, not the supplementary groups ``/etc/group`` lists.
     """
     if user is None:
         return None, None, None, "/root"
@@ -339,7 +342,7 @@ def resolve_user(user: Any) -> tuple[int | None, int | None, list[int] | None, s
     if entry is None and not name.isdigit():
         raise LookupError(f"user {name!r} not found in the box's /etc/passwd")
     uid = int(entry[2]) if entry else int(name)
-    gid = int(entry[3]) if entry else uid
+    gid = int(entry[3]) if entry else 0
     home = entry[5] if entry and len(entry) > 5 and entry[5] else "/"
     groups_table = _read_table("/etc/group")
     if group_part:
@@ -350,6 +353,7 @@ def resolve_user(user: Any) -> tuple[int | None, int | None, list[int] | None, s
             gid = int(group_part)
         else:
             raise LookupError(f"group {group_part!r} not found in the box's /etc/group")
+        return uid, gid, [], home
     username = entry[0] if entry else None
     extra = sorted(
         {int(row[2]) for row in groups_table if username and len(row) > 3 and username in row[3].split(",")}

@@ -40,11 +40,12 @@ from .errors import (
     ImageError,
     NsboxError,
     RootlessError,
+    WaitTimeoutError,
 )
 from .image import HOST_ROOT, load_image, set_progress, split_reference
 from .netpair import NetPair
 from .overlay import OverlayRoot
-from .spec import BoxSpec, parse_limits
+from .spec import BoxSpec, parse_limits, service_option
 
 STRICT = pytest.StashKey[bool]()
 DEFAULTS = pytest.StashKey[dict[str, Any]]()  # box options from the command line and ini
@@ -839,33 +840,44 @@ def nsbox(request: pytest.FixtureRequest, _nsbox_registry: BoxRegistry) -> Box:
                 f"@pytest.mark.nsbox takes keyword arguments only, got {marker.args!r}", pytrace=False
             )
         options = dict(marker.kwargs)
-    run_service = options.pop("service", False)
-    if not isinstance(run_service, bool):
-        pytest.fail(
-            f"@pytest.mark.nsbox(...): service: expected True or False, got {run_service!r}", pytrace=False
-        )
     # The marker is checked before the host: a typo must not hide behind a skip.
     defaults = request.config.stash.get(DEFAULTS, {})
-    box = _nsbox_registry.start(_spec("@pytest.mark.nsbox(...)", {**defaults, **options}), request)
+    options = {**defaults, **options}
+    run_service = _service_option(options.pop("service", False), options.get("image"))
+    box = _nsbox_registry.start(_spec(_MARKER, options), request)
     if run_service:
         _bring_up_service(box)
     return box
 
 
-SERVICE_TIMEOUT = 60.0
+_MARKER = "@pytest.mark.nsbox(...)"
+SERVICE_TIMEOUT = 60.0  # for the exposed ports of an image without a healthcheck, all of them
+
+
+def _service_option(value: object, image: object) -> bool:
+    try:
+        return service_option(value, image, _MARKER)
+    except ConfigError as exc:
+        message = str(exc)
+    pytest.fail(message, pytrace=False)  # outside except: reported once, not chained
 
 
 def _bring_up_service(box: Box) -> None:
-    """``service=True``: start the image's service, then wait until its healthcheck passes, or,
-    for an image without one, until each of its exposed TCP ports listens (at most
-    ``SERVICE_TIMEOUT`` for the ports; the healthcheck's own timing for a healthcheck)."""
+    """``service=True``: start the image's service, then wait until its healthcheck passes (on
+    the healthcheck's own timing), or, for an image without one, until each of its exposed TCP
+    ports listens (``SERVICE_TIMEOUT`` for all). A timeout shows the service's output; a
+    service that dies ends the wait at once with it."""
     process = box.start_service()
-    config = (box.image or HOST_ROOT).config
-    if config.healthcheck is not None and config.healthcheck.test[:1] != ("NONE",):
+    image = box.image or HOST_ROOT
+    if service.has_healthcheck(image.config):
         box.wait_healthy()
         return
-    for port in service.exposed_tcp_ports(config, (box.image or HOST_ROOT).reference):
-        box.wait_for_port(port, SERVICE_TIMEOUT, process=process)
+    deadline = time.monotonic() + SERVICE_TIMEOUT
+    try:
+        for port in service.exposed_tcp_ports(image.config, image.reference):
+            box.wait_for_port(port, max(deadline - time.monotonic(), 0.001), process=process)
+    except WaitTimeoutError as exc:
+        raise WaitTimeoutError(f"service=True: {exc}{service.output_note(process)}") from None
 
 
 @pytest.fixture

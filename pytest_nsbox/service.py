@@ -14,10 +14,19 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import ArgumentTypeError, BoxError, ConfigError
+from .errors import ArgumentTypeError, BoxError, ConfigError, output_tail
 from .image_files import Healthcheck, ImageConfig
+from .process import BoxProcess
 
-__all__ = ["Check", "command", "exposed_tcp_ports", "health_plan", "stop_signal"]
+__all__ = [
+    "Check",
+    "command",
+    "exposed_tcp_ports",
+    "has_healthcheck",
+    "health_plan",
+    "output_note",
+    "stop_signal",
+]
 
 # Docker's defaults for a HEALTHCHECK that leaves them out.
 DEFAULT_INTERVAL = 30.0
@@ -93,6 +102,11 @@ class Check:
     text: str  # as `docker inspect` shows it, for messages
 
 
+def has_healthcheck(config: ImageConfig) -> bool:
+    """Whether the image has a HEALTHCHECK to run (``["NONE"]`` switches an inherited one off)."""
+    return config.healthcheck is not None and config.healthcheck.test[:1] != ("NONE",)
+
+
 def health_plan(healthcheck: Healthcheck | None, image: str) -> Check:
     """The image's healthcheck with Docker's defaults filled in; ``BoxError`` if it has none."""
     if healthcheck is None or healthcheck.test[0] == "NONE":
@@ -118,4 +132,20 @@ def health_plan(healthcheck: Healthcheck | None, image: str) -> Check:
         healthcheck.start_period,
         healthcheck.retries or DEFAULT_RETRIES,
         " ".join(healthcheck.test),
+    )
+
+
+def output_note(process: BoxProcess | None) -> str:
+    """For a wait's timeout message: how the service is doing, and the end of its output."""
+    if process is None:
+        return ""
+    tails = {"stdout": output_tail(process.stdout), "stderr": output_tail(process.stderr)}
+    shown = {name: tail for name, tail in tails.items() if tail}
+    note = f"; the service {process.args!r} (pid {process.pid} in the box) {process.outcome()}"
+    if not shown:
+        return note + ", without output"
+    return (
+        note
+        + ", its output:\n"
+        + "".join(f"--- {name} ---\n{tail.rstrip()}\n" for name, tail in shown.items())
     )

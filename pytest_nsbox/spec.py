@@ -184,7 +184,9 @@ class BoxSpec:
             subnet=_subnet(values.get("subnet"), f"{source}: subnet"),
             nat=_nat(values.get("nat", False), values.get("network", "none"), f"{source}: nat"),
             publish=_publish(values.get("publish"), f"{source}: publish"),
-            publish_exposed=values.get("publish") == "exposed",
+            publish_exposed=_publish_exposed(
+                values.get("publish"), values.get("image"), f"{source}: publish"
+            ),
             devices=_devices(values.get("devices"), f"{source}: devices"),
             no_new_privileges=_bool(values.get("no_new_privileges", False), f"{source}: no_new_privileges"),
             logs=_logs(values.get("logs"), f"{source}: logs"),
@@ -309,6 +311,35 @@ def _nat(value: object, network: object, what: str) -> bool:
     if nat and network != "bridge":
         raise ConfigError(f"{what}: nat=True masquerades a bridged box's traffic; it needs network='bridge'")
     return nat
+
+
+def _publish_exposed(value: object, image: object, what: str) -> bool:
+    """``publish="exposed"``: the image's ExposedPorts, read when the box starts; the host's
+    root (no ``image``) has none, which is known now."""
+    if value != "exposed":
+        return False
+    if image is None:
+        raise ConfigError(
+            f"{what}: 'exposed' publishes the ports the image exposes, and the box boots the host's "
+            "root, which exposes none; give image=... (an image with ExposedPorts), or publish by "
+            "number: publish={host_port: box_port}"
+        )
+    return True
+
+
+def service_option(value: object, image: object, source: str) -> bool:
+    """The marker's ``service=``: True to start the image's service before the test body.
+
+    The host's root (no ``image``) has no Entrypoint or Cmd, so it names no service.
+    """
+    started = _bool(value, f"{source}: service")
+    if started and image is None:
+        raise ConfigError(
+            f"{source}: service=True starts the image's Entrypoint and Cmd, and the box boots the host's "
+            "root, which has neither; give image=... (an image with a service), or --nsbox-image, or "
+            "start a program yourself: nsbox.spawn([...])"
+        )
+    return started
 
 
 def _publish(value: object, what: str) -> Mapping[int, int]:

@@ -18,7 +18,8 @@ from imagebuilder import Dir, Entry, File, ImageSpec
 SERVICE = b"""#!/bin/sh
 echo "argv=$0 $*"
 echo "cwd=$(pwd)"
-echo "user=$(id -u):$(id -g)"
+echo "user=$(id -u):$(id -g) groups=$(id -G)"
+echo "home=$HOME"
 echo "greeting=$GREETING"
 echo "path=$PATH"
 case "$1" in
@@ -63,7 +64,7 @@ def service_layers() -> list[list[Entry]]:
             File("usr/local/bin/svc", SERVICE, mode=0o755),
             Dir("etc"),
             File("etc/passwd", passwd),
-            File("etc/group", b"root:x:0:\nsvc:x:1000:\n"),
+            File("etc/group", b"root:x:0:\nstaff:x:50:svc\nsvc:x:1000:\n"),
             Dir("srv", uid=1000, gid=1000),
             Dir("tmp", mode=0o1777),
         ],

@@ -66,7 +66,8 @@ def test_marker_is_registered(pytester: pytest.Pytester) -> None:
         [
             "@pytest.mark.nsbox(hostname='box', env=None, privileged=False, tmpfs=None, image=None, "
             "cache=None, network='none'|'bridge', limits=None, nat=False, publish=None, subnet=None, "
-            "devices=None, no_new_privileges=False, logs=None, disks=None, clock=None, userns=False): "
+            "devices=None, no_new_privileges=False, logs=None, disks=None, clock=None, userns=False, "
+            "service=False): "
             "configure the test's nsbox*",
         ]
     )

@@ -138,7 +138,7 @@ def test_resolve_user_numeric_ids_unknown_to_passwd() -> None:
     with pytest.raises(KeyError):
         pwd.getpwuid(54321)
     assert resolve_user("54321:54322") == (54321, 54322, [], "/")
-    assert resolve_user(54321) == (54321, 54321, [], "/")
+    assert resolve_user(54321) == (54321, 0, [], "/"), "gid 0 and HOME=/, as runc gives an unknown uid"
 
 
 def test_resolve_user_unknown_name_raises_lookup_error_naming_it() -> None:
@@ -199,8 +199,9 @@ def test_resolve_user_by_uid_finds_the_passwd_entry() -> None:
 
 
 @pytest.mark.usefixtures("fake_tables")
-def test_resolve_user_with_a_group_name() -> None:
-    assert resolve_user("app:staff") == (1001, 50, [50, 999], "/srv/app")
+def test_resolve_user_with_a_group_name_gets_that_group_alone() -> None:
+    assert resolve_user("app:staff") == (1001, 50, [], "/srv/app"), "no supplementary groups, as runc"
+    assert resolve_user("1001:1001") == (1001, 1001, [], "/srv/app")
 
 
 @pytest.mark.usefixtures("fake_tables")
