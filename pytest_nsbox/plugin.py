@@ -39,6 +39,7 @@ from .errors import (
     HostUnsupportedError,
     ImageError,
     NsboxError,
+    ProcessExitedError,
     RootlessError,
     WaitTimeoutError,
 )
@@ -876,6 +877,8 @@ def _bring_up_service(box: Box) -> None:
     try:
         for port in service.exposed_tcp_ports(image.config, image.reference):
             box.wait_for_port(port, max(deadline - time.monotonic(), 0.001), process=process)
+    except ProcessExitedError:
+        raise  # it holds the service's output already
     except WaitTimeoutError as exc:
         raise WaitTimeoutError(f"service=True: {exc}{service.output_note(process)}") from None
 

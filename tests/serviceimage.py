@@ -71,8 +71,20 @@ def service_layers() -> list[list[Entry]]:
     ]
 
 
-def service_spec(healthcheck: dict[str, object] | None, **config: object) -> ImageSpec:
-    extra: dict[str, object] = {"StopSignal": "SIGQUIT", "ExposedPorts": {"8080/tcp": {}, "53/udp": {}}}
+def service_spec(
+    healthcheck: dict[str, object] | None,
+    *,
+    stop_signal: str = "SIGQUIT",
+    exposed_ports: dict[str, object] | None = None,
+    **config: object,
+) -> ImageSpec:
+    """The service image with ``healthcheck`` (a config's ``Healthcheck``, or None); ``config``
+    overrides entrypoint, cmd, env, workdir or user (None: not set). It exposes 8080/tcp and
+    53/udp unless ``exposed_ports`` says otherwise (``{}``: none)."""
+    ports = {"8080/tcp": {}, "53/udp": {}} if exposed_ports is None else exposed_ports
+    extra: dict[str, object] = {"StopSignal": stop_signal}
+    if ports:
+        extra["ExposedPorts"] = ports
     if healthcheck is not None:
         extra["Healthcheck"] = healthcheck
     settings: dict[str, object] = {

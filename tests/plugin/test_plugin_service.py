@@ -65,3 +65,29 @@ def test_it(nsbox):
     result = run_inner(f"--nsbox-image={image}", f"--nsbox-cache={tmp_path / 'cache'}")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*ProcessExitedError*tcp port 8080*", "*bad config*"])
+
+
+def test_service_and_exposed_ports_need_an_image_and_say_so_before_any_box(
+    pytester: pytest.Pytester, run_inner: RunInner
+) -> None:
+    pytester.makepyfile(
+        test_inner="""
+import pytest
+
+@pytest.mark.nsbox(service=True)
+def test_service_on_the_host_root(nsbox):
+    pass
+
+@pytest.mark.nsbox(publish="exposed")
+def test_exposed_ports_of_the_host_root(nsbox):
+    pass
+"""
+    )
+    result = run_inner()
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*@pytest.mark.nsbox(...): service=True starts the image's Entrypoint and Cmd*host's root*",
+            "*@pytest.mark.nsbox(...): publish: 'exposed' publishes the ports the image exposes*host's root*",
+        ]
+    )
