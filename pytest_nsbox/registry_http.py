@@ -405,6 +405,8 @@ class RegistryClient:
         url = path if "://" in path else self.url(path)
         logged_in = False
         for _hop in range(8):
+            if body is not None and hasattr(body, "seek"):
+                body.seek(0)  # sent again after a login or a redirect: from its start
             parts = urllib.parse.urlsplit(url)
             own_host = parts.netloc == self.host
             sent = {"User-Agent": USER_AGENT, **headers}

@@ -20,7 +20,7 @@ from imagebuilder import Dir, Entry, File, ImageSpec, layer_tar, write_oci_archi
 
 from pytest_nsbox import Box, ImageError, image_registry
 from pytest_nsbox import image as image_module
-from pytest_nsbox.image import pull
+from pytest_nsbox.image import load_image, pull
 from pytest_nsbox.layers import LayerStore
 from pytest_nsbox.registry_http import RegistryError
 
@@ -273,3 +273,35 @@ def test_a_credential_helper_gives_the_login(
     image = pull(f"docker://{secure_registry.host}/private/helped:1", image_cache)
     assert len(image.diff_ids) == 2
     assert (tmp_path / "asked").read_text().splitlines()[0] == secure_registry.host
+
+
+def test_a_push_with_a_login_over_tls_is_pulled_back_elsewhere(
+    secure_registry, app_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+
+    from pytest_nsbox.registry_push import push
+
+    (tmp_path / "docker").mkdir()
+    login = base64.b64encode(f"{secure_registry.username}:{secure_registry.password}".encode()).decode()
+    (tmp_path / "docker" / "config.json").write_text(
+        json.dumps({"auths": {secure_registry.host: {"auth": login}}})
+    )
+    ca_dir = tmp_path / "certs.d" / secure_registry.host
+    ca_dir.mkdir(parents=True)
+    (ca_dir / "ca.crt").write_bytes(Path(secure_registry.ca_path).read_bytes())
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    monkeypatch.setenv("NSBOX_REGISTRY_CERTS_D", str(tmp_path / "certs.d"))
+    image = load_image(str(app_archive), str(tmp_path / "first"))
+    target = f"docker://{secure_registry.host}/pushed/app:1"
+    digest = push(image, target, str(tmp_path))
+    assert secure_registry.manifest("pushed/app:1")["layers"], "the registry has the pushed manifest"
+    assert digest.startswith("sha256:")
+    mark = secure_registry.mark()
+    assert push(image, target, str(tmp_path)) == digest, "the same image pushes the same manifest"
+    again = [(m, p) for m, p, _ in secure_registry.requests(since=mark) if m in ("POST", "PATCH")]
+    assert again == [], "a second push uploads no blob the registry has"
+    pulled = pull(target, str(tmp_path / "second"))
+    with Box(image=target, cache=str(tmp_path / "second")) as box:
+        assert box.read_text("/srv/version") == "one\n"
+    assert len(pulled.diff_ids) == len(image.diff_ids)
