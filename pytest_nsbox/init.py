@@ -180,7 +180,8 @@ class Server:
         Why: init is a Python process whose resident size (shared with the zygote) can exceed
         a small memory cap; were it chosen, the whole box would die with it. Lowering init's
         own score needs CAP_SYS_RESOURCE, which root here may lack; raising a child's needs
-        nothing. (The child ran at init's score for the microseconds before this write.)
+        nothing. ``spawn_fast`` and ``spawn_as_user`` give the child this score from its start;
+        this write makes sure of it.
         """
         try:
             fd = os.open(f"/proc/{pid}/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
@@ -246,6 +247,12 @@ def spawn_fast(argv: list[str], env: dict[str, str], fds: list[int], cwd: str = 
             os.chdir(cwd)
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, cwd) from None
+    # The command must be the OOM killer's choice from its first instruction: a shell that forks
+    # at once would otherwise hand init's score to its children. posix_spawn runs no code of ours
+    # in the child, so init takes the high score for the call and gives it back (going back down
+    # to a score it had needs no CAP_SYS_RESOURCE; see Init.spawned).
+    own = _own_oom_score()
+    _write_oom_score(OOM_FIRST)
     try:
         return os.posix_spawnp(
             argv[0],
@@ -258,8 +265,37 @@ def spawn_fast(argv: list[str], env: dict[str, str], fds: list[int], cwd: str = 
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, argv[0]) from None
     finally:
+        _write_oom_score(own)
         if cwd != "/":
             os.chdir("/")
+
+
+OOM_FIRST = b"1000"
+_own_score: list[bytes] = []
+
+
+def _own_oom_score() -> bytes:
+    """Init's own oom_score_adj as it started (read once)."""
+    if not _own_score:
+        try:
+            with open("/proc/self/oom_score_adj", "rb") as handle:
+                _own_score.append(handle.read().strip() or b"0")
+        except OSError:
+            _own_score.append(b"0")
+    return _own_score[0]
+
+
+def _write_oom_score(value: bytes) -> None:
+    try:
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.write(fd, value)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def spawn_as_user(
@@ -283,6 +319,7 @@ def spawn_as_user(
         step = "chdir"
         try:
             os.close(failure_read)
+            _write_oom_score(OOM_FIRST)  # the OOM killer's choice before init (see spawn_fast)
             os.setsid()  # its own process group, so a timeout can kill all of it
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
