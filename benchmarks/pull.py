@@ -30,6 +30,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from context import Context
+from images import in_empty_dir
 from report import Row, Section
 from stats import Contender, interleave, median, p95
 
@@ -85,19 +86,6 @@ def start_registry(directory: Path, stack: ExitStack) -> str:
                 log_text = (directory / "registry.log").read_text()
                 raise RuntimeError(f"docker-registry did not start: {log_text}") from None
             time.sleep(0.05)
-
-
-def in_empty_dir(scratch: Path, job: Callable[[Path], None]) -> Callable[[], dict[str, float]]:
-    def trial() -> dict[str, float]:
-        target = Path(tempfile.mkdtemp(dir=scratch, prefix="round-"))
-        try:
-            started = time.perf_counter()
-            job(target)
-            return {"total": time.perf_counter() - started}
-        finally:
-            shutil.rmtree(target)
-
-    return trial
 
 
 def nsbox_pull(ref: str) -> Callable[[Path], None]:
